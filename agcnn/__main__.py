@@ -1,0 +1,5 @@
+import sys
+
+from agcnn.cli import main
+
+sys.exit(main())
