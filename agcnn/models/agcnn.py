@@ -1,0 +1,162 @@
+"""AG-CNN: global branch, attention-guided local branch, fusion head (Guan et al., Sec. 3).
+
+The model returns logits; a sigmoid is applied only when reporting. Training uses
+``BCEWithLogitsLoss`` on whichever logits the stage scores.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from agcnn.config import ModelConfig
+from agcnn.models.backbones import create_backbone, load_pretrained
+from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, crop_regions
+
+log = logging.getLogger(__name__)
+
+POOLS = ("max", "avg")
+STAGES = ("global", "local", "fusion")
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}.{hint}")
+    return value
+
+
+class Branch(nn.Module):
+    """Backbone -> pool5 -> linear classifier; ``forward_features`` and ``forward_head`` apart."""
+
+    def __init__(self, backbone: str, attention: str, pool: str, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.features = create_backbone(backbone, attention)
+        self.num_features: int = self.features.num_features
+        self.pool = pool
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def pool_features(self, fmap: Tensor) -> Tensor:
+        # Pool5 is global max pooling in the paper (Sec. 3.1), average as an option.
+        return fmap.amax(dim=(2, 3)) if self.pool == "max" else fmap.mean(dim=(2, 3))
+
+    def forward_head(self, pooled: Tensor) -> Tensor:
+        return self.classifier(self.dropout(pooled))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.pool_features(self.forward_features(x)))
+
+
+@dataclass
+class AGCNNOutput:
+    global_logits: Tensor
+    local_logits: Tensor | None = None
+    fusion_logits: Tensor | None = None
+    # Attention boxes (x0, y0, x1, y1) in global-input pixels, x1/y1 exclusive.
+    boxes: Tensor | None = None
+    # Normalised heatmap on the global feature grid [B, h, w].
+    heatmap: Tensor | None = None
+    global_pooled: Tensor | None = None
+    local_pooled: Tensor | None = None
+
+    def logits(self, branch: str) -> Tensor:
+        out = {"global": self.global_logits, "local": self.local_logits, "fusion": self.fusion_logits}[branch]
+        if out is None:
+            raise ValueError(f"the {branch} logits were not computed in this forward pass")
+        return out
+
+
+class AGCNN(nn.Module):
+    """Attention-guided CNN.
+
+    ``forward(x)`` takes the normalised image batch [B, 3, S, S]. When ``S`` equals
+    ``image_size`` both branches see the same image (the paper); when ``S`` is larger, the
+    global branch sees it downsampled to ``image_size`` and the local branch crops the attended
+    box from the full-resolution tensor, so it can see detail the global branch could not.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet50",
+        attention: str = "none",
+        pool: str = "max",
+        threshold: float = 0.7,
+        image_size: int = 224,
+        local_size: int = 224,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_choice("pool", pool, POOLS)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"model.threshold must be in [0, 1), got {threshold}; the paper uses 0.7")
+        if image_size < 32 or local_size < 32:
+            raise ValueError(f"image_size ({image_size}) and local_size ({local_size}) must be at least 32 pixels")
+        self.num_classes, self.threshold = num_classes, threshold
+        self.image_size, self.local_size = image_size, local_size
+        # Same architecture, no weight sharing (Sec. 3.3).
+        self.global_branch = Branch(backbone, attention, pool, num_classes, dropout)
+        self.local_branch = Branch(backbone, attention, pool, num_classes, dropout)
+        self.fusion_dropout = nn.Dropout(dropout)
+        self.fusion = nn.Linear(self.global_branch.num_features + self.local_branch.num_features, num_classes)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, num_classes: int, image_size: int) -> "AGCNN":
+        model = cls(
+            num_classes,
+            backbone=cfg.backbone,
+            attention=cfg.attention,
+            pool=cfg.pool,
+            threshold=cfg.threshold,
+            image_size=image_size,
+            local_size=cfg.local_size,
+            dropout=cfg.dropout,
+        )
+        if cfg.pretrained:
+            for name, branch in (("global", model.global_branch), ("local", model.local_branch)):
+                info = load_pretrained(branch.features, cfg.pretrained)
+                log.info(
+                    "%s branch: ImageNet weights from %s (sha256 %s); dropped %s; new (random) keys: %d",
+                    name, cfg.pretrained, info["sha256"][0], info["dropped"], len(info["missing"]),
+                )
+        return model
+
+    def global_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == self.image_size and x.shape[-2] == self.image_size:
+            return x
+        return F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+
+    def forward(self, x: Tensor, stage: str = "fusion") -> AGCNNOutput:
+        """``stage``: ``global`` computes the global branch only; ``local`` and ``fusion`` all three."""
+        check_choice("stage", stage, STAGES)
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a [B, 3, S, S] image batch, got shape {tuple(x.shape)}")
+        g_map = self.global_branch.forward_features(self.global_input(x))
+        g_pooled = self.global_branch.pool_features(g_map)
+        out = AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
+        if stage == "global":
+            return out
+        out.heatmap = attention_heatmap(g_map)
+        out.boxes = boxes_from_heatmap(out.heatmap, self.image_size, self.threshold)
+        crops = crop_regions(x, out.boxes, self.image_size, self.local_size)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        l_map = self.local_branch.forward_features(crops)
+        out.local_pooled = self.local_branch.pool_features(l_map)
+        out.local_logits = self.local_branch.forward_head(out.local_pooled)
+        out.fusion_logits = self.fuse(g_pooled, out.local_pooled)
+        return out
+
+    def fuse(self, global_pooled: Tensor, local_pooled: Tensor) -> Tensor:
+        """Fusion head on the concatenated pool5 features (Sec. 3.4)."""
+        return self.fusion(self.fusion_dropout(torch.cat([global_pooled, local_pooled], dim=1)))

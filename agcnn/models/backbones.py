@@ -1,0 +1,187 @@
+"""Backbones: torchvision ResNet / DenseNet with optional attention blocks, as feature extractors.
+
+Parameter names stay those of torchvision (``layer4.2.conv2.weight``), so torchvision-format
+ImageNet weights load directly; attention blocks add keys of their own and nothing else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import DenseNet, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
+
+BACKBONES = ("resnet50", "densenet121", "resnet18")
+
+
+class AttentiveBottleneck(Bottleneck):
+    """torchvision's Bottleneck with two optional attention points (identity by default).
+
+    ``spatial_attn`` sits after the 3x3 convolution, where SASA/BoTNet put attention;
+    ``channel_attn`` on the residual branch before the addition, as in SE-ResNet.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spatial_attn: nn.Module = nn.Identity()
+        self.channel_attn: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.spatial_attn(self.relu(self.bn2(self.conv2(out))))
+        out = self.channel_attn(self.bn3(self.conv3(out)))
+        return self.relu(out + identity)
+
+
+class AttentiveBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with the same two attention points."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.spatial_attn: nn.Module = nn.Identity()
+        self.channel_attn: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.spatial_attn(self.relu(self.bn1(self.conv1(x))))
+        out = self.channel_attn(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class ResNetFeatures(nn.Module):
+    """ResNet up to ``layer4``: returns the last feature map [B, C, H/32, W/32]."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], attention: str) -> None:
+        super().__init__()
+        net = ResNet(block, layers)  # type: ignore[arg-type]
+        # Same names as torchvision's ResNet, minus avgpool/fc (pool5 and the heads are ours).
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(net, name))
+        self.num_features = 512 * getattr(block, "expansion", 1)
+        if attention in CHANNEL_KINDS:
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for blk in layer:
+                    out_ch = blk.bn3.num_features if hasattr(blk, "bn3") else blk.bn2.num_features
+                    blk.channel_attn = create_attention(attention, out_ch)
+        elif attention in SPATIAL_KINDS:
+            # Last stage only: where SASA (Sec. 4.3) found attention helps most.
+            for blk in self.layer4:
+                blk.spatial_attn = create_attention(attention, blk.conv2.out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class DenseNetFeatures(nn.Module):
+    """DenseNet-121 ``features`` plus the final ReLU torchvision applies in ``forward``."""
+
+    def __init__(self, attention: str) -> None:
+        super().__init__()
+        net = DenseNet(32, (6, 12, 24, 16), 64)
+        stages: list[tuple[str, nn.Module]] = []
+        for name, module in net.features.named_children():
+            if name == "norm5" and attention in SPATIAL_KINDS:
+                stages.append(("attn4", create_attention(attention, 1024)))
+            stages.append((name, module))
+            if name.startswith("denseblock") and attention in CHANNEL_KINDS:
+                # Dense layers concatenate rather than add, so SE goes on each block's output.
+                stages.append((f"se{name[-1]}", create_attention(attention, module_out_channels(module))))
+        self.features = nn.Sequential(OrderedDict(stages))
+        self.num_features = 1024
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.features(x))
+
+
+def module_out_channels(block: nn.Module) -> int:
+    layers = list(block.children())
+    first, last = layers[0], layers[-1]
+    growth = last.conv2.out_channels
+    return first.norm1.num_features + growth * len(layers)
+
+
+def check_backbone(name: str) -> str:
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(str(name), BACKBONES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}.{hint}")
+    return name
+
+
+def create_backbone(name: str, attention: str = "none") -> nn.Module:
+    """Feature extractor ``name`` with ``attention`` blocks; has ``.num_features``."""
+    check_backbone(name)
+    check_attention(attention)
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], attention),
+        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], attention),
+        "densenet121": lambda: DenseNetFeatures(attention),
+    }
+    return builders[name]()
+
+
+# ---------------------------------------------------------------------------- pretrained weights
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _remap_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # Old torchvision DenseNet files spell "norm.1" for "norm1" (see torchvision densenet.py).
+    out = {}
+    for k, v in state.items():
+        for old, new in ((".norm.", ".norm"), (".relu.", ".relu"), (".conv.", ".conv")):
+            parts = k.split(old)
+            if len(parts) == 2 and parts[1][:1].isdigit():
+                k = parts[0] + new + parts[1]
+        out[k] = v
+    return out
+
+
+def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load torchvision-format ImageNet weights from a local file into a feature extractor.
+
+    The ImageNet classifier (``fc.*`` / ``classifier.*``) is dropped. Keys the file lacks may only
+    be those of attention blocks; anything else is an error, since it would mean training from
+    partly random weights without saying so. Returns what was missing and dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {str(path)!r} not found; set model.pretrained to a local torchvision "
+            f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise ValueError(f"cannot read pretrained weights {str(path)!r}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = _remap_densenet_keys(dict(state))
+    dropped = sorted(k for k in state if k.startswith(("fc.", "classifier.")))
+    for k in dropped:
+        del state[k]
+    result = features.load_state_dict(state, strict=False)
+    attn_tokens = ("channel_attn", "spatial_attn", "attn4", ".se", "features.se")
+    bad_missing = [k for k in result.missing_keys if not any(t in k for t in attn_tokens)]
+    if bad_missing or result.unexpected_keys:
+        raise ValueError(
+            f"pretrained weights {str(path)!r} do not match this backbone: missing {bad_missing[:5]}"
+            f"{'…' if len(bad_missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{'…' if len(result.unexpected_keys) > 5 else ''}. Use a torchvision file for the same backbone."
+        )
+    return {"missing": list(result.missing_keys), "dropped": dropped, "sha256": [sha256_file(path)]}

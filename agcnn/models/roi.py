@@ -1,0 +1,175 @@
+"""The region step: attention heatmap -> mask -> largest connected region -> box -> crop.
+
+Pure tensor functions, batched, on whatever device the features live on; no per-image Python
+loop. The exact order of operations (paper Sec. 3.2, Eq. 3-4), which a per-image reference in
+the tests reproduces bit for bit:
+
+1. ``heatmap``: max over channels of |f| (Eq. 3) on the last feature map [B, C, h, w], then
+   min-max normalised per image to [0, 1]; a flat map becomes all zeros.
+2. ``upsample``: bilinear, half-pixel centres (``align_corners=False``), edge-clamped, done as
+   two separable passes (rows first, then columns) in float32 -- written out here rather than
+   left to ``F.interpolate`` so that the arithmetic is defined and identical on every device.
+3. ``mask``: upsampled heatmap > tau (Eq. 4; tau = 0.7).
+4. The largest 8-connected component of the mask (ties: the component whose first pixel in
+   raster order comes first, i.e. the lowest ``skimage.measure.label`` label); its bounding box
+   ``(x0, y0, x1, y1)`` with x1/y1 exclusive. An empty mask gives the whole image.
+5. ``crop_regions``: one ``torchvision.ops.roi_align`` over the batch, from the same image or a
+   higher-resolution copy of it (the box is scaled, not re-computed).
+
+Connected components use min-label propagation with pointer jumping: every foreground pixel
+starts with its own raster index, takes the minimum over its 3x3 neighbourhood, then follows
+its label's label (``L = L[L]``) until nothing changes. Labels only ever decrease and always
+name a pixel of the same component, so the fixed point labels each component with its first
+pixel; pointer jumping makes long thin regions converge in far fewer rounds than plain
+propagation (which needs as many rounds as the region's geodesic diameter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+__all__ = [
+    "attention_boxes",
+    "attention_heatmap",
+    "attention_mask",
+    "boxes_from_heatmap",
+    "connected_components",
+    "crop_regions",
+    "largest_component_boxes",
+    "upsample_bilinear",
+]
+
+
+def attention_heatmap(features: Tensor) -> Tensor:
+    """[B, C, h, w] feature map -> [B, h, w] heatmap in [0, 1] (paper Eq. 3, then min-max)."""
+    if features.dim() != 4:
+        raise ValueError(f"features must be [B, C, h, w], got shape {tuple(features.shape)}")
+    hm = features.detach().float().abs().amax(dim=1)
+    lo = hm.amin(dim=(1, 2), keepdim=True)
+    span = hm.amax(dim=(1, 2), keepdim=True) - lo
+    # A flat map has no attended region: all zeros, so the mask is empty and the box is the image.
+    return torch.where(span > 0, (hm - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(hm))
+
+
+def _axis_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices and weights of half-pixel bilinear interpolation along one axis (float32)."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = (src - i0).float()
+    return i0, i1, frac
+
+
+def upsample_bilinear(heatmap: Tensor, size: int) -> Tensor:
+    """[B, h, w] -> [B, size, size], bilinear with half-pixel centres, rows then columns."""
+    _, h, w = heatmap.shape
+    y0, y1, fy = _axis_weights(h, size, heatmap.device)
+    x0, x1, fx = _axis_weights(w, size, heatmap.device)
+    rows = heatmap[:, y0, :] * (1 - fy)[None, :, None] + heatmap[:, y1, :] * fy[None, :, None]
+    return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
+
+
+def attention_mask(features: Tensor, image_size: int, threshold: float = 0.7) -> Tensor:
+    """[B, C, h, w] features -> boolean [B, image_size, image_size] mask (paper Eq. 4)."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}; the paper uses 0.7")
+    return upsample_bilinear(attention_heatmap(features), image_size) > threshold
+
+
+def connected_components(mask: Tensor) -> Tensor:
+    """8-connected labels of a boolean [B, H, W] mask.
+
+    Returns int64 [B, H, W]: each foreground pixel holds the raster index (y * W + x) of its
+    component's first pixel; background pixels hold H * W.
+    """
+    b, h, w = mask.shape
+    n = h * w
+    # Labels are pixel indices; float32 holds them exactly below 2**24, which min-pooling needs.
+    dtype = torch.float32 if n < 2**24 else torch.float64
+    fg = mask.reshape(b, 1, h, w)
+    big = torch.tensor(float(n), dtype=dtype, device=mask.device)
+    idx = torch.arange(n, dtype=dtype, device=mask.device).reshape(1, 1, h, w)
+    labels = torch.where(fg, idx, big)
+    # Flat view with a sentinel slot at index n, so background pixels point to themselves.
+    while True:
+        pooled = -F.max_pool2d(-labels, kernel_size=3, stride=1, padding=1)
+        new = torch.where(fg, torch.minimum(pooled, labels), big)
+        flat = torch.cat([new.reshape(b, n), big.expand(b, 1)], dim=1)
+        ptr = flat.long()
+        # Pointer jumping, a few hops per round: label <- label of label.
+        for _ in range(4):
+            ptr = torch.gather(ptr, 1, ptr)
+        new = ptr[:, :n].to(dtype).reshape(b, 1, h, w)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels.reshape(b, h, w).long()
+
+
+def largest_component_boxes(mask: Tensor) -> Tensor:
+    """Bounding box of the largest 8-connected component per image, int64 [B, 4] (x0, y0, x1, y1).
+
+    x1 and y1 are exclusive. Ties go to the component whose first pixel in raster order comes
+    first. An empty mask gives the whole image ``(0, 0, W, H)``.
+    """
+    b, h, w = mask.shape
+    n = h * w
+    labels = connected_components(mask).reshape(b, n)
+    offsets = torch.arange(b, device=mask.device)[:, None] * (n + 1)
+    counts = torch.bincount((labels + offsets).reshape(-1), minlength=b * (n + 1)).reshape(b, n + 1)
+    counts[:, n] = 0  # background
+    best = counts.argmax(dim=1)  # first maximum = lowest label
+    chosen = (labels == best[:, None]).reshape(b, h, w) & mask
+    rows, cols = chosen.any(dim=2), chosen.any(dim=1)
+    ar_h = torch.arange(h, device=mask.device)
+    ar_w = torch.arange(w, device=mask.device)
+    y0 = torch.where(rows, ar_h, h).amin(dim=1)
+    y1 = torch.where(rows, ar_h + 1, 0).amax(dim=1)
+    x0 = torch.where(cols, ar_w, w).amin(dim=1)
+    x1 = torch.where(cols, ar_w + 1, 0).amax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1)
+    whole = torch.tensor([0, 0, w, h], device=mask.device).expand(b, 4)
+    return torch.where(mask.reshape(b, -1).any(dim=1, keepdim=True), boxes, whole)
+
+
+@torch.no_grad()
+def attention_boxes(features: Tensor, image_size: int, threshold: float = 0.7) -> Tensor:
+    """Attended region of each image as integer pixel boxes.
+
+    ``features``: the global branch's last feature map [B, C, h, w]. Returns int64 [B, 4]
+    ``(x0, y0, x1, y1)``, x1/y1 exclusive, in the coordinates of an ``image_size`` x
+    ``image_size`` input; the whole image where nothing passes ``threshold``.
+    """
+    return boxes_from_heatmap(attention_heatmap(features), image_size, threshold)
+
+
+def boxes_from_heatmap(heatmap: Tensor, image_size: int, threshold: float = 0.7) -> Tensor:
+    """Steps 2-4 on an already computed [B, h, w] heatmap (the model keeps the heatmap too)."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}; the paper uses 0.7")
+    return largest_component_boxes(upsample_bilinear(heatmap, image_size) > threshold)
+
+
+def crop_regions(images: Tensor, boxes: Tensor, box_size: int, out_size: int) -> Tensor:
+    """Crop each box from its image and resize it to ``out_size`` x ``out_size`` in one batched op.
+
+    ``boxes`` are pixel boxes on a ``box_size`` grid (the global input); ``images`` may be that
+    input or a higher-resolution copy of the same field of view, in which case the boxes are
+    scaled by ``images.shape[-1] / box_size``. Normalised images are cropped as they are:
+    bilinear sampling commutes with the per-channel affine normalisation, so nothing is undone.
+    ``roi_align(aligned=True)`` treats pixel i as covering [i, i+1), matching the exclusive
+    boxes; adaptive sampling averages several points per output pixel when shrinking.
+    """
+    b, _, h, w = images.shape
+    if boxes.shape != (b, 4):
+        raise ValueError(f"boxes must be [{b}, 4], got {tuple(boxes.shape)}")
+    scale = torch.tensor([w / box_size, h / box_size, w / box_size, h / box_size], device=images.device)
+    rois = torch.cat(
+        [torch.arange(b, device=images.device, dtype=images.dtype)[:, None], (boxes.to(images.device) * scale).to(images.dtype)],
+        dim=1,
+    )
+    return roi_align(images, rois, output_size=(out_size, out_size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
