@@ -1,0 +1,793 @@
+"""Training: one loop driven by a stage table (paper Sec. 3.5 and 4.2).
+
+AG-CNN is trained in three stages (Sec. 3.5):
+
+I.   the global branch on the whole image;
+II.  the local branch on the attended crops, the global branch fixed (it produces the heatmap);
+III. the fusion head on the concatenated pool5 features, both branches fixed -- or, with
+     ``train.finetune_all``, everything fine-tuned together (Table II, "G L F*").
+
+Each stage is one row of :data:`STAGE_TABLE`: which modules train, which are frozen, which
+logits are scored, and which earlier stage's ``best.pt`` seeds it. The loop itself is the same
+for every row. Freezing is explicit -- ``requires_grad_(False)`` and ``.eval()`` so frozen
+batch-norm statistics do not drift -- never a tiny learning rate. A stage whose seed
+checkpoint is missing stops with an error that names the file and the stage to run first.
+
+Run layout::
+
+    RUN_DIR/config.yaml              the resolved configuration
+    RUN_DIR/tb/                      TensorBoard
+    RUN_DIR/<stage>/last.pt          end of the latest epoch (what --resume continues from)
+    RUN_DIR/<stage>/best.pt          best validation mean AUC of the scored branch
+    RUN_DIR/<stage>/log.csv          one row per epoch
+
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on the CPU, nccl on
+CUDA); ``batch_size`` is the total over all processes; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import io
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from agcnn.config import Config, ConfigError
+from agcnn.labels import check_labels
+from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+
+MODULES = ("global_branch", "local_branch", "fusion")
+BRANCHES = ("global", "local", "fusion")
+
+
+# ---------------------------------------------------------------------- the stage table
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: what trains, what is frozen, what is scored, what seeds it."""
+
+    name: str
+    # Modules of AGCNN whose weights the optimizer updates.
+    trains: tuple[str, ...]
+    # Modules used in the forward pass with fixed weights (requires_grad False, eval mode).
+    frozen: tuple[str, ...]
+    # The logits the loss and the best-checkpoint selection use.
+    scores: str
+    # Branches whose validation AUC is reported each epoch.
+    reports: tuple[str, ...]
+    # The ``stage`` argument of AGCNN.forward: how far the forward pass has to go.
+    forward: str
+    # The stage whose RUN_DIR/<stage>/best.pt initialises this one (None: start from scratch).
+    seed_from: str | None
+
+    @property
+    def idle(self) -> tuple[str, ...]:
+        """Modules this stage neither trains nor needs fixed for its loss; also frozen."""
+        return tuple(m for m in MODULES if m not in self.trains and m not in self.frozen)
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    # Stage I (Sec. 3.5): the global branch alone on the whole image.
+    Stage("global", trains=("global_branch",), frozen=(), scores="global", reports=("global",),
+          forward="global", seed_from=None),
+    # Stage II: the local branch on crops; the global branch is fixed because its heatmap
+    # chooses the crop (Sec. 3.2).
+    Stage("local", trains=("local_branch",), frozen=("global_branch",), scores="local",
+          reports=("global", "local"), forward="local", seed_from="global"),
+    # Stage III: the fusion head on [global pool5, local pool5] (Sec. 3.4), both branches fixed.
+    Stage("fusion", trains=("fusion",), frozen=("global_branch", "local_branch"), scores="fusion",
+          reports=("global", "local", "fusion"), forward="fusion", seed_from="local"),
+)
+STAGES: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
+
+
+def stage_plan(name: str, finetune_all: bool = False) -> Stage:
+    """The stage table row for ``name``; ``finetune_all`` turns stage III into Table II's "G L F*"."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(STAGES)} (or 'all')")
+    row = STAGES[name]
+    if name == "fusion" and finetune_all:
+        row = dataclasses.replace(row, trains=MODULES, frozen=())
+    return row
+
+
+def apply_freezing(model: nn.Module, plan: Stage) -> None:
+    """requires_grad only for the modules the stage trains."""
+    for name in MODULES:
+        getattr(model, name).requires_grad_(name in plan.trains)
+
+
+def set_train_mode(model: nn.Module, plan: Stage) -> None:
+    """``model.train()`` for the trained modules, eval mode for everything else.
+
+    Frozen batch-norm layers must keep using (and not update) their running statistics, or
+    the global heatmap that picks the crop would shift under the local branch.
+    """
+    model.train()
+    for name in MODULES:
+        if name not in plan.trains:
+            getattr(model, name).eval()
+
+
+# ---------------------------------------------------------------------- device, distribution
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu or auto")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"train.device={name!r} is not valid; use auto, cpu, cuda or cuda:N")
+
+
+def init_runtime(device: str) -> Runtime:
+    """Single process, or one process of a ``torchrun`` job (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Runtime(resolve_device(device))
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank=rank, world=world, local_rank=local_rank, distributed=True)
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _all_gather(rt: Runtime, obj: Any) -> list[Any]:
+    if not rt.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when train.amp; full precision on the CPU."""
+    if cfg.train.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop touches, as tensors and plain values (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader workers: numpy and random from the worker's torch seed (itself from the loader's generator)."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The sampler order and worker seeds of one epoch depend on (seed, epoch) only, so a resumed
+    run draws the same batches as an uninterrupted one."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    return g
+
+
+# ---------------------------------------------------------------------- data
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: Config, rt: Runtime,
+                num_workers: int | None = None) -> DataLoader:
+    """Training: shuffled per (seed, epoch), sharded across processes; evaluation: in order."""
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    g = epoch_generator(cfg.train.seed, epoch)
+    sampler = None
+    if train and rt.distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.train.seed)
+        sampler.set_epoch(epoch)
+        n_local = len(sampler)
+    elif train:
+        sampler = RandomSampler(ds, generator=g)
+        n_local = len(ds)
+    else:
+        n_local = len(ds)
+    # Training drops a ragged last batch: a batch of one breaks batch norm in train mode.
+    drop_last = train and n_local > batch_size
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      num_workers=workers, worker_init_fn=seed_worker if workers else None, generator=g,
+                      pin_memory=rt.device.type == "cuda", persistent_workers=False)
+
+
+def _batch_xy(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        return batch["image"], batch["labels"]
+    return batch[0], batch[1]
+
+
+def _shard(ds: Dataset, rt: Runtime) -> tuple[Dataset, np.ndarray]:
+    """This process's share of an evaluation set (every world-th item) and its indices."""
+    idx = np.arange(rt.rank, len(ds), rt.world)
+    return (Subset(ds, idx.tolist()) if rt.distributed else ds), idx
+
+
+def _gather_rows(rt: Runtime, idx: np.ndarray, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Reassemble per-process rows (in dataset order) on every process."""
+    if not rt.distributed:
+        return arrays
+    parts = _all_gather(rt, (idx, arrays))
+    out = {}
+    for key in arrays:
+        first = parts[0][1][key]
+        full = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        for i, a in parts:
+            full[i] = a[key]
+        out[key] = full
+    return out
+
+
+# ---------------------------------------------------------------------- the per-stage "source"
+
+class ImageSource:
+    """Batches of images through the model (every stage; the default)."""
+
+    def __init__(self, model: nn.Module, net: nn.Module, plan: Stage, cfg: Config, rt: Runtime,
+                 train_ds: Dataset, val_ds: Dataset, batch_size: int):
+        self.model, self.net, self.plan, self.cfg, self.rt = model, net, plan, cfg, rt
+        self.train_ds, self.val_ds, self.batch_size = train_ds, val_ds, batch_size
+
+    def loader(self, epoch: int) -> DataLoader:
+        return make_loader(self.train_ds, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt)
+
+    def to_device(self, x: Tensor) -> Tensor:
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        return x.to(self.rt.device, non_blocking=True, memory_format=fmt)
+
+    def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
+        x, y = _batch_xy(batch)
+        out = self.net(self.to_device(x), stage=self.plan.forward)
+        return out.logits(self.plan.scores), y.to(self.rt.device, non_blocking=True)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Probabilities of every reported branch on the validation set, in dataset order."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        shard, idx = _shard(self.val_ds, self.rt)
+        loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
+        probs: dict[str, list[np.ndarray]] = {b: [] for b in self.plan.reports}
+        labels: list[np.ndarray] = []
+        fwd = "global" if self.plan.reports == ("global",) else "fusion"
+        for batch in loader:
+            x, y = _batch_xy(batch)
+            with autocast(self.cfg, self.rt.device):
+                out = model(self.to_device(x), stage=fwd)
+            for b in self.plan.reports:
+                probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
+            labels.append(y.float().numpy())
+        if was_training:
+            set_train_mode(model, self.plan)
+        k = len(self.cfg.labels)
+        arrays = {b: np.concatenate(v) if v else np.zeros((0, k), np.float32) for b, v in probs.items()}
+        arrays["labels"] = np.concatenate(labels) if labels else np.zeros((0, k), np.float32)
+        full = _gather_rows(self.rt, idx, arrays, len(self.val_ds))
+        lab = full.pop("labels")
+        return full, lab
+
+
+class _FuseHead(nn.Module):
+    """The fusion head alone as a module, so DDP can wrap it when features are cached."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, g: Tensor, l: Tensor) -> Tensor:
+        return self.model.fuse(g, l)
+
+
+class CachedFusionSource:
+    """Stage III with both branches frozen: pool5 features computed once, reused every epoch.
+
+    The frozen branches are deterministic functions of the input in eval mode, so with
+    un-augmented (evaluation-transform) training images their pooled features never change;
+    only the fusion head (one linear layer, Sec. 3.4) is trained on them.
+    """
+
+    def __init__(self, model: nn.Module, plan: Stage, cfg: Config, rt: Runtime, train_ds: Dataset, val_ds: Dataset,
+                 batch_size: int, say: Callable[[str], None]):
+        self.model, self.plan, self.cfg, self.rt, self.batch_size = model, plan, cfg, rt, batch_size
+        head: nn.Module = _FuseHead(model)
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            head = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.head = head
+        t0 = time.perf_counter()
+        self.train_feats = self._features(train_ds)
+        self.val_feats = self._features(val_ds)
+        say(f"fusion: cached pool5 features of {len(train_ds)} training and {len(val_ds)} validation images "
+            f"in {time.perf_counter() - t0:.1f} s")
+        g, l, y = (torch.from_numpy(self.train_feats[k]) for k in ("global", "local", "labels"))
+        self.train_set = TensorDataset(g, l, y)
+        # The frozen branches' own validation probabilities do not change either.
+        with torch.no_grad():
+            self.fixed_val = {
+                "global": torch.sigmoid(model.global_branch.forward_head(torch.from_numpy(self.val_feats["global"]).to(rt.device))).cpu().numpy(),
+                "local": torch.sigmoid(model.local_branch.forward_head(torch.from_numpy(self.val_feats["local"]).to(rt.device))).cpu().numpy(),
+            }
+
+    @torch.no_grad()
+    def _features(self, ds: Dataset) -> dict[str, np.ndarray]:
+        model = self.model
+        model.eval()
+        shard, idx = _shard(ds, self.rt)
+        loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
+        g, l, y = [], [], []
+        for batch in loader:
+            x, lab = _batch_xy(batch)
+            with autocast(self.cfg, self.rt.device):
+                out = model(x.to(self.rt.device, memory_format=fmt), stage="fusion")
+            g.append(out.global_pooled.float().cpu().numpy())
+            l.append(out.local_pooled.float().cpu().numpy())
+            y.append(lab.float().numpy())
+        set_train_mode(model, self.plan)
+        k = len(self.cfg.labels)
+        arrays = {
+            "global": np.concatenate(g) if g else np.zeros((0, model.global_branch.num_features), np.float32),
+            "local": np.concatenate(l) if l else np.zeros((0, model.local_branch.num_features), np.float32),
+            "labels": np.concatenate(y) if y else np.zeros((0, k), np.float32),
+        }
+        return _gather_rows(self.rt, idx, arrays, len(ds))
+
+    def loader(self, epoch: int) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt, num_workers=0)
+
+    def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
+        g, l, y = (t.to(self.rt.device, non_blocking=True) for t in batch)
+        return self.head(g, l), y
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        g = torch.from_numpy(self.val_feats["global"]).to(self.rt.device)
+        l = torch.from_numpy(self.val_feats["local"]).to(self.rt.device)
+        was_training = self.model.training
+        self.model.eval()
+        fusion = torch.sigmoid(self.model.fuse(g, l).float()).cpu().numpy()
+        if was_training:
+            set_train_mode(self.model, self.plan)
+        return {**self.fixed_val, "fusion": fusion}, self.val_feats["labels"]
+
+
+# ---------------------------------------------------------------------- checkpoints and logs
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / stage
+
+
+def _model_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The config values that decide the shape of the weights (what a seed must share)."""
+    m = dict(cfg_dict["model"])
+    m.pop("pretrained", None)
+    return {"model": m, "labels": list(cfg_dict["labels"])}
+
+
+def load_seed(model: nn.Module, path: Path, cfg: Config, stage: Stage, explicit: bool) -> dict[str, Any]:
+    """Initialise ``model`` from the checkpoint that seeds ``stage``; a missing one is fatal."""
+    if not path.is_file():
+        if explicit:
+            raise CheckpointError(f"--seed-from checkpoint {str(path)!r} does not exist; pass an existing best.pt or last.pt")
+        raise CheckpointError(
+            f"the {stage.name} stage starts from {str(path)!r}, which does not exist: run the {stage.seed_from} stage "
+            f"first (agcnn train --stage {stage.seed_from} --out {path.parent.parent}), or pass --seed-from CKPT"
+        )
+    ckpt = load_checkpoint(path)
+    check_labels(ckpt["labels"], cfg.labels, where=f"seed checkpoint {path}")
+    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(ckpt["config"])
+    if mine != theirs:
+        diff = [f"model.{k}: {theirs['model'].get(k)!r} there, {v!r} here" for k, v in mine["model"].items()
+                if theirs["model"].get(k) != v]
+        raise ConfigError(f"seed checkpoint {str(path)!r} was trained with a different model ({'; '.join(diff)}); "
+                          f"use the same model settings as the run that wrote it")
+    model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+def write_log(path: Path, history: list[dict[str, Any]], labels: Sequence[str]) -> None:
+    """log.csv from the history carried in last.pt, so a resumed run's log has each epoch once."""
+    if not history:
+        return
+    keys: list[str] = []
+    for row in history:
+        for k in row:
+            if k not in keys and k != "per_class":
+                keys.append(k)
+    per_class_cols = [f"val_auc_{b}_{lab}" for b in history[-1].get("per_class", {}) for lab in labels]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(keys + per_class_cols)
+    for row in history:
+        vals = [row.get(k, "") for k in keys]
+        pc = row.get("per_class", {})
+        vals += [v for b in pc for v in pc[b]]
+        w.writerow(["" if isinstance(v, float) and math.isnan(v) else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals])
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _plain_floats(a: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(a, dtype=np.float64)]
+
+
+# ---------------------------------------------------------------------- the loop
+
+@dataclass
+class StageResult:
+    stage: str
+    epochs: int
+    best_metric: float
+    best_epoch: int
+    best_path: Path
+    last_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: bool = False
+
+
+
+def run_stage(
+    cfg: Config,
+    run_dir: Path,
+    stage_name: str,
+    datasets: dict[str, Dataset],
+    rt: Runtime,
+    *,
+    resume: bool = False,
+    seed_from: str | Path | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    writer: Any = None,
+) -> StageResult:
+    """Train one stage of the table; returns where its checkpoints are and its best metric."""
+    from agcnn.models import AGCNN
+
+    plan = stage_plan(stage_name, cfg.train.finetune_all)
+    sc = cfg.stage(stage_name)
+    if sc.epochs < 1 or sc.batch_size < 1:
+        raise ConfigError(f"train.{stage_name}.epochs ({sc.epochs}) and batch_size ({sc.batch_size}) must be at least 1")
+    if sc.batch_size % rt.world:
+        raise ConfigError(f"train.{stage_name}.batch_size={sc.batch_size} is the total over {rt.world} processes and must "
+                          f"divide evenly; use a multiple of {rt.world}")
+    batch_size = sc.batch_size // rt.world
+    out = stage_dir(run_dir, stage_name)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if len(datasets.get("val", [])) == 0:
+        raise ConfigError("the validation split is empty; the best checkpoint is chosen on it. Set data.val_fraction > 0 "
+                          "or data.val_list")
+
+    seed_everything(cfg.train.seed)
+    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
+    resume_ckpt = None
+    if resume and last_path.is_file():
+        resume_ckpt = load_checkpoint(last_path)
+        if resume_ckpt.get("stage") != stage_name:
+            raise CheckpointError(f"{str(last_path)!r} belongs to stage {resume_ckpt.get('stage')!r}, not {stage_name!r}")
+        model.load_state_dict(resume_ckpt["model"])
+    elif last_path.exists() and not resume:
+        raise ConfigError(f"{str(last_path)!r} already exists; pass --resume to continue that run, or choose a new --out")
+    elif seed_from is not None:
+        load_seed(model, Path(seed_from), cfg, plan, explicit=True)
+    elif plan.seed_from is not None:
+        load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
+
+    apply_freezing(model, plan)
+    model.to(rt.device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        # Module.compile keeps parameter names, so checkpoints stay loadable without torch.compile.
+        for m in plan.trains + plan.frozen:
+            if m != "fusion":
+                getattr(model, m).features.compile()
+    net: nn.Module = model
+    if rt.distributed and plan.trains and not _use_feature_cache(cfg, plan):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
+    # Paper Sec. 4.2: lr 0.01, divided by 10 every 20 epochs.
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sc.lr_step, gamma=sc.lr_gamma)
+
+    start_epoch, step, best_metric, best_epoch, history = 0, 0, -math.inf, -1, []
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        start_epoch, step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
+        best_metric, best_epoch = float(resume_ckpt["best_metric"]), int(resume_ckpt["best_epoch"])
+        history = list(resume_ckpt.get("history", []))
+        set_rng_state(resume_ckpt["rng"])
+        if start_epoch >= sc.epochs:
+            say(f"{stage_name}: already trained for {start_epoch} epoch(s) (train.{stage_name}.epochs={sc.epochs}); skipped")
+            return StageResult(stage_name, start_epoch, best_metric, best_epoch, best_path, last_path, history, skipped=True)
+        say(f"{stage_name}: resuming after epoch {start_epoch} from {last_path}")
+
+    train_ds, val_ds = datasets["train"], datasets["val"]
+    if _use_feature_cache(cfg, plan):
+        source: Any = CachedFusionSource(model, plan, cfg, rt, train_ds, val_ds, batch_size, say)
+    else:
+        source = ImageSource(model, net, plan, cfg, rt, train_ds, val_ds, batch_size)
+
+    labels = list(cfg.labels)
+    for epoch in range(start_epoch, sc.epochs):
+        set_train_mode(model, plan)
+        loader = source.loader(epoch)
+        t0 = time.perf_counter()
+        n_images, loss_sum, n_batches = 0, 0.0, 0
+        bar = _progress(len(loader), f"{stage_name} {epoch + 1}/{sc.epochs}", enabled=progress and rt.is_main)
+        for batch in loader:
+            with autocast(cfg, rt.device):
+                logits, y = source.logits(batch)
+            loss = masked_bce_with_logits(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n_batches += 1
+            n_images += y.shape[0]
+            loss_sum += float(loss.detach())
+            rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                bar.update()
+            if writer is not None and step % max(cfg.train.log_every, 1) == 0:
+                writer.add_scalar(f"{stage_name}/train_loss_step", float(loss.detach()), step)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        train_loss = _mean_over_ranks(rt, loss_sum, n_batches)
+
+        probs, val_labels = source.validate()
+        aucs = {b: per_class_auc(probs[b], val_labels) for b in plan.reports}
+        means = {b: float(mean_auc(aucs[b])) for b in plan.reports}
+        metric = means[plan.scores]
+        improved = (not math.isnan(metric) and metric > best_metric) or best_epoch < 0
+        if improved:
+            best_metric, best_epoch = (metric if not math.isnan(metric) else -math.inf), epoch + 1
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss,
+            **{f"val_mean_auc_{b}": means[b] for b in plan.reports},
+            "images_per_s": n_images * rt.world / max(seconds, 1e-9), "seconds": seconds,
+            "per_class": {plan.scores: _plain_floats(aucs[plan.scores])},
+        }
+        history.append(row)
+        if rt.is_main:
+            extra = dict(stage=stage_name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=step,
+                         best_metric=best_metric, best_epoch=best_epoch, history=history)
+            if improved:
+                ops = {b: _plain_floats(youden_thresholds(probs[b], val_labels)) for b in plan.reports}
+                save_checkpoint(best_path, model_state=model.state_dict(), config=cfg, metric=metric,
+                                val_auc={b: _plain_floats(aucs[b]) for b in plan.reports},
+                                operating_points=ops, **extra)
+            # last.pt last: once it says "epoch N", best.pt already reflects epoch N.
+            save_checkpoint(last_path, model_state=model.state_dict(), config=cfg, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+            write_log(out / "log.csv", history, labels)
+            if writer is not None:
+                writer.add_scalar(f"{stage_name}/train_loss", train_loss, step)
+                writer.add_scalar(f"{stage_name}/lr", lr, step)
+                writer.add_scalar(f"{stage_name}/images_per_s", row["images_per_s"], step)
+                for b in plan.reports:
+                    writer.add_scalar(f"{stage_name}/val_mean_auc_{b}", means[b], step)
+                writer.flush()
+            shown = ", ".join(f"{b} {means[b]:.4f}" for b in plan.reports)
+            say(f"{stage_name} epoch {epoch + 1}/{sc.epochs}: train loss {train_loss:.4f}, val mean AUC {shown}"
+                f"{' (best)' if improved else ''}; {row['images_per_s']:.1f} img/s, {seconds:.1f} s")
+        _barrier(rt)
+    return StageResult(stage_name, sc.epochs, best_metric, best_epoch, best_path, last_path, history)
+
+
+def _use_feature_cache(cfg: Config, plan: Stage) -> bool:
+    return plan.name == "fusion" and cfg.train.cache_fusion_features and plan.frozen == ("global_branch", "local_branch")
+
+
+def _mean_over_ranks(rt: Runtime, total: float, count: int) -> float:
+    parts = _all_gather(rt, (total, count))
+    n = sum(c for _, c in parts)
+    return sum(t for t, _ in parts) / n if n else float("nan")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def _open_writer(run_dir: Path, rt: Runtime):
+    if not rt.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a stripped install still trains
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    stages: Sequence[str] = ("global", "local", "fusion"),
+    *,
+    resume: bool = False,
+    seed_from: str | Path | None = None,
+    datasets: dict[str, Dataset] | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, StageResult]:
+    """Train ``stages`` in order into ``run_dir``; the library entry point of ``agcnn train``.
+
+    ``datasets`` (``{"train": ..., "val": ...}``) replaces the ones built from ``cfg.data``.
+    With ``resume``, a stage whose last.pt has all its epochs is skipped and a partly trained
+    one continues from last.pt.
+    """
+    for s in stages:
+        stage_plan(s)
+    if seed_from is not None and len(stages) != 1:
+        raise ConfigError("--seed-from initialises a single stage; combine it with --stage global|local|fusion, not 'all'")
+    run_dir = Path(run_dir)
+    rt = init_runtime(cfg.train.device)
+    speak = say or print
+    quiet: Callable[[str], None] = speak if rt.is_main else (lambda _m: None)
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run_dir / "config.yaml")
+    if datasets is None:
+        from agcnn.data.datasets import build_datasets
+
+        datasets = build_datasets(cfg, splits=("train", "val"))
+    if any(s == "fusion" for s in stages) and _use_feature_cache(cfg, stage_plan("fusion", cfg.train.finetune_all)):
+        datasets = dict(datasets)
+        datasets["fusion_train"] = _without_augmentation(cfg, datasets["train"])
+    writer = _open_writer(run_dir, rt)
+    results: dict[str, StageResult] = {}
+    try:
+        for s in stages:
+            ds = datasets
+            if s == "fusion" and "fusion_train" in datasets:
+                ds = {**datasets, "train": datasets["fusion_train"]}
+            results[s] = run_stage(cfg, run_dir, s, ds, rt, resume=resume, seed_from=seed_from, progress=progress,
+                                   say=quiet, writer=writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    return results
+
+
+def _without_augmentation(cfg: Config, ds: Dataset) -> Dataset:
+    """The training set with evaluation transforms, for cached fusion features."""
+    if hasattr(ds, "transform") and getattr(ds, "transform", None) is not None:
+        import copy
+
+        from agcnn.data.transforms import transforms_from_config
+
+        ds = copy.copy(ds)
+        ds.transform = transforms_from_config(cfg.data, train=False)
+    return ds
+
+
+# ---------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see configs/); with --resume, defaults to RUN_DIR/config.yaml")
+    parser.add_argument("--stage", default="all", choices=(*STAGES, "all"),
+                        help="which stage to train; 'all' runs global, local, fusion in order (default)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: config.yaml, tb/, <stage>/best.pt ...")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.global.epochs=5 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from RUN_DIR/<stage>/last.pt; completed stages are skipped")
+    parser.add_argument("--seed-from", metavar="CKPT",
+                        help="initialise the (single) stage from this checkpoint instead of RUN_DIR/<previous>/best.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch summaries still print)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.out)
+    config = args.config
+    if config is None:
+        if not args.resume:
+            raise ConfigError("--config is required (e.g. --config configs/agcnn_r50.yaml); only --resume can take it "
+                              "from RUN_DIR/config.yaml")
+        config = run_dir / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(f"--resume without --config reads {str(config)!r}, which does not exist; pass --config")
+    cfg = Config.load(config, args.overrides)
+    stages = tuple(STAGES) if args.stage == "all" else (args.stage,)
+    try:
+        results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress)
+    except CheckpointError as e:
+        print(f"agcnn train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for r in results.values():
+            print(f"{r.stage}: best val mean AUC {r.best_metric:.4f} at epoch {r.best_epoch} -> {r.best_path}")
+    return 0
