@@ -110,6 +110,10 @@ class TrainConfig:
     fusion: StageConfig = _stage(64)
     # The paper's Table II "G L F*": fine-tune both branches in stage III instead of freezing them.
     finetune_all: bool = False
+    # Stage III with both branches frozen: compute their pool5 features once (un-augmented
+    # training images) and train the fusion head on them every epoch. False: augmented images
+    # through both branches every epoch, as in the paper's training code.
+    cache_fusion_features: bool = True
     # Bootstrap resamples for confidence intervals in evaluate.
     bootstrap: int = 1000
     log_every: int = 20
