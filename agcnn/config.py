@@ -52,6 +52,8 @@ class DataConfig:
     # chestxray14: Data_Entry_2017*.csv(.gz) and the official split lists; csv: the labels table.
     metadata: str | None = None
     train_list: str | None = None
+    # Optional fixed validation list (e.g. CheXNet's val_list.txt); None = carve it from train_list.
+    val_list: str | None = None
     test_list: str | None = None
     # csv datasets: which column holds the image path and which the patient, and how the
     # table's label columns map onto the label list (empty = same names).
@@ -64,6 +66,8 @@ class DataConfig:
     # used for selection.
     val_fraction: float = 0.1
     split_seed: int = 0
+    # csv tables without a split column: this fraction of patients is held out as the test set.
+    test_fraction: float = 0.2
     # Global input: resize to `resize`, crop `image_size` (paper: 256 / 224).
     resize: int = 256
     image_size: int = 224

@@ -1,0 +1,170 @@
+"""The training dataset and the factory that builds train / val / test from the configuration.
+
+Every source (generated phantoms, ChestX-ray14, your own CSV export) is first brought into one
+table: ``path`` (absolute or relative to ``data.root``), ``patient``, ``split`` and one float
+column per label, NaN where the label is missing. :class:`XrayDataset` reads that table.
+
+An item is a dict::
+
+    {"image": FloatTensor[3, S, S],   # ImageNet-normalised, S = data.highres_size
+     "labels": FloatTensor[K],        # 0 / 1, NaN = missing (masked out of loss and metrics)
+     "index": int}                    # row in the dataset's table (dataset.table)
+
+A file that cannot be decoded raises :class:`ImageLoadError` naming it: training data is curated,
+and a silently skipped image would change the data without anyone noticing. ``agcnn prepare``
+lists every unusable file in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from agcnn.data.cache import ImageCache, UnusableCachedImage, resolve
+from agcnn.data.tables import SPLITS
+from agcnn.labels import LABELS
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synthetic", "chestxray14", "csv")
+
+
+class ImageLoadError(RuntimeError):
+    """An image in the data table cannot be read; the message names the file and the reason."""
+
+
+class XrayDataset(Dataset):
+    """Images and multi-label targets from a table with ``path`` and one column per label."""
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        labels: Sequence[str],
+        *,
+        root: str | Path = ".",
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: ImageCache | None = None,
+        cache_rows: Sequence[int] | None = None,
+        name: str = "dataset",
+    ):
+        missing = [c for c in ("path", *labels) if c not in table.columns]
+        if missing:
+            raise ValueError(f"the {name} table lacks columns {missing}; it needs 'path' and one column per label")
+        if cache is not None and (cache_rows is None or len(cache_rows) != len(table)):
+            raise ValueError("cache_rows must give the cache row of every table row (see ImageCache.verify)")
+        self.table = table.reset_index(drop=True)
+        self.labels = list(labels)
+        self.root = Path(root)
+        self.transform = transform
+        self.cache = cache
+        self.cache_rows = None if cache_rows is None else np.asarray(cache_rows, dtype=np.int64)
+        self.name = name
+        # One contiguous array: indexing a DataFrame per item is slow in DataLoader workers.
+        self.targets = self.table[self.labels].to_numpy(dtype=np.float32)
+        self.paths = self.table["path"].astype(str).tolist()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> np.ndarray:
+        """The decoded image ``i`` as float32 ``[H, W]`` in [0, 1], bright = dense."""
+        from agcnn.data.readers import UnusableImageError, read_image
+
+        path = self.paths[i]
+        try:
+            if self.cache is not None:
+                return self.cache.read(int(self.cache_rows[i]))
+            return read_image(resolve(path, self.root))
+        except (UnusableImageError, UnusableCachedImage) as e:
+            reason = getattr(e, "reason", str(e))
+        except (OSError, ValueError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        raise ImageLoadError(
+            f"cannot read image {path!r} (row {i} of the {self.name} set, data.root={str(self.root)!r}): {reason}. "
+            f"Fix the file or remove it from the table; `agcnn prepare` lists every unusable file at once."
+        )
+
+    def __getitem__(self, i: int) -> dict:
+        image = torch.from_numpy(np.ascontiguousarray(self.load(i)))[None]
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "labels": torch.from_numpy(self.targets[i].copy()), "index": int(i)}
+
+
+# ---------------------------------------------------------------------- configuration -> tables
+
+def check_label_names(labels: Sequence[str], *, known: Sequence[str] = LABELS, source: str = "ChestX-ray14") -> None:
+    """The configured labels must be unique and, for NIH-style sources, NIH finding names."""
+    labels = list(labels)
+    if not labels:
+        raise ValueError(f"the label list is empty; use e.g. labels: {list(known)}")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"labels {dup} appear more than once in the label list")
+    for name in labels:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"label {name!r} is not a {source} label{hint} Valid: {list(known)}")
+
+
+def load_dataframe(cfg) -> pd.DataFrame:
+    """The whole table (every split) for ``cfg.data``: ``path, patient, split`` + the label columns."""
+    from agcnn.data.chestxray14 import load_chestxray14
+    from agcnn.data.tables import load_table
+
+    d = cfg.data
+    labels = list(cfg.labels)
+    if d.dataset not in DATASETS:
+        close = difflib.get_close_matches(d.dataset, DATASETS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"data.dataset={d.dataset!r} is not known; use one of {list(DATASETS)}.{hint}")
+    if d.dataset == "synthetic":
+        from agcnn.data.synthetic import ensure_phantoms
+
+        check_label_names(labels, source="phantom")
+        table_path = ensure_phantoms(d.root, count=d.synthetic_count, size=d.synthetic_size, seed=d.synthetic_seed)
+        return load_table(table_path, labels, path_column="path", patient_column="patient", views=d.views,
+                          val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed)
+    if d.dataset == "chestxray14":
+        check_label_names(labels)
+        return load_chestxray14(d.root, metadata=d.metadata, train_list=d.train_list, val_list=d.val_list, test_list=d.test_list,
+                                labels=labels, views=d.views, val_fraction=d.val_fraction, split_seed=d.split_seed)
+    table_path = d.metadata or str(Path(d.root) / "labels.csv")
+    return load_table(table_path, labels, path_column=d.path_column, patient_column=d.patient_column, label_map=d.label_map,
+                      views=d.views, val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed)
+
+
+def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame | None = None) -> dict[str, XrayDataset]:
+    """Datasets for ``splits`` from ``cfg``; training transforms on "train" only.
+
+    With ``data.cache`` set, images come from the preprocessing cache, which is first checked
+    against the table (see :mod:`agcnn.data.cache`).
+    """
+    from agcnn.data.transforms import transforms_from_config
+
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise ValueError(f"unknown splits {bad}; use some of {list(SPLITS)}")
+    table = load_dataframe(cfg) if table is None else table
+    cache = None
+    if cfg.data.cache:
+        cache = ImageCache(cfg.data.cache)
+    out = {}
+    for split in splits:
+        part = table[table["split"] == split].reset_index(drop=True)
+        if len(part) == 0:
+            log.warning("the %s split is empty", split)
+        rows = cache.verify(part["path"].tolist(), cfg.data.root, size=cfg.data.cache_size) if cache is not None else None
+        out[split] = XrayDataset(
+            part, cfg.labels, root=cfg.data.root, cache=cache, cache_rows=rows, name=split,
+            transform=transforms_from_config(cfg.data, train=split == "train"),
+        )
+    return out
