@@ -567,7 +567,7 @@ class Summary:
     out_dir: Path
     counts: Counter
     new_rows: int
-    seconds: float
+    seconds: float  # of the decode + predict loop, without start-up
 
     def line(self) -> str:
         total = self.counts.get("ok", 0) + self.counts.get("skipped", 0) + self.counts.get("failed", 0)
@@ -876,6 +876,7 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
     thr = torch.tensor([float("nan") if t is None else float(t) for t in thresholds]) if thresholds is not None else None
 
     new_rows = 0
+    t_loop = time.perf_counter()
     bar = tqdm(total=len(pending), unit="file", desc="predict", disable=not progress or not pending, dynamic_ncols=True,
                file=sys.stderr)
     counts: Counter = Counter()
@@ -932,6 +933,7 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
             bar.update(len(rows))
             bar.set_postfix(ok=counts["ok"], skipped=counts["skipped"], failed=counts["failed"], refresh=False)
     bar.close()
+    loop_seconds = time.perf_counter() - t_loop
     if hook is not None:
         hook.remove()
 
@@ -941,6 +943,7 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
         finished=_utc_now(),
         seconds=round(seconds, 3),
         rows_this_run=new_rows,
+        files_per_second=round(new_rows / loop_seconds, 3) if loop_seconds > 0 and new_rows else None,
         counts={k: v for k, v in sorted(total_counts.items()) if ":" not in k},
         reasons={k: v for k, v in sorted(total_counts.items()) if ":" in k},
         complete=True,
@@ -948,7 +951,7 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
     _write_manifest(out_dir, manifest)
     if not mine:
         log.warning("no files found under %s", in_dir)
-    return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=seconds)
+    return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
 
 
 def _device_name(device) -> str:
