@@ -115,8 +115,9 @@ def _decode_job(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None,
     try:
         return row, decode_resized(path, size, dtype), ""
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the other thousands
-        reason = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
-        return row, None, str(reason)
+        # UnusableImageError carries a short code (.reason) and a human message (str).
+        reason = f"{e.reason}: {e}" if getattr(e, "reason", None) else f"{type(e).__name__}: {e}"
+        return row, None, reason
 
 
 def build_cache(

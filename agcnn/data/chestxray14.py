@@ -10,8 +10,8 @@ Three file formats meet here:
 * ``train_val_list.txt`` / ``test_list.txt``: the official *patient-wise* split, one image name
   per line (the last line has no newline).
 * CheXNet-style lists (``name`` followed by 14 binary labels, space separated), the format the
-  earlier AG-CNN PyTorch code trains from. Note that the widely used arnoweng/CheXNet lists are
-  a random split by image, so patients may appear on both sides.
+  earlier AG-CNN PyTorch code trains from. The widely used arnoweng/CheXNet lists (70/10/20)
+  are patient-wise too, but differ from the official split; their labels are the 2017 ones.
 
 :func:`load_chestxray14` joins them into the table every dataset in :mod:`agcnn.data` uses:
 ``path, patient, split, view`` plus one float column per label (NaN = missing).

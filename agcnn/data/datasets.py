@@ -82,8 +82,10 @@ class XrayDataset(Dataset):
             if self.cache is not None:
                 return self.cache.read(int(self.cache_rows[i]))
             return read_image(resolve(path, self.root))
-        except (UnusableImageError, UnusableCachedImage) as e:
-            reason = getattr(e, "reason", str(e))
+        except UnusableImageError as e:
+            reason = f"{e.reason}: {e}"
+        except UnusableCachedImage as e:
+            reason = f"{e.reason} (recorded by agcnn prepare)"
         except (OSError, ValueError) as e:
             reason = f"{type(e).__name__}: {e}"
         raise ImageLoadError(

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agcnn.data.transforms import IMAGENET_MEAN, build_transform, denormalize, scaled_resize
+
+
+@pytest.mark.parametrize(
+    "train,resize,image_size,highres,shape_in,expected",
+    [
+        (False, 256, 224, 224, (1, 512, 512), (3, 224, 224)),
+        (True, 256, 224, 224, (1, 512, 512), (3, 224, 224)),
+        (False, 256, 224, 448, (1, 300, 400), (3, 448, 448)),
+        (True, 256, 224, 512, (1, 1024, 1024), (3, 512, 512)),
+        (False, 64, 56, 112, (1, 90, 70), (3, 112, 112)),
+    ],
+)
+def test_shapes(train, resize, image_size, highres, shape_in, expected):
+    t = build_transform(train=train, resize=resize, image_size=image_size, highres_size=highres)
+    out = t(torch.rand(shape_in))
+    assert out.shape == expected and out.dtype == torch.float32
+    # Three identical channels before normalisation.
+    back = denormalize(out)
+    assert torch.allclose(back[0], back[1], atol=1e-5) and torch.allclose(back[1], back[2], atol=1e-5)
+
+
+def test_uint8_input_is_scaled():
+    t = build_transform(train=False, resize=32, image_size=28)
+    out = t(torch.full((1, 40, 40), 255, dtype=torch.uint8))
+    assert torch.allclose(denormalize(out), torch.ones(3, 28, 28), atol=1e-5)
+    zero = t(torch.zeros(1, 40, 40, dtype=torch.uint8))
+    assert torch.allclose(zero[0], torch.full((28, 28), -IMAGENET_MEAN[0] / 0.229), atol=1e-4)
+
+
+def test_highres_covers_the_same_field_of_view():
+    # A smooth image with structure everywhere, so a shifted crop would show.
+    y, x = torch.meshgrid(torch.linspace(0, 1, 600), torch.linspace(0, 1, 600), indexing="ij")
+    img = (0.5 + 0.25 * torch.sin(9 * x) * torch.cos(7 * y) + 0.2 * x)[None]
+    low = build_transform(train=False, resize=256, image_size=224, highres_size=224)(img)
+    high = build_transform(train=False, resize=256, image_size=224, highres_size=448)(img)
+    down = F.interpolate(high[None], size=224, mode="bilinear", antialias=True, align_corners=False)[0]
+    assert (down - low).abs().mean() < 0.01
+    # A crop offset by a few pixels would differ clearly.
+    shifted = F.interpolate(high[None, :, 8:, 8:], size=224, mode="bilinear", antialias=True)[0]
+    assert (shifted - low).abs().mean() > 0.03
+
+
+def test_scaled_resize():
+    assert scaled_resize(256, 224, 224) == 256
+    assert scaled_resize(256, 224, 448) == 512
+    with pytest.raises(ValueError, match="highres_size=112 is smaller than data.image_size=224"):
+        scaled_resize(256, 224, 112)
+    with pytest.raises(ValueError, match="resize=200"):
+        scaled_resize(200, 224, 224)
+
+
+def test_training_transform_is_random_eval_is_not():
+    img = torch.rand(1, 64, 64)
+    train = build_transform(train=True, resize=64, image_size=56)
+    ev = build_transform(train=False, resize=64, image_size=56)
+    torch.manual_seed(0)
+    assert not torch.equal(train(img), train(img))
+    assert torch.equal(ev(img), ev(img))
