@@ -41,6 +41,11 @@ import pandas as pd
 
 from agcnn.labels import LABELS
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first runs are not guarded there
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
@@ -412,6 +417,16 @@ def generate_phantoms(out_dir: str | Path, count: int = 600, size: int = 512, se
 def ensure_phantoms(root: str | Path, *, count: int, size: int, seed: int, dicom_fraction: float = 0.1) -> Path:
     """``root/labels.csv`` of a phantom set with these settings, generating it when absent or stale."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # Several processes (one per GPU) may build the datasets at once: the first generates, the
+    # others wait for it instead of rewriting the same files underneath it.
+    with open(root / ".phantoms.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_phantoms_locked(root, count=count, size=size, seed=seed, dicom_fraction=dicom_fraction)
+
+
+def _ensure_phantoms_locked(root: Path, *, count: int, size: int, seed: int, dicom_fraction: float) -> Path:
     labels, meta_path = root / "labels.csv", root / "phantoms.json"
     want = {"version": FORMAT_VERSION, "count": count, "size": size, "seed": seed}
     if labels.is_file():

@@ -1,0 +1,123 @@
+"""Input-pipeline throughput: decoding originals vs. reading the cache, and DataLoader batches.
+
+    python scripts/bench_data.py [--sample ../shared/data/nih-cxr14-sample] [--workers 0 1 2]
+
+Uses the 621-image NIH sample (512 px PNGs) and its two untouched 1024 px originals (decoded
+repeatedly). Prints one JSON object; rates are images per second, "per core" rates come from a
+single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agcnn.data.cache import ImageCache, build_cache
+from agcnn.data.datasets import XrayDataset
+from agcnn.data.readers import read_image
+from agcnn.data.transforms import build_transform
+from agcnn.labels import LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 1)
+
+
+def timed(fn, n: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return rate(n, time.perf_counter() - start)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=Path, default=REPO.parent / "shared" / "data" / "nih-cxr14-sample")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=12, help="batches timed per DataLoader setting")
+    parser.add_argument("--repeat-1024", type=int, default=15, help="decodes of each 1024 px original")
+    args = parser.parse_args()
+    if not (args.sample / "labels.csv").is_file():
+        raise SystemExit(f"NIH sample not found at {args.sample}; pass --sample DIR (with labels.csv, images/, originals_1024/)")
+    torch.set_num_threads(1)
+
+    images = args.sample / "images"
+    table = pd.read_csv(args.sample / "labels.csv")
+    table = table.rename(columns={"image": "path"})[["path", *LABELS]]
+    paths = [images / p for p in table["path"]]
+    originals = sorted((args.sample / "originals_1024").glob("*.png"))
+    out: dict = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "images_512": len(paths), "batch_size": args.batch_size,
+        # Other processes on the machine slow every number down; keep the load with the result.
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+    read_image(originals[0])  # warm up imports and caches
+    out["decode_png_1024_per_core"] = timed(lambda: [read_image(p) for _ in range(args.repeat_1024) for p in originals], args.repeat_1024 * len(originals))
+    out["decode_png_512_per_core"] = timed(lambda: [read_image(p) for p in paths], len(paths))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir = Path(tmp) / "cache"
+        start = time.perf_counter()
+        report = build_cache(cache_dir, table["path"].tolist(), images, size=512, workers=min(2, os.cpu_count() or 1))
+        out["cache_build_512_2proc"] = rate(report.decoded, time.perf_counter() - start)
+        cache = ImageCache(cache_dir)
+        rows = cache.verify(table["path"].tolist(), images, size=512)
+        order = np.random.default_rng(0).permutation(len(rows))
+        cache.read(0)
+        out["cache_read_512_per_core"] = timed(lambda: [cache.read(int(rows[i])) for i in order], len(order))
+
+        train_t = build_transform(train=True, resize=256, image_size=224)
+        eval_t = build_transform(train=False, resize=256, image_size=224)
+        x = torch.from_numpy(cache.read(0))[None]
+        out["train_transform_224_per_core"] = timed(lambda: [train_t(x) for _ in range(200)], 200)
+        out["eval_transform_224_per_core"] = timed(lambda: [eval_t(x) for _ in range(200)], 200)
+        hr = build_transform(train=True, resize=256, image_size=224, highres_size=448)
+        out["train_transform_448_per_core"] = timed(lambda: [hr(x) for _ in range(100)], 100)
+
+        for source in ("cache", "png"):
+            ds = XrayDataset(table, LABELS, root=images, transform=train_t, name="train",
+                             cache=cache if source == "cache" else None, cache_rows=rows if source == "cache" else None)
+            for w in args.workers:
+                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=w,
+                                                     persistent_workers=w > 0, drop_last=True)
+                it = iter(loader)
+                next(it)  # worker start-up is not throughput
+                start = time.perf_counter()
+                n = 0
+                for _ in range(args.batches):
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        it = iter(loader)
+                        batch = next(it)
+                    n += batch["image"].shape[0]
+                out[f"loader_train224_{source}_{w}workers"] = rate(n, time.perf_counter() - start)
+                del it, loader
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
