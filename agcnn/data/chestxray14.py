@@ -98,15 +98,12 @@ def parse_finding_labels(findings: pd.Series, labels: Sequence[str] = LABELS, *,
     unknown_targets = [x for x in labels if x not in LABELS]
     if unknown_targets:
         raise ValueError(f"labels {unknown_targets} are not ChestX-ray14 findings; valid names: {list(LABELS)}")
-    split = findings.fillna("").astype(str).str.split("|")
-    seen = {s.strip() for names in split for s in names}
-    bad = sorted(seen - set(LABELS) - {NO_FINDING, ""})
+    text = findings.fillna("").astype(str).str.replace(r"\s*\|\s*", "|", regex=True).str.strip()
+    onehot = text.str.get_dummies(sep="|")
+    bad = sorted(set(onehot.columns) - set(LABELS) - {NO_FINDING})
     if bad:
         raise ValueError(f"{where}: unknown finding names {bad[:5]}; expected '|'-separated names from {list(LABELS)} or {NO_FINDING!r}")
-    out = {}
-    for name in labels:
-        out[name] = split.map(lambda xs, n=name: float(n in (s.strip() for s in xs)))
-    return pd.DataFrame(out, index=findings.index).reset_index(drop=True)
+    return onehot.reindex(columns=list(labels), fill_value=0).astype(np.float32).reset_index(drop=True)
 
 
 def read_name_list(path: str | Path) -> list[str]:
@@ -211,10 +208,13 @@ def load_chestxray14(
     from agcnn.data.tables import split_patientwise
 
     root = Path(root)
-    train_list = Path(train_list) if train_list else root / "train_val_list.txt"
-    test_list = Path(test_list) if test_list else root / "test_list.txt"
-    if not train_list.is_file() and (root.parent / "train_val_list.txt").is_file() and not val_list:
-        train_list, test_list = root.parent / "train_val_list.txt", root.parent / "test_list.txt"
+
+    def default(name: str) -> Path:
+        # The NIH download keeps the lists beside images/; data.root may point at either folder.
+        return next((f / name for f in (root, root.parent) if (f / name).is_file()), root / name)
+
+    train_list = Path(train_list) if train_list else default("train_val_list.txt")
+    test_list = Path(test_list) if test_list else default("test_list.txt")
     metadata = Path(metadata) if metadata else find_metadata(root)
 
     lists = {"train": train_list, "test": test_list}
@@ -223,7 +223,8 @@ def load_chestxray14(
     parts = []
     for split, path in lists.items():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the official {path.name if isinstance(path, Path) else path}")
+            official = {"train": "train_val_list.txt", "test": "test_list.txt", "val": "val_list.txt"}[split]
+            raise FileNotFoundError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the path of {official}")
         if is_labelled_list(path):
             part = read_labelled_list(path, labels)
         else:
