@@ -441,15 +441,21 @@ def _model_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {"model": m, "labels": list(cfg_dict["labels"])}
 
 
+def check_seed_exists(path: Path, stage: Stage, explicit: bool) -> None:
+    """A stage never trains on from random weights because its seed checkpoint is missing."""
+    if path.is_file():
+        return
+    if explicit:
+        raise CheckpointError(f"--seed-from checkpoint {str(path)!r} does not exist; pass an existing best.pt or last.pt")
+    raise CheckpointError(
+        f"the {stage.name} stage starts from {str(path)!r}, which does not exist: run the {stage.seed_from} stage "
+        f"first (agcnn train --stage {stage.seed_from} --out {path.parent.parent}), or pass --seed-from CKPT"
+    )
+
+
 def load_seed(model: nn.Module, path: Path, cfg: Config, stage: Stage, explicit: bool) -> dict[str, Any]:
     """Initialise ``model`` from the checkpoint that seeds ``stage``; a missing one is fatal."""
-    if not path.is_file():
-        if explicit:
-            raise CheckpointError(f"--seed-from checkpoint {str(path)!r} does not exist; pass an existing best.pt or last.pt")
-        raise CheckpointError(
-            f"the {stage.name} stage starts from {str(path)!r}, which does not exist: run the {stage.seed_from} stage "
-            f"first (agcnn train --stage {stage.seed_from} --out {path.parent.parent}), or pass --seed-from CKPT"
-        )
+    check_seed_exists(path, stage, explicit)
     ckpt = load_checkpoint(path)
     check_labels(ckpt["labels"], cfg.labels, where=f"seed checkpoint {path}")
     mine, theirs = _model_signature(cfg.to_dict()), _model_signature(ckpt["config"])
@@ -714,6 +720,13 @@ def train(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Fail before loading any data when the first stage's seed checkpoint is missing.
+    first = stage_plan(stages[0], cfg.train.finetune_all)
+    if not (resume and (stage_dir(run_dir, first.name) / "last.pt").is_file()):
+        if seed_from is not None:
+            check_seed_exists(Path(seed_from), first, explicit=True)
+        elif first.seed_from is not None:
+            check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.dump(run_dir / "config.yaml")

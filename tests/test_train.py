@@ -1,0 +1,219 @@
+"""The training loop: stage table, freezing, seeds, loss masking, best/last checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from agcnn.checkpoint import CheckpointError, load_checkpoint
+from agcnn.cli import main
+from agcnn.config import Config
+from agcnn.metrics import masked_bce_with_logits
+from agcnn.models import AGCNN
+from agcnn.train import MODULES, STAGE_TABLE, apply_freezing, set_train_mode, stage_plan, train
+
+K = 14
+TINY = [
+    "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
+    "data.num_workers=0", "train.device=cpu", "train.channels_last=false",
+    "train.global.batch_size=4", "train.local.batch_size=4", "train.fusion.batch_size=4",
+    "train.global.epochs=1", "train.local.epochs=1", "train.fusion.epochs=1",
+]
+
+
+class Tiny(torch.utils.data.Dataset):
+    """A few random images; label 0 marks a bright square, label 3 is missing for some rows.
+
+    ``__getitem__`` adds noise from the global torch RNG, as random augmentation would, so a
+    resumed run only matches an uninterrupted one if the RNG state is restored.
+    """
+
+    def __init__(self, n: int, seed: int, size: int = 48):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g) * 0.3
+        self.y = (torch.rand(n, K, generator=g) < 0.4).float()
+        self.y[0, 0], self.y[1, 0] = 1.0, 0.0  # both classes present in every split
+        self.x[self.y[:, 0] == 1, :, 8:20, 8:20] += 2.0
+        self.y[::3, 3] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i] + 0.05 * torch.randn_like(self.x[i]), "labels": self.y[i], "index": i}
+
+
+def tiny_cfg(*extra: str) -> Config:
+    return Config.load(None, [*TINY, *extra])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy machine the OpenMP threads
+    # spin-wait for each other: one thread is several times faster here.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"train": Tiny(12, 0), "val": Tiny(8, 1)}
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def tiny_model() -> AGCNN:
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    return AGCNN.from_config(cfg.model, num_classes=K, image_size=cfg.data.image_size)
+
+
+# ---------------------------------------------------------------------- stage table
+
+def test_stage_table_rows():
+    rows = {s.name: s for s in STAGE_TABLE}
+    assert list(rows) == ["global", "local", "fusion"]
+    assert rows["global"].trains == ("global_branch",) and rows["global"].seed_from is None
+    assert rows["local"].frozen == ("global_branch",) and rows["local"].scores == "local" and rows["local"].seed_from == "global"
+    assert rows["fusion"].frozen == ("global_branch", "local_branch") and rows["fusion"].seed_from == "local"
+    # Table II "G L F*": stage III fine-tunes everything.
+    star = stage_plan("fusion", finetune_all=True)
+    assert star.trains == MODULES and star.frozen == ()
+    with pytest.raises(ValueError, match="unknown stage 'fusoin'"):
+        stage_plan("fusoin")
+
+
+def test_local_step_leaves_frozen_global_branch_untouched():
+    model = tiny_model()
+    plan = stage_plan("local")
+    apply_freezing(model, plan)
+    set_train_mode(model, plan)
+    assert model.local_branch.training and not model.global_branch.training and not model.fusion.training
+    before = {k: v.clone() for k, v in model.global_branch.state_dict().items()}
+    local_before = {k: v.clone() for k, v in model.local_branch.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 48, 48), (torch.rand(4, K) < 0.5).float()
+    loss = masked_bce_with_logits(model(x, stage="local").local_logits, y)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in model.global_branch.parameters())
+    # Weights and batch-norm running statistics of the frozen branch are unchanged.
+    after = model.global_branch.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(local_before[k], v) for k, v in model.local_branch.state_dict().items())
+
+
+def test_fusion_stage_freezes_both_branches_even_after_model_train():
+    model = tiny_model()
+    plan = stage_plan("fusion")
+    apply_freezing(model, plan)
+    set_train_mode(model, plan)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fusion.weight", "fusion.bias"]
+    assert not model.global_branch.training and not model.local_branch.training
+    bn = model.local_branch.features.bn1 if hasattr(model.local_branch.features, "bn1") else None
+    if bn is not None:
+        stats = bn.running_mean.clone()
+        with torch.no_grad():
+            model(torch.randn(4, 3, 48, 48), stage="fusion")
+        assert torch.equal(stats, bn.running_mean)
+
+
+def test_masked_loss_ignores_missing_labels():
+    logits = torch.zeros(2, 3, requires_grad=True)
+    labels = torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, 0.0]])
+    loss = masked_bce_with_logits(logits, labels)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 0] == 0
+
+
+# ---------------------------------------------------------------------- seeds and runs
+
+def test_missing_seed_checkpoint_is_an_error_naming_it(tmp_path, data):
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_cfg(), tmp_path / "run", ["local"], datasets=data, progress=False, say=quiet)
+    msg = str(e.value)
+    assert str(tmp_path / "run" / "global" / "best.pt") in msg and "run the global stage first" in msg
+    with pytest.raises(CheckpointError, match="nowhere.pt"):
+        train(tiny_cfg(), tmp_path / "run", ["fusion"], seed_from=tmp_path / "nowhere.pt", datasets=data, progress=False, say=quiet)
+
+
+def test_cli_missing_seed_exits_before_loading_data(tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    tiny_cfg("data.root=" + str(tmp_path / "no_data_here")).dump(cfg_path)
+    assert main(["train", "--config", str(cfg_path), "--stage", "fusion", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "local" in err and "best.pt" in err and not (tmp_path / "no_data_here").exists()
+
+
+def test_three_stages_write_checkpoints_logs_and_config(tmp_path, data):
+    run = tmp_path / "run"
+    cfg = tiny_cfg("train.global.epochs=3")
+    res = train(cfg, run, datasets=data, progress=False, say=quiet)
+    assert Config.load(run / "config.yaml").to_dict() == cfg.to_dict()
+    for stage in ("global", "local", "fusion"):
+        for name in ("best.pt", "last.pt", "log.csv"):
+            assert (run / stage / name).is_file()
+        last = load_checkpoint(run / stage / "last.pt")
+        assert last["config"] == cfg.to_dict() and last["labels"] == list(cfg.labels)
+        assert {"optimizer", "scheduler", "rng", "epoch", "step", "best_metric"} <= set(last)
+    # best.pt is the epoch with the highest validation mean AUC (the first one on ties).
+    hist = load_checkpoint(run / "global" / "last.pt")["history"]
+    aucs = [h["val_mean_auc_global"] for h in hist]
+    best = load_checkpoint(run / "global" / "best.pt")
+    assert best["epoch"] == 1 + aucs.index(max(aucs)) == res["global"].best_epoch
+    assert best["metric"] == pytest.approx(max(aucs))
+    assert len(best["operating_points"]["global"]) == K
+    fusion_best = load_checkpoint(run / "fusion" / "best.pt")
+    assert len(fusion_best["operating_points"]["fusion"]) == K
+    # Stage II / III left the frozen branches exactly as the stage before them did.
+    g = load_checkpoint(run / "global" / "best.pt")["model"]
+    loc = load_checkpoint(run / "local" / "best.pt")["model"]
+    fus = load_checkpoint(run / "fusion" / "last.pt")["model"]
+    assert all(torch.equal(g[k], loc[k]) for k in g if k.startswith("global_branch."))
+    assert all(torch.equal(loc[k], fus[k]) for k in loc if not k.startswith("fusion."))
+    assert not torch.equal(loc["fusion.weight"], fus["fusion.weight"])
+    header = (run / "global" / "log.csv").read_text().splitlines()
+    assert len(header) == 4 and header[0].startswith("epoch,step,lr,train_loss,val_mean_auc_global")
+    # NaN labels were masked: every logged loss is finite.
+    assert all(math.isfinite(h["train_loss"]) for h in hist)
+    # A second run into the same folder refuses to overwrite it.
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, run, ["global"], datasets=data, progress=False, say=quiet)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, data):
+    full = tmp_path / "full"
+    train(tiny_cfg("train.global.epochs=2"), full, ["global"], datasets=data, progress=False, say=quiet)
+    part = tmp_path / "part"
+    train(tiny_cfg("train.global.epochs=1"), part, ["global"], datasets=data, progress=False, say=quiet)
+    torch.manual_seed(1234)  # disturb the RNG: resume has to restore it
+    train(tiny_cfg("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+    a, b = load_checkpoint(full / "global" / "last.pt"), load_checkpoint(part / "global" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert len((part / "global" / "log.csv").read_text().splitlines()) == 3
+    # Resuming a finished stage skips it.
+    res = train(tiny_cfg("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+    assert res["global"].skipped
+
+
+def test_config_in_checkpoint_rebuilds_model(tmp_path, data):
+    from agcnn.checkpoint import model_from_checkpoint
+
+    run = tmp_path / "run"
+    train(tiny_cfg(), run, ["global"], datasets=data, progress=False, say=quiet)
+    model, cfg = model_from_checkpoint(load_checkpoint(run / "global" / "best.pt"))
+    assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 32
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["backbone"] == "resnet18"
