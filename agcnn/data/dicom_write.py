@@ -78,9 +78,10 @@ _SOP_CLASS = {
 def encodable_transfer_syntaxes() -> list[UID]:
     """Transfer syntaxes `write_dicom` can produce in this environment.
 
-    The native ones always; compressed ones only when pydicom has a working encoder plugin
-    (RLE Lossless needs nothing extra, JPEG 2000 needs pylibjpeg-openjpeg, JPEG-LS needs
-    pyjpegls, which is not a dependency of agcnn).
+    The native ones always; compressed ones when pydicom has a working encoder plugin (RLE
+    Lossless needs nothing extra, JPEG 2000 needs pylibjpeg-openjpeg; pydicom's JPEG-LS encoder
+    needs pyjpegls, not a dependency of agcnn) or, failing that, when python-gdcm is installed
+    (JPEG baseline, extended, lossless and JPEG-LS lossless).
     """
     out = list(_NATIVE)
     for ts in (RLELossless, JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless):

@@ -289,7 +289,20 @@ def _is_preambleless_dicom(head: bytes) -> bool:
 def _describe_unknown(data: bytes) -> str:
     head = data[:512]
     kind = ""
-    if b"\x00" not in head:
+    archives = {
+        b"\x1f\x8b": "a gzip archive",
+        b"PK\x03\x04": "a zip archive",
+        b"BZh": "a bzip2 archive",
+        b"\xfd7zXZ": "an xz archive",
+    }
+    images = {b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image", b"BM": "a BMP image"}
+    for magic, name in archives.items():
+        if head.startswith(magic):
+            kind = f" It is {name}: unpack it and read the files inside."
+    for magic, name in images.items():
+        if head.startswith(magic):
+            kind = f" It is {name}: convert it to PNG."
+    if not kind and b"\x00" not in head:
         try:
             text = head.decode("utf-8")
         except UnicodeDecodeError:
@@ -506,6 +519,10 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     _check_native_length(ds, rows, cols, frames)
 
     _check_codestream_end(ds, frames)
+    if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
+        # Raw detector data, before the vendor's processing: it looks unlike the displayed
+        # radiographs a chest model is trained on.
+        notes.append("FOR PROCESSING image (raw detector data, not meant for display)")
 
     photometric_found = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     frame = _decode_first_frame(ds, frames, notes)

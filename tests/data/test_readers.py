@@ -223,6 +223,12 @@ def test_bits_stored_masks_garbage_in_high_bits(tmp_path):
     np.testing.assert_allclose(out_clean, _min_max(a), atol=1e-6)
 
 
+def test_for_processing_image_is_read_with_a_note(tmp_path):
+    path = _write(tmp_path, "raw.dcm", _pattern(), PresentationIntentType="FOR PROCESSING")
+    _, info = read_image_with_info(path)
+    assert any("FOR PROCESSING" in n for n in info.notes)
+
+
 def test_constant_image_gives_zeros_with_a_note(tmp_path):
     out, info = read_image_with_info(_write(tmp_path, "flat.dcm", np.full((H, W), 7, np.uint16)))
     assert not out.any()
@@ -467,8 +473,10 @@ def test_error_survives_pickling():
         (b"patient list\nline 2\n" * 20, "text file"),
         (b"<!DOCTYPE html><html><body>Session expired</body></html>" * 5, "HTML"),
         (bytes(range(256)) * 4, ""),
+        (b"\x1f\x8b\x08\x00" + bytes(300), "gzip archive: unpack it"),
+        (b"II*\x00" + bytes(300), "TIFF image"),
     ],
-    ids=["text", "html", "binary"],
+    ids=["text", "html", "binary", "gzip", "tiff"],
 )
 def test_not_an_image(tmp_path, content, hint):
     path = tmp_path / "report.dcm"
