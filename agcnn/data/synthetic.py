@@ -272,7 +272,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
         for _ in range(int(rng.integers(1, 3))):
             r = rng.uniform(0.005, 0.009) * S
             x, y = _pick_in_lung(rng, lungs, 3 * r + 2)
-            boxes.append(("Nodule", *_blob(d, y, x, r, rng.uniform(0.14, 0.22), rng)))
+            boxes.append(("Nodule", *_blob(d, y, x, r, rng.uniform(0.07, 0.12), rng)))
     if findings["Mass"]:
         r = rng.uniform(0.03, 0.05) * S
         x, y = _pick_in_lung(rng, lungs, 1.2 * r)
