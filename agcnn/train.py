@@ -619,6 +619,7 @@ def run_stage(
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
+        _sync_buffers(model, rt)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_loss = _mean_over_ranks(rt, loss_sum, n_batches)
@@ -660,7 +661,34 @@ def run_stage(
             say(f"{stage_name} epoch {epoch + 1}/{sc.epochs}: train loss {train_loss:.4f}, val mean AUC {shown}"
                 f"{' (best)' if improved else ''}; {row['images_per_s']:.1f} img/s, {seconds:.1f} s")
         _barrier(rt)
+    _check_replicas_agree(model, rt, stage_name)
     return StageResult(stage_name, sc.epochs, best_metric, best_epoch, best_path, last_path, history)
+
+
+def _sync_buffers(model: nn.Module, rt: Runtime) -> None:
+    """Batch-norm running statistics from rank 0 on every process.
+
+    DDP broadcasts them at the start of each forward, so after the last step each process holds
+    statistics updated with its own batch; validation and the checkpoint use rank 0's.
+    """
+    if not rt.distributed:
+        return
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, 0)
+
+
+def _check_replicas_agree(model: nn.Module, rt: Runtime, stage_name: str) -> None:
+    """Under DDP every process must end a stage with the weights rank 0 saved."""
+    if not rt.distributed:
+        return
+    with torch.no_grad():
+        digest = [float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point()]
+    parts = _all_gather(rt, digest)
+    if any(p != parts[0] for p in parts[1:]):
+        raise RuntimeError(f"the {stage_name} stage ended with different weights on different processes; "
+                           f"the saved checkpoint holds rank 0's. Check that every process sees the same data")
 
 
 def _use_feature_cache(cfg: Config, plan: Stage) -> bool:
@@ -733,7 +761,12 @@ def train(
     if datasets is None:
         from agcnn.data.datasets import build_datasets
 
+        # Rank 0 first: it may generate the phantom set or write a cache the others then read.
+        if not rt.is_main:
+            _barrier(rt)
         datasets = build_datasets(cfg, splits=("train", "val"))
+        if rt.is_main:
+            _barrier(rt)
     if any(s == "fusion" for s in stages) and _use_feature_cache(cfg, stage_plan("fusion", cfg.train.finetune_all)):
         datasets = dict(datasets)
         datasets["fusion_train"] = _without_augmentation(cfg, datasets["train"])
