@@ -495,17 +495,7 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
     if "PixelData" not in ds:
         _raise_without_pixels(ds, has_preamble, hit_eof)
 
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality in _ASSUMED_RADIOGRAPH_MODALITIES:
-        notes.append(
-            f"Modality {modality or 'absent'}: assumed to be a secondary capture of a radiograph"
-        )
-    elif modality not in RADIOGRAPH_MODALITIES:
-        raise UnusableImageError(
-            "unsupported_modality",
-            f"Modality {modality!r} is not a projection radiograph; accepted: "
-            f"{', '.join(sorted(RADIOGRAPH_MODALITIES))} (and OT or none, as secondary captures)",
-        )
+    _check_modality(ds, notes)
 
     if hit_eof:
         raise UnusableImageError(
@@ -583,16 +573,34 @@ def _raise_without_pixels(ds: Any, has_preamble: bool, hit_eof: bool) -> None:
     looks_like_image = "Image Storage" in sop_name or "Rows" in ds or "Columns" in ds
     meta_incomplete = has_preamble and "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
     if hit_eof or looks_like_image or meta_incomplete or not sop_name:
-        what = f"a {sop_name}" if sop_name else "the header"
+        # A CT or MR slice would be rejected even if whole: report what matters for the batch
+        # (skip it) rather than a damage the user need not chase.
+        _check_modality(ds, [])
+        what = f"the header ({sop_name})" if sop_name else "the header"
         raise UnusableImageError(
             "truncated",
-            f"{what} has no Pixel Data: the file is cut short (it ends inside the header); re-export it",
+            f"{what} has no Pixel Data: the file is cut short (it ends inside the header); "
+            "re-export it",
         )
     raise UnusableImageError(
         "no_pixel_data",
-        f"no Pixel Data: a {sop_name} object is not an image (structured reports, presentation "
+        f"no Pixel Data: {sop_name} is not an image (structured reports, presentation "
         "states, key-object selections and DICOMDIRs carry none); skip it",
     )
+
+
+def _check_modality(ds: Any, notes: list[str]) -> None:
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality in _ASSUMED_RADIOGRAPH_MODALITIES:
+        notes.append(
+            f"Modality {modality or 'absent'}: assumed to be a secondary capture of a radiograph"
+        )
+    elif modality not in RADIOGRAPH_MODALITIES:
+        raise UnusableImageError(
+            "unsupported_modality",
+            f"Modality {modality!r} is not a projection radiograph; accepted: "
+            f"{', '.join(sorted(RADIOGRAPH_MODALITIES))} (and OT or none, as secondary captures)",
+        )
 
 
 def _ensure_transfer_syntax(ds: Any, notes: list[str]) -> None:

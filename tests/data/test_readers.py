@@ -558,6 +558,14 @@ def test_truncated_mid_header(tmp_path, keep):
     assert "cut short" in str(err)
 
 
+def test_cut_ct_header_is_unsupported_modality_not_truncated(tmp_path):
+    # In a mixed export a damaged CT slice is to be skipped like any CT, not chased as damage.
+    src = _write(tmp_path, "ct.dcm", _pattern(), modality="CT")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(open(src, "rb").read()[:700])
+    _expect_unusable(cut, "unsupported_modality")
+
+
 def test_missing_required_tag_is_truncated(tmp_path):
     src = _write(tmp_path, "full.dcm", _pattern())
     ds = pydicom.dcmread(src)
