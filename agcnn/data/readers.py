@@ -409,15 +409,19 @@ def _read_raster(data: bytes, fmt: str) -> tuple[np.ndarray, ImageInfo]:
     notes: list[str] = []
     if fmt == "png":
         height, width = _png_size(data)
-        # Every complete PNG ends with the IEND chunk; libpng may decode a cut file partially.
-        if data.rstrip(b"\x00")[-8:-4] != b"IEND":
+        # Every complete PNG has the IEND chunk (its type and CRC are constant bytes); libpng
+        # may decode a cut file partially. Searched, not read at the end: some tools append
+        # data after IEND.
+        if data.rfind(b"IEND\xaeB`\x82") == -1:
             raise UnusableImageError(
                 "truncated", "PNG has no IEND chunk: the file is cut short; re-export it"
             )
     else:
         height, width = _jpeg_size(data)
         # libjpeg fills a cut JPEG with gray and only warns, so check the EOI marker ourselves.
-        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # Entropy-coded data never contains 0xFFD9 (0xFF is always stuffed), so finding it near
+        # the end is safe; near, because some writers append bytes after EOI.
+        if b"\xff\xd9" not in data[-4096:]:
             raise UnusableImageError(
                 "truncated", "JPEG has no end-of-image marker: the file is cut short; re-export it"
             )

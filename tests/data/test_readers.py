@@ -575,11 +575,22 @@ def test_missing_required_tag_is_truncated(tmp_path):
     assert "Rows" in str(err)
 
 
-def test_truncated_png(tmp_path):
-    path = _imwrite(tmp_path / "x.png", (_pattern() // 16).astype(np.uint8))
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_truncated_png_and_jpeg(tmp_path, ext):
+    path = _imwrite(tmp_path / f"x{ext}", (_pattern() // 16).astype(np.uint8))
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
     _expect_unusable(path, "truncated")
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg"])
+def test_bytes_appended_after_png_or_jpeg_end_are_tolerated(tmp_path, ext):
+    a = (_pattern() // 16).astype(np.uint8)
+    path = _imwrite(tmp_path / f"x{ext}", a)
+    ref = read_image(path)
+    with open(path, "ab") as f:
+        f.write(b"trailing metadata from some exporter")
+    np.testing.assert_array_equal(read_image(path), ref)
 
 
 CODECS = [
