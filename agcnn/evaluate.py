@@ -1,0 +1,665 @@
+"""``agcnn evaluate``: per-class AUC of the global, local and fusion branches, with intervals.
+
+The model is rebuilt from the checkpoint alone and all three branches are scored in one pass.
+Written into ``--out``:
+
+* ``auc.csv`` -- one row per label plus ``Mean``; for each branch the AUC and the bootstrap
+  interval (``global_auc, global_lo, global_hi, local_auc, ...``), then positives / negatives /
+  missing per label. A branch the checkpoint has not trained has empty cells.
+* ``auc.json`` -- the same numbers (``null`` for "no value") with what they were computed on:
+  split, image and patient counts, positives per class, the checkpoint's path and sha256, the label
+  list, the agcnn version, the bootstrap settings and the patient overlap with the training split.
+* ``auc.md`` -- the paper's Table I layout (findings x Global / Local / Fusion, mean row, interval
+  in brackets) and footnotes that say which split the numbers come from.
+* ``roc.png`` -- a 4 x 4 grid, one panel per finding with the three branches overlaid: a reader
+  compares branches on one finding at a time, and 14 curves on one axis cannot be told apart.
+* ``predictions.csv`` -- per image: ``path, patient``, the reference labels (1 / 0 / empty, the
+  checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
+* ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
+  left out of every number, and the count is in ``auc.json`` and ``auc.md``.
+
+On the validation split the per-class Youden operating points are computed as well and, with
+``--write-operating-points``, stored in the checkpoint for ``agcnn predict``. They are never
+taken from the test split. On any split, operating points already in the checkpoint are scored
+(sensitivity and specificity per class, in ``auc.json``).
+
+The AG-CNN paper's mean AUC of 0.868 (Table I) was measured on a random image-level split of
+ChestX-ray14, on which one patient's images fall on both sides; on the official patient-wise split
+comparable methods score about 0.80-0.83. The report says which kind of split it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from agcnn import __version__
+from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from agcnn.config import Config, ConfigError, apply_override
+from agcnn.labels import LabelMismatchError
+from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
+
+log = logging.getLogger(__name__)
+
+BRANCHES = ("global", "local", "fusion")
+SPLITS = ("test", "val", "train")
+BOOTSTRAP_UNITS = ("patient", "image")
+# Which branches a checkpoint of each training stage has trained (stage table: global -> local -> fusion).
+TRAINED_BY_STAGE = {"global": ("global",), "local": ("global", "local"), "fusion": BRANCHES}
+# Data settings that fix the input the weights were trained on; changing them evaluates a different model.
+FIXED_DATA_KEYS = ("image_size", "highres_size", "resize")
+
+PAPER_NOTE = (
+    "The AG-CNN paper's mean AUC of 0.868 (Guan et al., Table I) was measured on a random image-level "
+    "split of ChestX-ray14, which puts images of one patient on both sides of the split. Numbers on such "
+    "a split are not comparable to numbers on the official patient-wise split (test_list.txt), on which "
+    "comparable methods score about 0.80-0.83. Compare only numbers measured on the same split."
+)
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as asked (bad split, bad option); the message says what to change."""
+
+
+# ---------------------------------------------------------------------- inputs
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
+    """The branches the checkpoint's training stage has trained; the others hold random weights."""
+    stage = ckpt.get("stage")
+    if stage is None:
+        # No stage recorded: the checkpoint is taken to be a complete (fusion) model.
+        return BRANCHES
+    if stage not in TRAINED_BY_STAGE:
+        raise CheckpointError(f"checkpoint records stage {stage!r}; expected one of {list(TRAINED_BY_STAGE)}")
+    return TRAINED_BY_STAGE[stage]
+
+
+def config_with_data_overrides(raw_config: dict[str, Any], overrides: Sequence[str] | None) -> tuple[Config, list[str]]:
+    """The checkpoint's config with ``data.*`` overrides applied; returns it and the keys set.
+
+    ``root=DIR`` and ``data.root=DIR`` are the same override. Only the data section can change:
+    the model section must describe the stored weights.
+    """
+    raw = copy.deepcopy(raw_config)
+    keys = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not of the form key=value (e.g. data.root=/data/nih)")
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("data."):
+            if "." in key:
+                raise ConfigError(
+                    f"--set {item!r}: evaluate only overrides the data section (data.root, data.test_list, ...); "
+                    f"the model and training settings are fixed by the checkpoint"
+                )
+            key, item = f"data.{key}", f"data.{item.strip()}"
+        name = key.split(".", 1)[1]
+        if name in FIXED_DATA_KEYS:
+            raise ConfigError(
+                f"--set {item!r}: data.{name} is fixed by the checkpoint (the weights were trained at "
+                f"{raw.get('data', {}).get(name)!r}); evaluating at another size measures a different model"
+            )
+        apply_override(raw, item)
+        keys.append(name)
+    return Config.from_dict(raw), keys
+
+
+class _Skipping(Dataset):
+    """A dataset whose unreadable images are reported instead of stopping the run.
+
+    One corrupt file must not cost the other 25,000 images of a test set; the skipped files are
+    listed in the report and left out of every number.
+    """
+
+    def __init__(self, dataset, side: int):
+        self.dataset, self.side = dataset, side
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        from agcnn.data.datasets import ImageLoadError
+
+        try:
+            item = self.dataset[i]
+            item["error"] = ""
+        except ImageLoadError as e:
+            k = len(self.dataset.labels)
+            item = {"image": torch.zeros(3, self.side, self.side), "labels": torch.full((k,), float("nan")),
+                    "index": int(i), "error": str(e)}
+        return item
+
+
+def _named_split(cfg: Config, split: str):
+    """The dataset of a named split and a plain-words description of how the split was made."""
+    from agcnn.data.datasets import build_datasets, load_dataframe
+
+    table = load_dataframe(cfg)
+    dataset = build_datasets(cfg, splits=(split,), table=table)[split]
+    # Patient overlap is measured on the data, not inferred from file names: it is what decides
+    # whether the numbers can be compared with patient-wise results.
+    own = set(table.loc[table["split"] == split, "patient"].astype(str))
+    train = set(table.loc[table["split"] == "train", "patient"].astype(str)) if split != "train" else set()
+    overlap = len(own & train)
+    has_ids = not _made_up_patients(table)
+    if cfg.data.dataset == "synthetic":
+        kind = "generated phantoms (agcnn.data.synthetic); not comparable with any ChestX-ray14 result"
+    elif cfg.data.dataset == "chestxray14":
+        lists = cfg.data.test_list or "test_list.txt"
+        kind = f"ChestX-ray14, split lists {cfg.data.train_list or 'train_val_list.txt'} / {lists}"
+    else:
+        kind = f"the table {cfg.data.metadata or Path(cfg.data.root) / 'labels.csv'}"
+    info = {
+        "source": kind,
+        "patient_ids": has_ids,
+        "patients": len(own) if has_ids else None,
+        "patients_also_in_train": overlap if split != "train" and has_ids else None,
+        "patient_wise": (overlap == 0) if split != "train" and has_ids else None,
+    }
+    return dataset, info
+
+
+def _made_up_patients(table: pd.DataFrame) -> bool:
+    """True when the table had no patient column and every image stands for its own patient.
+
+    :func:`agcnn.data.tables.normalise_table` then names them ``image-0, image-1, ...``; such a
+    split cannot be called patient-wise, and the bootstrap can only resample images.
+    """
+    ids = table["patient"].astype(str)
+    return bool(len(ids)) and bool(ids.str.fullmatch(r"image-\d+").all()) and ids.is_unique
+
+
+def _file_split(cfg: Config, path: Path, set_keys: list[str]):
+    """A CSV of image paths and labels, every row evaluated with the checkpoint's eval transform."""
+    from agcnn.data.datasets import XrayDataset
+    from agcnn.data.tables import normalise_table, read_table
+    from agcnn.data.transforms import transforms_from_config
+
+    d = cfg.data
+    # Relative paths in your own file are relative to the file, unless data.root says otherwise.
+    root = d.root if "root" in set_keys else str(path.parent)
+    # Every row is evaluated: no split is carved out (both fractions 0), and the training run's
+    # view filter applies only when asked for with --set data.views=[...].
+    with warnings.catch_warnings():
+        # Its advice is about splitting for training; here the missing IDs are reported in auc.md.
+        warnings.filterwarnings("ignore", message=".*has no patient column.*")
+        table = normalise_table(
+            read_table(path), cfg.labels, path_column=d.path_column, patient_column=d.patient_column,
+            label_map=d.label_map, val_fraction=0.0, test_fraction=0.0,
+            views=d.views if "views" in set_keys else (), where=str(path),
+        )
+    has_ids = not _made_up_patients(table)
+    dataset = XrayDataset(table, cfg.labels, root=root, transform=transforms_from_config(d, train=False), name=path.name)
+    info = {
+        "source": f"the table {path}",
+        "patient_ids": has_ids,
+        "patients": int(table["patient"].nunique()) if has_ids else None,
+        "patients_also_in_train": None,
+        "patient_wise": None,
+    }
+    return dataset, info
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EvaluationError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device!r} asks for CUDA, but no CUDA device is available; use --device cpu")
+    return dev
+
+
+# ---------------------------------------------------------------------- inference
+
+@torch.inference_mode()
+def predict_split(model, dataset, branches: Sequence[str], *, device: torch.device, batch_size: int, num_workers: int):
+    """Sigmoid probabilities ``{branch: [N, K]}``, labels ``[N, K]``, table rows and errors."""
+    model.eval().to(device)
+    # A global-stage checkpoint needs no region step or local branch.
+    stage = "global" if tuple(branches) == ("global",) else "fusion"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    probs: dict[str, list[np.ndarray]] = {b: [] for b in branches}
+    labels, rows, errors = [], [], []
+    started, n_done = time.monotonic(), 0
+    for step, batch in enumerate(loader):
+        out = model(batch["image"].to(device, non_blocking=True), stage=stage)
+        for b in branches:
+            # Sigmoid only here, when reporting: the model returns logits.
+            probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
+        labels.append(batch["labels"].numpy())
+        rows.append(batch["index"].numpy())
+        errors += list(batch["error"])
+        n_done += len(batch["index"])
+        if step % 20 == 0:
+            log.info("evaluated %d / %d images (%.0f s)", n_done, len(dataset), time.monotonic() - started)
+    if not rows:
+        return {b: np.zeros((0, 0)) for b in branches}, np.zeros((0, 0)), np.zeros(0, dtype=int), []
+    return ({b: np.concatenate(v).astype(np.float64) for b, v in probs.items()},
+            np.concatenate(labels).astype(np.float64), np.concatenate(rows), errors)
+
+
+# ---------------------------------------------------------------------- reporting
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe number: NaN (no value) becomes null."""
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _operating_point_scores(probs: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> dict:
+    out = {}
+    for k, name in enumerate(names):
+        t = float(thresholds[k])
+        seen = ~np.isnan(labels[:, k])
+        y, called = labels[seen, k] == 1, probs[seen, k] >= t
+        pos, neg = int(y.sum()), int((~y).sum())
+        out[name] = {
+            "threshold": _num(t),
+            "sensitivity": _num((called & y).sum() / pos) if pos and not math.isnan(t) else None,
+            "specificity": _num((~called & ~y).sum() / neg) if neg and not math.isnan(t) else None,
+        }
+    return out
+
+
+def write_roc_figure(path: Path, probs: dict[str, np.ndarray], labels: np.ndarray, names: Sequence[str],
+                     aucs: dict[str, np.ndarray], title: str, points: dict[str, Sequence[float]] | None = None) -> None:
+    """One panel per finding with the trained branches overlaid; Youden points marked when given."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    colours = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
+    cols = 4
+    rows = max(1, math.ceil(len(names) / cols))
+    # Figure (not pyplot): no global backend state, renders with Agg on a headless server.
+    fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.25, hspace=0.35)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(names):
+            ax.axis("off")
+            if k == len(names):
+                summary = "\n".join(f"{b}: {mean_auc(a):.3f}" for b, a in aucs.items())
+                ax.text(0.05, 0.5, f"mean AUC\n{summary}", va="center", fontsize=10)
+            continue
+        seen = ~np.isnan(labels[:, k])
+        y = labels[seen, k]
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        n_pos = int((y == 1).sum())
+        ax.set_title(f"{names[k]} (n+={n_pos})", fontsize=9)
+        ax.set_xlim(0, 1), ax.set_ylim(0, 1.01)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("sensitivity", fontsize=8)
+        if k // cols == rows - 1 or k + cols >= len(names):
+            ax.set_xlabel("1 - specificity", fontsize=8)
+        if y.size == 0 or y.min() == y.max():
+            ax.text(0.5, 0.5, "one label value only:\nno ROC curve", ha="center", va="center", fontsize=8)
+            continue
+        for b, p in probs.items():
+            fpr, tpr, thr = roc_curve(y, p[seen, k])
+            ax.plot(fpr, tpr, color=colours[b], lw=1.2, label=f"{b} {aucs[b][k]:.3f}")
+            if points and b in points and not math.isnan(points[b][k]):
+                called = p[seen, k] >= points[b][k]
+                ax.plot(called[y == 0].mean(), called[y == 1].mean(), "o", color=colours[b], ms=4)
+        ax.legend(fontsize=7, loc="lower right", title="AUC", title_fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def _markdown(report: dict, names: Sequence[str]) -> str:
+    branches = report["branches"]
+    split = report["split"]
+    has_ci = report["bootstrap"]["n"] > 0
+
+    def cell(b: str, k: int | None) -> str:
+        r = branches[b]
+        if not r["trained"]:
+            return "not trained"
+        if k is None:
+            v, lo, hi = r["mean_auc"], *r["mean_ci"]
+        else:
+            v, lo, hi = r["auc"][names[k]], r["ci_lo"][names[k]], r["ci_hi"][names[k]]
+        if v is None:
+            return "n/a"
+        return f"{v:.3f} [{_fmt(lo)}, {_fmt(hi)}]" if has_ci else f"{v:.3f}"
+
+    n_in_mean = max((r["classes_in_mean"] for r in branches.values() if r["trained"]), default=0)
+    lines = [
+        f"# AG-CNN per-class AUC: {split['name']} split",
+        "",
+        f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:16]}...`, stage "
+        f"{report['stage'] or 'fusion'}), agcnn {report['agcnn_version']}. "
+        f"{report['n_images']} images" + (f" of {split['patients']} patients" if split.get("patients") else "")
+        + f" from {split['source']}.",
+        "",
+        "| Finding | Positives | Global | Local | Fusion |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for k, name in enumerate(names):
+        lines.append(f"| {name} | {report['positives'][name]} | " + " | ".join(cell(b, k) for b in BRANCHES) + " |")
+    lines.append(f"| **Mean** ({n_in_mean} of {len(names)} findings) | | " + " | ".join(cell(b, None) for b in BRANCHES) + " |")
+    lines.append("")
+    notes = []
+    if has_ci:
+        bs = report["bootstrap"]
+        notes.append(
+            f"In brackets: {100 * (1 - bs['alpha']):.0f}% percentile bootstrap interval, {bs['n']} resamples of "
+            f"{'whole patients' if bs['unit'] == 'patient' else 'images'} (seed {bs['seed']}); the same resamples for all branches."
+        )
+    else:
+        notes.append("No confidence intervals were computed (--bootstrap 0).")
+    notes.append("n/a: the finding has only one label value in this split, so it has no AUC; the mean leaves it out.")
+    if any(not r["trained"] for r in branches.values()):
+        notes.append(f"not trained: the checkpoint is from the {report['stage']} stage; that branch holds untrained weights and is not scored.")
+    if report["n_skipped"]:
+        notes.append(f"{report['n_skipped']} images could not be read and are left out (see skipped.csv).")
+    if split["patient_wise"] is True:
+        notes.append(f"No patient of the {split['name']} split has images in the training split (patient-wise split).")
+    elif split["patient_wise"] is False:
+        notes.append(
+            f"**{split['patients_also_in_train']} of the {split['patients']} patients of the {split['name']} split also "
+            f"have images in the training split: this is not a patient-wise split and the scores are optimistic.**"
+        )
+    elif not split["patient_ids"]:
+        notes.append(
+            "The table has no patient IDs: images of one patient may be on both sides of the split, which makes "
+            "the scores optimistic, and the interval resamples images, which makes it too narrow."
+        )
+    elif split["name"] != "train":
+        notes.append("Patient overlap with the training data was not checked (a table given by file).")
+    if split["name"] == "val":
+        notes.append("These are validation numbers, used to choose checkpoints and operating points; report the test split.")
+    if split["name"] == "train":
+        notes.append("These are training-set numbers: they show fit, not how the model generalises.")
+    notes.append(PAPER_NOTE)
+    lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    ops = report.get("operating_points_scored")
+    if ops:
+        lines += ["", f"## At the checkpoint's operating points ({ops['branch']} branch)", "",
+                  "| Finding | Threshold | Sensitivity | Specificity |", "|---|---:|---:|---:|"]
+        for name in names:
+            r = ops["classes"][name]
+            lines.append(f"| {name} | {_fmt(r['threshold'])} | {_fmt(r['sensitivity'])} | {_fmt(r['specificity'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, report: dict, names: Sequence[str]) -> None:
+    header = ["label"] + [f"{b}_{c}" for b in BRANCHES for c in ("auc", "lo", "hi")] + ["positives", "negatives", "missing"]
+
+    def val(x):
+        return "" if x is None else f"{x:.6f}"
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for name in [*names, "Mean"]:
+            row = [name]
+            for b in BRANCHES:
+                r = report["branches"][b]
+                if not r["trained"]:
+                    row += ["", "", ""]
+                elif name == "Mean":
+                    row += [val(r["mean_auc"]), val(r["mean_ci"][0]), val(r["mean_ci"][1])]
+                else:
+                    row += [val(r["auc"][name]), val(r["ci_lo"][name]), val(r["ci_hi"][name])]
+            if name == "Mean":
+                row += ["", "", ""]
+            else:
+                row += [report["positives"][name], report["negatives"][name], report["missing"][name]]
+            w.writerow(row)
+
+
+def _write_predictions(path: Path, table: pd.DataFrame, labels: np.ndarray, probs: dict[str, np.ndarray], names: Sequence[str]) -> None:
+    out = pd.DataFrame({"path": table["path"].to_numpy()})
+    if "patient" in table.columns:
+        out["patient"] = table["patient"].to_numpy()
+    for k, name in enumerate(names):
+        # Reference labels as in the input tables: 1, 0, empty for missing.
+        out[name] = pd.array(np.where(np.isnan(labels[:, k]), np.nan, labels[:, k]), dtype="Int64")
+    for b, p in probs.items():
+        for k, name in enumerate(names):
+            out[f"p_{b}_{name}"] = p[:, k]
+    out.to_csv(path, index=False, float_format="%.6f")
+
+
+def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any]) -> None:
+    """Rewrite the checkpoint (atomically) with ``operating_points`` added; everything else is kept."""
+    ckpt = load_checkpoint(checkpoint)
+    own = {"format", "format_version", "agcnn_version", "config", "labels", "model"}
+    extra = {k: v for k, v in ckpt.items() if k not in own}
+    extra["operating_points"] = {b: [float(t) for t in v] for b, v in points.items()}
+    extra["operating_points_info"] = info
+    save_checkpoint(checkpoint, model_state=ckpt["model"], config=Config.from_dict(ckpt["config"]), **extra)
+
+
+# ---------------------------------------------------------------------- the library function
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    split: str = "test",
+    out_dir: str | Path = "evaluation",
+    device: str = "auto",
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    bootstrap: int | None = None,
+    seed: int = 0,
+    data_overrides: Sequence[str] | None = None,
+    *,
+    bootstrap_unit: str = "patient",
+    alpha: float = 0.05,
+    write_operating_points: bool = False,
+    roc: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
+
+    ``bootstrap``: resamples for the intervals (None: ``train.bootstrap`` of the checkpoint's
+    config; 0: no intervals). ``bootstrap_unit``: resample whole ``patient`` s (images of one
+    patient are correlated; the default) or single ``image`` s. ``data_overrides``: ``data.key=value``
+    items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
+    """
+    t0 = time.monotonic()
+    checkpoint = Path(checkpoint)
+    if bootstrap_unit not in BOOTSTRAP_UNITS:
+        raise EvaluationError(f"bootstrap unit {bootstrap_unit!r} is not known; use one of {list(BOOTSTRAP_UNITS)}")
+    if batch_size < 1:
+        raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
+    ckpt = load_checkpoint(checkpoint)
+    branches = trained_branches(ckpt)
+    cfg, set_keys = config_with_data_overrides(ckpt["config"], data_overrides)
+    names = list(ckpt["labels"])
+    n_boot = cfg.train.bootstrap if bootstrap is None else int(bootstrap)
+    if n_boot < 0:
+        raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {n_boot}")
+
+    split_path = Path(split)
+    if split in SPLITS:
+        split_name = split
+    elif split_path.suffix.lower() == ".csv" and split_path.is_file():
+        split_name = split_path.name
+    else:
+        hint = " (that file does not exist)" if split_path.suffix else ""
+        raise EvaluationError(f"split {split!r} is not one of {list(SPLITS)} nor an existing .csv file{hint}; "
+                              f"use --split test, --split val or --split path/to/table.csv")
+    if write_operating_points and split_name != "val":
+        raise EvaluationError(
+            f"--write-operating-points needs --split val (got {split!r}): operating points are chosen on the "
+            f"validation split, never on the data the model is finally scored on"
+        )
+
+    dev = resolve_device(device)
+    model, _ = model_from_checkpoint(ckpt, map_location=dev)
+    try:
+        dataset, split_info = _named_split(cfg, split) if split in SPLITS else _file_split(cfg, split_path, set_keys)
+    except (FileNotFoundError, ValueError) as e:
+        if isinstance(e, (ConfigError, LabelMismatchError)):
+            raise
+        raise EvaluationError(
+            f"cannot build the {split_name} data from the checkpoint's data settings (dataset={cfg.data.dataset!r}, "
+            f"root={cfg.data.root!r}): {e}. Point evaluate at your copy with --set data.root=DIR (and data.metadata, "
+            f"data.test_list, ... as needed)"
+        ) from e
+    if len(dataset) == 0:
+        raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
+    split_info["name"] = split_name
+
+    log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, ckpt.get("stage") or "fusion",
+             len(dataset), split_name, dev)
+    probs, labels, rows, errors = predict_split(
+        model, _Skipping(dataset, cfg.data.highres_size), branches, device=dev, batch_size=batch_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+    )
+    ok = np.array([not e for e in errors], dtype=bool)
+    table = dataset.table.iloc[rows].reset_index(drop=True)
+    skipped = table.loc[~ok, ["path"]].assign(reason=[e for e in errors if e])
+    if not ok.any():
+        raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; first error: {errors[0]}")
+    if not ok.all():
+        log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", (~ok).sum(), len(ok))
+    probs = {b: p[ok] for b, p in probs.items()}
+    labels, table = labels[ok], table.loc[ok].reset_index(drop=True)
+
+    groups = None
+    if bootstrap_unit == "patient" and split_info["patient_ids"]:
+        groups = table["patient"].astype(str).to_numpy()
+        if len(np.unique(groups)) == len(groups):
+            groups = None  # one image per patient: the same thing as resampling images
+
+    report: dict[str, Any] = {
+        "agcnn_version": __version__,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "stage": ckpt.get("stage"),
+        "split": split_info,
+        "labels": names,
+        "n_images": int(len(labels)),
+        "n_skipped": int((~ok).sum()),
+        "positives": {n: int((labels[:, k] == 1).sum()) for k, n in enumerate(names)},
+        "negatives": {n: int((labels[:, k] == 0).sum()) for k, n in enumerate(names)},
+        "missing": {n: int(np.isnan(labels[:, k]).sum()) for k, n in enumerate(names)},
+        "bootstrap": {"n": n_boot, "seed": seed, "alpha": alpha, "unit": "patient" if groups is not None else "image"},
+        "data": cfg.to_dict()["data"],
+        "device": str(dev),
+        "branches": {},
+    }
+    aucs = {}
+    for b in BRANCHES:
+        if b not in branches:
+            report["branches"][b] = {"trained": False}
+            continue
+        aucs[b] = per_class_auc(probs[b], labels)
+        r = {"trained": True, "auc": {n: _num(a) for n, a in zip(names, aucs[b])},
+             "mean_auc": _num(mean_auc(aucs[b])), "classes_in_mean": int((~np.isnan(aucs[b])).sum()),
+             "ci_lo": {n: None for n in names}, "ci_hi": {n: None for n in names}, "mean_ci": [None, None]}
+        if n_boot > 0:
+            # The same seed for every branch: paired resamples, so branch differences are not resampling noise.
+            lo, hi, mlo, mhi = bootstrap_auc_ci(probs[b], labels, n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
+            r["ci_lo"] = {n: _num(x) for n, x in zip(names, lo)}
+            r["ci_hi"] = {n: _num(x) for n, x in zip(names, hi)}
+            r["mean_ci"] = [_num(mlo), _num(mhi)]
+        report["branches"][b] = r
+
+    youden = None
+    if split_name == "val":
+        youden = {b: [float(t) for t in youden_thresholds(probs[b], labels)] for b in branches}
+        report["youden_operating_points"] = {b: {n: _num(t) for n, t in zip(names, v)} for b, v in youden.items()}
+    stored = ckpt.get("operating_points")
+    if isinstance(stored, dict):
+        use = "fusion" if "fusion" in stored and "fusion" in branches else next((b for b in branches if b in stored), None)
+        if use is not None and len(stored[use]) == len(names):
+            report["operating_points_scored"] = {
+                "branch": use, "classes": _operating_point_scores(probs[use], labels, stored[use], names)}
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "auc.csv", report, names)
+    _write_predictions(out / "predictions.csv", table, labels, probs, names)
+    if len(skipped):
+        skipped.to_csv(out / "skipped.csv", index=False)
+    else:
+        (out / "skipped.csv").unlink(missing_ok=True)
+    if roc:
+        write_roc_figure(out / "roc.png", probs, labels, names, aucs,
+                         title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}", points=youden)
+    (out / "auc.md").write_text(_markdown(report, names))
+
+    if write_operating_points:
+        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__}
+        store_operating_points(checkpoint, youden, info)
+        report["operating_points_written"] = True
+        log.info("stored the validation Youden operating points in %s", checkpoint)
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    (out / "auc.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by `agcnn train`")
+    parser.add_argument("--split", default="test",
+                        help="test (default), val, train, or a CSV of image paths and labels evaluated as a whole")
+    parser.add_argument("--out", required=True, help="folder for auc.csv, auc.json, auc.md, roc.png, predictions.csv")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--num-workers", type=int, default=None, help="data loader processes (default: the checkpoint's data.num_workers)")
+    parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                        help="bootstrap resamples for the intervals (default: train.bootstrap of the checkpoint, 1000); 0 = none")
+    parser.add_argument("--bootstrap-unit", choices=BOOTSTRAP_UNITS, default="patient",
+                        help="resample whole patients (default; their images are correlated) or single images")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the checkpoint's data settings, e.g. --set data.root=/mnt/nih (repeatable)")
+    parser.add_argument("--no-roc", dest="roc", action="store_false", help="skip roc.png (drawing it takes a few seconds)")
+    parser.add_argument("--write-operating-points", action="store_true",
+                        help="with --split val: store the per-class Youden thresholds in the checkpoint for `agcnn predict`")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
+            num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
+            bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
+        )
+    except (CheckpointError, EvaluationError, ConfigError, LabelMismatchError) as e:
+        print(f"agcnn evaluate: {e}", file=sys.stderr)
+        return 2
+    means = ", ".join(
+        f"{b} {_fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
+    )
+    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md")
+    return 0
