@@ -1,0 +1,41 @@
+"""Every shipped configuration loads, and the paper configuration says what the paper says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agcnn.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "agcnn" / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"agcnn_r50.yaml", "agcnn_densenet121.yaml", "agcnn_r50_se.yaml", "agcnn_r50_self.yaml",
+            "cpu_small.yaml", "demo.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_loads_and_round_trips(path, tmp_path):
+    cfg = Config.load(path)
+    cfg.dump(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml").to_dict() == cfg.to_dict()
+    for stage in ("global", "local", "fusion"):
+        assert cfg.stage(stage).epochs >= 1
+
+
+def test_paper_config_matches_section_4():
+    cfg = Config.load(ROOT / "configs" / "agcnn_r50.yaml")
+    assert (cfg.model.backbone, cfg.model.pool, cfg.model.threshold) == ("resnet50", "max", 0.7)
+    assert [cfg.stage(s).batch_size for s in ("global", "local", "fusion")] == [128, 64, 64]
+    for s in ("global", "local", "fusion"):
+        sc = cfg.stage(s)
+        assert (sc.epochs, sc.lr, sc.momentum, sc.weight_decay, sc.lr_step, sc.lr_gamma) == (50, 0.01, 0.9, 1e-4, 20, 0.1)
+    assert cfg.data.dataset == "chestxray14"
+
+
+def test_shipped_demo_config_equals_the_repository_copy():
+    assert (ROOT / "configs" / "demo.yaml").read_text() == (ROOT / "agcnn" / "configs" / "demo.yaml").read_text()
