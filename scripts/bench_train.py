@@ -1,0 +1,216 @@
+"""Training throughput of each AG-CNN stage next to a bare backbone training step.
+
+Measures images/s of one optimizer step (forward, masked BCE, backward, SGD) for:
+
+* ``bare``           -- a plain torchvision backbone + 14-way classifier on the global input
+                        (the reference: stage I should be nearly as fast);
+* ``global``         -- stage I (agcnn.train's "global" row);
+* ``local``          -- stage II: frozen global branch, batched tensor region step
+                        (agcnn.models.roi), local branch trained;
+* ``local_cpu_loop`` -- stage II with the region step done per image on the CPU, the way earlier
+                        AG-CNN code does it: heatmap to numpy, cv2 resize, threshold,
+                        skimage.measure.label, crop, cv2 resize, back to a tensor;
+* ``fusion``         -- stage III through both frozen branches every step;
+* ``fusion_cached``  -- stage III on cached pool5 features (train.cache_fusion_features).
+
+On CUDA it also reports the peak memory of each. Prints one JSON object.
+
+    python scripts/bench_train.py --device cuda --batch-size 64 --image-size 224 --steps 20
+    python scripts/bench_train.py --device cpu --backbone resnet18 --image-size 128 --batch-size 8 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from agcnn.config import ModelConfig
+from agcnn.metrics import masked_bce_with_logits
+from agcnn.models import AGCNN
+from agcnn.train import apply_freezing, set_train_mode, stage_plan
+
+K = 14
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
+
+
+def time_steps(step, device: torch.device, steps: int, warmup: int, batch: int) -> dict:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    out = {"images_per_s": round(batch * steps / dt, 2), "ms_per_step": round(1000 * dt / steps, 1)}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return out
+
+
+def cpu_loop_crops(model: AGCNN, x: torch.Tensor, g_map: torch.Tensor) -> torch.Tensor:
+    """The per-image region step of earlier AG-CNN code (for comparison only)."""
+    import cv2
+    from skimage.measure import label
+
+    s, hs, ls = model.image_size, x.shape[-1], model.local_size
+    heat = g_map.detach().float().abs().amax(dim=1).cpu().numpy()
+    images = x.detach().float().cpu().numpy()
+    crops = []
+    for i in range(len(heat)):
+        h = heat[i]
+        lo, hi = h.min(), h.max()
+        h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+        h = cv2.resize(h, (s, s), interpolation=cv2.INTER_LINEAR)
+        mask = h > model.threshold
+        x0, y0, x1, y1 = 0, 0, s, s
+        if mask.any():
+            lab = label(mask, connectivity=2)
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            ys, xs = np.nonzero(lab == sizes.argmax())
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        f = hs / s
+        img = images[i].transpose(1, 2, 0)  # CHW -> HWC by permuting, not reshaping
+        patch = img[int(y0 * f):max(int(y1 * f), int(y0 * f) + 1), int(x0 * f):max(int(x1 * f), int(x0 * f) + 1)]
+        patch = cv2.resize(np.ascontiguousarray(patch), (ls, ls), interpolation=cv2.INTER_LINEAR)
+        crops.append(torch.from_numpy(patch.transpose(2, 0, 1).copy()))
+    return torch.stack(crops).to(x.device)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    mc = ModelConfig(backbone=args.backbone, local_size=args.local_size or args.image_size)
+    highres = args.highres_size or args.image_size
+    b = args.batch_size
+    x = torch.randn(b, 3, highres, highres, device=device)
+    y = (torch.rand(b, K, device=device) < 0.2).float()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    results: dict = {}
+
+    def sgd(params):
+        return torch.optim.SGD([p for p in params if p.requires_grad], lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+    # -- bare backbone
+    bare = getattr(torchvision.models, args.backbone)(num_classes=K).to(device, memory_format=fmt).train()
+    opt = sgd(bare.parameters())
+    xg = torch.nn.functional.interpolate(x, size=(args.image_size,) * 2, mode="bilinear", antialias=True).contiguous(memory_format=fmt)
+
+    def bare_step():
+        with _autocast(device, args.amp):
+            logits = bare(xg)
+        loss = masked_bce_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    results["bare"] = time_steps(bare_step, device, args.steps, args.warmup, b)
+    del bare, opt
+
+    model = AGCNN.from_config(mc, num_classes=K, image_size=args.image_size).to(device, memory_format=fmt)
+
+    def stage_step(name: str, branch: str, forward: str):
+        plan = stage_plan(name)
+        apply_freezing(model, plan)
+        set_train_mode(model, plan)
+        o = sgd(model.parameters())
+
+        def step():
+            with _autocast(device, args.amp):
+                logits = model(x, stage=forward).logits(branch)
+            loss = masked_bce_with_logits(logits.float(), y)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+        return step
+
+    results["global"] = time_steps(stage_step("global", "global", "global"), device, args.steps, args.warmup, b)
+    results["local"] = time_steps(stage_step("local", "local", "local"), device, args.steps, args.warmup, b)
+
+    plan = stage_plan("local")
+    apply_freezing(model, plan)
+    set_train_mode(model, plan)
+    o = sgd(model.parameters())
+
+    def loop_step():
+        with torch.no_grad(), _autocast(device, args.amp):
+            g_map = model.global_branch.forward_features(model.global_input(x))
+        crops = cpu_loop_crops(model, x, g_map).contiguous(memory_format=fmt)
+        with _autocast(device, args.amp):
+            logits = model.local_branch(crops)
+        loss = masked_bce_with_logits(logits.float(), y)
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    results["local_cpu_loop"] = time_steps(loop_step, device, args.steps, args.warmup, b)
+    results["fusion"] = time_steps(stage_step("fusion", "fusion", "fusion"), device, args.steps, args.warmup, b)
+
+    g = torch.randn(b, model.global_branch.num_features, device=device)
+    l = torch.randn(b, model.local_branch.num_features, device=device)
+    o = sgd(model.fusion.parameters())
+
+    def cached_step():
+        loss = masked_bce_with_logits(model.fuse(g, l).float(), y)
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    results["fusion_cached"] = time_steps(cached_step, device, max(args.steps, 20), args.warmup, b)
+
+    ref = results["bare"]["images_per_s"]
+    ratios = {k: round(v["images_per_s"] / ref, 3) for k, v in results.items() if k != "bare"}
+    ratios["local_vs_cpu_loop"] = round(results["local"]["images_per_s"] / results["local_cpu_loop"]["images_per_s"], 2)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "settings": {"backbone": args.backbone, "batch_size": b, "image_size": args.image_size, "highres_size": highres,
+                     "local_size": mc.local_size, "steps": args.steps, "warmup": args.warmup,
+                     "amp_bf16": bool(args.amp and device.type == "cuda"), "channels_last": args.channels_last},
+        "stages": results,
+        "relative_to_bare": ratios,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backbone", default="resnet50", choices=("resnet50", "resnet18", "densenet121"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224, help="global input side")
+    p.add_argument("--highres-size", type=int, default=None, help="side of the copy the local branch crops from (default: image size)")
+    p.add_argument("--local-size", type=int, default=None, help="local branch input side (default: image size)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per stage")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last tensors (default: on for CUDA, off for the CPU)")
+    args = p.parse_args()
+    if args.channels_last is None:
+        args.channels_last = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    print(json.dumps(bench(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
