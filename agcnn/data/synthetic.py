@@ -283,7 +283,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     d = cv2.GaussianBlur(d.astype(np.float32), (0, 0), sigma)
     d = np.clip(d, 0, None) ** a.gamma
     d = d / max(float(np.percentile(d, 99.5)), 1e-6) * 0.92
-    d += rng.normal(0, 0.012, d.shape).astype(np.float32) + 0.02 * _smooth_noise(rng, S, 4)
+    d += 0.012 * rng.standard_normal(d.shape, dtype=np.float32) + 0.02 * _smooth_noise(rng, S, 4)
     top = (1 << BITS) - 1
     image = np.clip(np.rint(np.clip(d, 0, 1) * top), 0, top).astype(np.uint16)
     labels = {name: int(any(b[0] == name for b in boxes)) for name in LABELS}
