@@ -550,6 +550,8 @@ def evaluate_checkpoint(
         log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", (~ok).sum(), len(ok))
     probs = {b: p[ok] for b, p in probs.items()}
     labels, table = labels[ok], table.loc[ok].reset_index(drop=True)
+    if split_info["patient_ids"]:
+        split_info["patients"] = int(table["patient"].nunique())  # of the images actually scored
 
     groups = None
     if bootstrap_unit == "patient" and split_info["patient_ids"]:

@@ -1,0 +1,160 @@
+"""``agcnn evaluate`` end to end on tiny data: a phantom set and a CSV of PNGs written here."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agcnn.checkpoint import load_checkpoint, save_checkpoint
+from agcnn.cli import main
+from agcnn.config import Config
+from agcnn.evaluate import evaluate_checkpoint
+from agcnn.labels import LABELS
+from agcnn.metrics import per_class_auc
+from agcnn.models import AGCNN
+
+SMALL = {"image_size": 64, "resize": 64, "highres_size": 64, "num_workers": 0}
+
+
+def _checkpoint(path, data: dict, stage: str = "fusion", seed: int = 0):
+    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 64}, "data": {**SMALL, **data}})
+    torch.manual_seed(seed)
+    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
+    save_checkpoint(path, model_state=model.state_dict(), config=cfg, stage=stage)
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    # Under 64 images the generator stays in this process.
+    data = {"dataset": "synthetic", "root": str(root / "set"), "synthetic_count": 40, "synthetic_size": 64}
+    return _checkpoint(root / "fusion.pt", data)
+
+
+@pytest.fixture(scope="module")
+def csv_set(tmp_path_factory):
+    """24 noise PNGs and one broken file; every label has both values, some are missing; two images a patient."""
+    root = tmp_path_factory.mktemp("csvset")
+    (root / "img").mkdir()
+    rng = np.random.default_rng(0)
+    n = 24
+    labels = np.zeros((n, len(LABELS)))
+    labels[::2] = 1.0
+    labels = np.stack([rng.permutation(labels[:, k]) for k in range(len(LABELS))], axis=1)
+    labels[rng.random(labels.shape) < 0.1] = np.nan
+    labels[0, :], labels[1, :] = 1.0, 0.0  # both values survive the missing ones
+    rows = []
+    for i in range(n):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), rng.integers(0, 65535, (80, 72), dtype=np.uint16))
+        cells = {name: ("" if np.isnan(v) else str(int(v))) for name, v in zip(LABELS, labels[i])}
+        rows.append({"path": f"img/{i}.png", "patient": f"P{i // 2}", **cells})
+    (root / "img" / "broken.png").write_bytes(b"not a png")
+    rows.append({**rows[0], "path": "img/broken.png", "patient": "P99"})
+    table = root / "table.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    ckpt = _checkpoint(root / "fusion.pt", {"dataset": "csv", "root": str(root / "not-here")})
+    return table, ckpt, labels
+
+
+def test_phantom_test_split_through_the_cli(phantom_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--checkpoint", str(phantom_ckpt), "--out", str(out), "--bootstrap", "200"])
+    assert rc == 0
+    for name in ("auc.csv", "auc.json", "auc.md", "roc.png", "predictions.csv"):
+        assert (out / name).is_file(), name
+    table = pd.read_csv(out / "auc.csv")
+    assert table["label"].tolist() == [*LABELS, "Mean"]
+    assert [c for c in table.columns if c.endswith("_auc")] == ["global_auc", "local_auc", "fusion_auc"]
+    report = json.loads((out / "auc.json").read_text())
+    assert report["labels"] == list(LABELS)
+    assert report["split"]["name"] == "test" and report["split"]["patient_wise"] is True
+    assert len(report["checkpoint_sha256"]) == 64 and report["agcnn_version"]
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == report["n_images"] > 0
+    assert [c for c in preds.columns if c.startswith("p_fusion_")] == [f"p_fusion_{n}" for n in LABELS]
+    md = (out / "auc.md").read_text()
+    assert "| Finding | Positives | Global | Local | Fusion |" in md and "0.868" in md and "patient-wise" in md
+    assert md.count("\n| ") == len(LABELS) + 2  # header, 14 findings, mean
+
+
+def test_csv_file_split_numbers_and_intervals(csv_set, tmp_path):
+    table, ckpt, labels = csv_set
+    report = evaluate_checkpoint(ckpt, split=str(table), out_dir=tmp_path, bootstrap=300, roc=False)
+    # The unreadable file is listed and left out; it does not stop the other images.
+    assert report["n_images"] == len(labels) and report["n_skipped"] == 1
+    skipped = pd.read_csv(tmp_path / "skipped.csv")
+    assert skipped["path"].tolist() == ["img/broken.png"] and "broken.png" in skipped["reason"][0]
+    assert "could not be read" in (tmp_path / "auc.md").read_text()
+    assert report["bootstrap"]["unit"] == "patient" and report["split"]["patients"] == len(labels) // 2
+    assert report["positives"] == {n: int(np.nansum(labels[:, k])) for k, n in enumerate(LABELS)}
+    preds = pd.read_csv(tmp_path / "predictions.csv")
+    # Reference labels are written back as read, missing ones as empty cells.
+    np.testing.assert_array_equal(preds[list(LABELS)].to_numpy(dtype=float), labels)
+    for branch in ("global", "local", "fusion"):
+        r = report["branches"][branch]
+        auc = np.array([r["auc"][n] for n in LABELS], dtype=float)
+        # The report's AUC is the AUC of the written predictions.
+        np.testing.assert_allclose(auc, per_class_auc(preds[[f"p_{branch}_{n}" for n in LABELS]].to_numpy(), labels), atol=1e-5)
+        lo = np.array([r["ci_lo"][n] for n in LABELS], dtype=float)
+        hi = np.array([r["ci_hi"][n] for n in LABELS], dtype=float)
+        assert np.isfinite(auc).all() and np.all(lo <= auc + 1e-12) and np.all(auc <= hi + 1e-12)
+        assert r["mean_ci"][0] <= r["mean_auc"] <= r["mean_ci"][1] and r["classes_in_mean"] == len(LABELS)
+    auc_csv = pd.read_csv(tmp_path / "auc.csv").set_index("label")
+    assert auc_csv.loc["Mean", "fusion_auc"] == pytest.approx(report["branches"]["fusion"]["mean_auc"], abs=1e-6)
+    assert not (tmp_path / "roc.png").exists()
+
+
+def test_global_stage_checkpoint_reports_untrained_branches(csv_set, tmp_path):
+    table, _, _ = csv_set
+    ckpt = _checkpoint(tmp_path / "global.pt", {"dataset": "csv", "root": "unused"}, stage="global")
+    report = evaluate_checkpoint(ckpt, split=str(table), out_dir=tmp_path / "eval", bootstrap=50, roc=False)
+    assert report["branches"]["global"]["trained"]
+    assert report["branches"]["local"] == {"trained": False} and report["branches"]["fusion"] == {"trained": False}
+    auc_csv = pd.read_csv(tmp_path / "eval" / "auc.csv")
+    assert auc_csv["global_auc"].notna().all() and auc_csv["local_auc"].isna().all() and auc_csv["fusion_hi"].isna().all()
+    assert "not trained" in (tmp_path / "eval" / "auc.md").read_text()
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
+    assert not any(c.startswith(("p_local_", "p_fusion_")) for c in preds.columns)
+
+
+def test_val_operating_points_are_stored_and_then_scored(phantom_ckpt, tmp_path):
+    ckpt = tmp_path / "copy.pt"
+    ckpt.write_bytes(phantom_ckpt.read_bytes())
+    report = evaluate_checkpoint(ckpt, split="val", out_dir=tmp_path / "val", bootstrap=0, roc=False,
+                                 write_operating_points=True)
+    stored = load_checkpoint(ckpt)
+    points = stored["operating_points"]
+    assert sorted(points) == ["fusion", "global", "local"]
+    assert all(len(v) == len(LABELS) and all(type(t) is float for t in v) for v in points.values())
+    assert points["fusion"] == pytest.approx([report["youden_operating_points"]["fusion"][n] or np.nan for n in LABELS], nan_ok=True)
+    assert stored["stage"] == "fusion"  # the rest of the checkpoint is kept
+    after = evaluate_checkpoint(ckpt, split="test", out_dir=tmp_path / "test", bootstrap=0, roc=False)
+    assert after["operating_points_scored"]["branch"] == "fusion"
+    assert "youden_operating_points" not in after  # never chosen on test
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}/missing.pt"], "does not exist"),
+        (["--checkpoint", "{tmp}/corrupt.pt"], "cannot be loaded"),
+        (["--checkpoint", "{ckpt}", "--split", "tset"], "'tset' is not one of"),
+        (["--checkpoint", "{ckpt}", "--split", "{tmp}/none.csv"], "does not exist"),
+        (["--checkpoint", "{ckpt}", "--write-operating-points"], "needs --split val"),
+        (["--checkpoint", "{ckpt}", "--set", "model.backbone=resnet50"], "only overrides the data section"),
+        (["--checkpoint", "{ckpt}", "--set", "data.image_size=224"], "fixed by the checkpoint"),
+        (["--checkpoint", "{ckpt}", "--set", "data.rot=/x"], "did you mean 'root'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(args, message, phantom_ckpt, tmp_path, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00" * 100)
+    argv = ["evaluate", "--out", str(tmp_path / "out"), "--bootstrap", "0", "--no-roc"]
+    argv += [a.format(tmp=tmp_path, ckpt=phantom_ckpt) for a in args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
