@@ -19,7 +19,6 @@ Three file formats meet here:
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import logging
