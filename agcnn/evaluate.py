@@ -18,6 +18,10 @@ Written into ``--out``:
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
   left out of every number, and the count is in ``auc.json`` and ``auc.md``.
 
+``--split FILE`` evaluates every row of a CSV table (the columns ``data.path_column``,
+``data.patient_column`` and ``data.label_map`` of the checkpoint describe it, as in training) with
+the checkpoint's evaluation transform; relative image paths are read from the CSV's folder.
+
 On the validation split the per-class Youden operating points are computed as well and, with
 ``--write-operating-points``, stored in the checkpoint for ``agcnn predict``. They are never
 taken from the test split. On any split, operating points already in the checkpoint are scored
@@ -632,7 +636,8 @@ def evaluate_checkpoint(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by `agcnn train`")
     parser.add_argument("--split", default="test",
-                        help="test (default), val, train, or a CSV of image paths and labels evaluated as a whole")
+                        help="test (default), val, train, or a CSV of image paths and labels evaluated as a whole "
+                             "(its relative paths are read from the CSV's folder unless --set data.root=DIR is given)")
     parser.add_argument("--out", required=True, help="folder for auc.csv, auc.json, auc.md, roc.png, predictions.csv")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
