@@ -175,6 +175,15 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
     dropped = sorted(k for k in state if k.startswith(("fc.", "classifier.")))
     for k in dropped:
         del state[k]
+    own = features.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong_shape:
+        k = wrong_shape[0]
+        raise ValueError(
+            f"pretrained weights {str(path)!r} do not match this backbone: {len(wrong_shape)} tensors have "
+            f"other shapes (first: {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here). "
+            f"Use a torchvision file for the same backbone."
+        )
     result = features.load_state_dict(state, strict=False)
     attn_tokens = ("channel_attn", "spatial_attn", "attn4", ".se", "features.se")
     bad_missing = [k for k in result.missing_keys if not any(t in k for t in attn_tokens)]

@@ -1,0 +1,160 @@
+"""AG-CNN model, backbones and attention blocks: shapes, identity at start, pretrained loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from agcnn.config import ModelConfig
+from agcnn.models import AGCNN, create_attention, create_backbone
+from agcnn.models.backbones import load_pretrained
+
+
+@pytest.mark.parametrize(
+    "backbone,attention,size,channels",
+    [
+        ("resnet18", "none", 64, 512),
+        ("resnet18", "se", 64, 512),
+        ("resnet18", "self", 64, 512),
+        ("resnet18", "mhsa", 96, 512),
+        ("resnet50", "none", 64, 2048),
+        ("densenet121", "se", 64, 1024),
+        ("densenet121", "self", 64, 1024),
+    ],
+)
+def test_backbone_feature_shapes(backbone, attention, size, channels):
+    net = create_backbone(backbone, attention).eval()
+    with torch.no_grad():
+        fmap = net(torch.randn(2, 3, size, size))
+    assert fmap.shape == (2, channels, size // 32, size // 32)
+    assert net.num_features == channels
+
+
+@pytest.mark.parametrize("kind", ["se", "self", "mhsa"])
+def test_attention_blocks_start_as_identity(kind):
+    block = create_attention(kind, 64).eval()
+    x = torch.randn(2, 64, 9, 9)
+    torch.testing.assert_close(block(x), x)
+
+
+@pytest.mark.parametrize("backbone,kind", [("resnet18", "se"), ("resnet18", "self"), ("resnet18", "mhsa"), ("densenet121", "se")])
+def test_attention_leaves_pretrained_network_unchanged_at_step0(backbone, kind):
+    torch.manual_seed(0)
+    plain = create_backbone(backbone, "none").eval()
+    attn = create_backbone(backbone, kind).eval()
+    result = attn.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all(("attn" in k or ".se" in k) for k in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), plain(x))
+
+
+def test_attention_blocks_learn_away_from_identity():
+    block = create_attention("se", 32)
+    x = torch.randn(4, 32, 5, 5)
+    block(x).pow(2).sum().backward()
+    assert block.fc2.weight.grad.abs().sum() > 0
+
+
+def test_unknown_names_suggest_the_nearest():
+    with pytest.raises(ValueError, match="Did you mean 'se'"):
+        create_attention("sse", 8)
+    with pytest.raises(ValueError, match="Did you mean 'resnet50'"):
+        create_backbone("resnet5")
+    with pytest.raises(ValueError, match="valid: max, avg"):
+        AGCNN(14, backbone="resnet18", pool="mean")
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_agcnn_outputs_for_each_stage(pool):
+    model = AGCNN(14, backbone="resnet18", pool=pool, image_size=64, local_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        g = model(x, stage="global")
+        f = model(x, stage="fusion")
+    assert g.global_logits.shape == (3, 14) and g.local_logits is None and g.boxes is None
+    assert f.local_logits.shape == f.fusion_logits.shape == (3, 14)
+    assert f.boxes.shape == (3, 4) and f.heatmap.shape == (3, 2, 2)
+    torch.testing.assert_close(f.global_logits, g.global_logits)
+    # Logits, not probabilities: nothing squashes them into [0, 1].
+    assert f.fusion_logits.dtype == torch.float32
+    with pytest.raises(ValueError, match="not computed"):
+        g.logits("fusion")
+
+
+def test_highres_input_feeds_the_global_branch_downsampled():
+    model = AGCNN(14, backbone="resnet18", image_size=64, local_size=64).eval()
+    hi = torch.randn(2, 3, 128, 128)
+    lo = torch.nn.functional.interpolate(hi, size=64, mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(hi, "global").global_logits, model(lo, "global").global_logits)
+        out = model(hi)
+    # Boxes stay on the 64-px global grid.
+    assert (out.boxes[:, 2:] <= 64).all()
+
+
+def test_branches_do_not_share_weights():
+    model = AGCNN(14, backbone="resnet18", image_size=64)
+    g = dict(model.global_branch.named_parameters())
+    for name, p in model.local_branch.named_parameters():
+        assert p.data_ptr() != g[name].data_ptr()
+    assert model.fusion.in_features == 2 * 512
+
+
+def test_gradients_reach_local_branch_not_through_boxes():
+    model = AGCNN(14, backbone="resnet18", image_size=64)
+    out = model(torch.randn(2, 3, 64, 64))
+    out.local_logits.sum().backward()
+    assert model.local_branch.classifier.weight.grad is not None
+    assert not out.boxes.requires_grad
+
+
+def test_bad_input_shape_is_rejected():
+    model = AGCNN(14, backbone="resnet18", image_size=64)
+    with pytest.raises(ValueError, match=r"\[B, 3, S, S\]"):
+        model(torch.randn(2, 1, 64, 64))
+
+
+def _torchvision_resnet18_file(tmp_path):
+    torch.manual_seed(1)
+    ref = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_pretrained_weights_load_from_local_file(tmp_path):
+    ref, path = _torchvision_resnet18_file(tmp_path)
+    ref.eval()
+    net = create_backbone("resnet18", "se").eval()
+    info = load_pretrained(net, path)
+    assert info["dropped"] == ["fc.bias", "fc.weight"]
+    assert info["missing"] and all("channel_attn" in k for k in info["missing"])
+    assert len(info["sha256"][0]) == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(ref.children())[:-2])
+        torch.testing.assert_close(net(x), trunk(x))
+
+
+def test_pretrained_from_config_loads_both_branches(tmp_path):
+    _, path = _torchvision_resnet18_file(tmp_path)
+    cfg = ModelConfig(backbone="resnet18", pretrained=str(path))
+    model = AGCNN.from_config(cfg, num_classes=14, image_size=64)
+    torch.testing.assert_close(model.global_branch.features.conv1.weight, model.local_branch.features.conv1.weight)
+
+
+def test_pretrained_errors(tmp_path):
+    net = create_backbone("resnet18")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(net, tmp_path / "missing.pth")
+    wrong = tmp_path / "r50.pth"
+    torch.save(create_backbone("resnet50").state_dict(), wrong)
+    with pytest.raises(ValueError, match="do not match this backbone"):
+        load_pretrained(net, wrong)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_pretrained(net, junk)
