@@ -150,17 +150,16 @@ def bootstrap_auc_ci(
         if groups.shape != (n,):
             raise ValueError(f"groups must hold one patient ID per row ({n}), got shape {groups.shape}")
     rng = np.random.default_rng(seed)
-    weights = _resample_weights(rng, n_boot, n, groups)
-
     boot = np.full((n_boot, k), np.nan)
+    observed = [~np.isnan(labels[:, c]) for c in range(k)]
+    # Resamples are drawn and scored block by block; the blocks are the same for a given N, so a
+    # seed always gives the same interval.
     block = max(1, _BLOCK_CELLS // max(n, 1))
-    for c in range(k):
-        seen = ~np.isnan(labels[:, c])
-        if not seen.any():
-            continue
-        s, y = probs[seen, c], labels[seen, c] == 1
-        for b0 in range(0, n_boot, block):
-            boot[b0 : b0 + block, c] = _weighted_auc(s, y, weights[b0 : b0 + block][:, seen])
+    for b0 in range(0, n_boot, block):
+        weights = _resample_weights(rng, min(block, n_boot - b0), n, groups)
+        for c, seen in enumerate(observed):
+            if seen.any():
+                boot[b0 : b0 + len(weights), c] = _weighted_auc(probs[seen, c], labels[seen, c] == 1, weights[:, seen])
 
     point = per_class_auc(probs, labels)
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
