@@ -88,6 +88,8 @@ BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
 
 # Longest side of the copy of the original kept for an overlay picture.
 PREVIEW_SIDE = 512
+# Batches each decoding worker prepares ahead of the model.
+PREFETCH = 2
 
 log = logging.getLogger("agcnn.predict")
 
@@ -865,13 +867,17 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
         torch.set_num_threads(max(1, _cpu_count() - workers))
     manifest["torch_threads"] = torch.get_num_threads()
     transform = transforms_from_config(cfg.data, train=False)
-    dataset = _Files(str(in_dir), pending, listing.decided, transform, identifiers=options["include_identifiers"],
-                     previews=options["overlays"])
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=2 if workers else None, persistent_workers=False,
-    )
+    def make_dataset(paths: Sequence[str]) -> _Files:
+        return _Files(str(in_dir), paths, listing.decided, transform, identifiers=options["include_identifiers"],
+                      previews=options["overlays"])
+
+    def make_loader(paths: Sequence[str], n_workers: int, batch: int) -> DataLoader:
+        return DataLoader(
+            make_dataset(paths), batch_size=batch, shuffle=False, num_workers=n_workers, collate_fn=_collate,
+            pin_memory=cuda, worker_init_fn=_worker_init if n_workers else None,
+            prefetch_factor=PREFETCH if n_workers else None, persistent_workers=False,
+        )
+
     geometry = {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size}
     fmap: dict[str, torch.Tensor] = {}
     hook = None
@@ -887,58 +893,81 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
     bar = tqdm(total=len(pending), unit="file", desc="predict", disable=not progress or not pending, dynamic_ncols=True,
                file=sys.stderr)
     counts: Counter = Counter()
-    with _quiet_pydicom(), torch.inference_mode():
-        for records, images in loader:
-            if images is not None:
-                x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    out = model(x, stage="fusion")
-                fusion = torch.sigmoid(out.fusion_logits.float()).cpu()
-                glob = torch.sigmoid(out.global_logits.float()).cpu()
-                local = torch.sigmoid(out.local_logits.float()).cpu()
-                boxes = out.boxes.cpu()
-                heat = out.heatmap.float().cpu() if options["overlays"] else None
-                cams = None
-                if options["overlays"]:
-                    top = fusion.argmax(dim=1)
-                    # CAM (Zhou et al. 2016): the top class's global classifier weights over the global feature map.
-                    w = model.global_branch.classifier.weight.float()[top.to(device)]
-                    cams = torch.relu(torch.einsum("bc,bchw->bhw", w, fmap["g"].float())).cpu()
-            rows = []
-            k = 0
-            for rec in records:
-                row = {c: None for c in columns}
-                row.update({c: rec.get(c) for c in columns if c in rec})
-                row["reason"] = rec.get("reason", "")
-                if rec["status"] == "ok":
-                    p = fusion[k]
+    def handle(records: list[dict[str, Any]], images) -> None:
+        nonlocal new_rows
+        if images is not None:
+            x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                out = model(x, stage="fusion")
+            fusion = torch.sigmoid(out.fusion_logits.float()).cpu()
+            glob = torch.sigmoid(out.global_logits.float()).cpu()
+            local = torch.sigmoid(out.local_logits.float()).cpu()
+            boxes = out.boxes.cpu()
+            heat = out.heatmap.float().cpu() if options["overlays"] else None
+            cams = None
+            if options["overlays"]:
+                top = fusion.argmax(dim=1)
+                # CAM (Zhou et al. 2016): the top class's global classifier weights over the global feature map.
+                w = model.global_branch.classifier.weight.float()[top.to(device)]
+                cams = torch.relu(torch.einsum("bc,bchw->bhw", w, fmap["g"].float())).cpu()
+        rows = []
+        k = 0
+        for rec in records:
+            row = {c: None for c in columns}
+            row.update({c: rec.get(c) for c in columns if c in rec})
+            row["reason"] = rec.get("reason", "")
+            if rec["status"] == "ok":
+                p = fusion[k]
+                for j, lab in enumerate(labels):
+                    row[lab] = _prob(float(p[j]))
+                if options["all_branches"]:
                     for j, lab in enumerate(labels):
-                        row[lab] = _prob(float(p[j]))
-                    if options["all_branches"]:
-                        for j, lab in enumerate(labels):
-                            row[f"global_{lab}"] = _prob(float(glob[k, j]))
-                            row[f"local_{lab}"] = _prob(float(local[k, j]))
-                    box = box_to_original(boxes[k].tolist(), height=rec["height"], width=rec["width"], **geometry)
-                    row.update(zip(BOX_COLUMNS, box))
-                    if thr is not None:
-                        for j, lab in enumerate(labels):
-                            row[f"call_{lab}"] = None if math.isnan(thr[j]) else int(float(p[j]) >= float(thr[j]))
-                    if options["overlays"]:
-                        crop = box_to_original([0, 0, cfg.data.image_size, cfg.data.image_size],
-                                               height=rec["height"], width=rec["width"], **geometry)
-                        j = int(p.argmax())
-                        overlay_mod.write_overlay(
-                            out_dir / OVERLAYS / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
-                            height=rec["height"], width=rec["width"], box=box, field=crop,
-                            heatmap=heat[k].numpy(), cam=cams[k].numpy(), finding=labels[j], probability=float(p[j]),
-                        )
-                    k += 1
-                rows.append(row)
-                counts[rec["status"]] += 1
-            journal.append(rows)
-            new_rows += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(ok=counts["ok"], skipped=counts["skipped"], failed=counts["failed"], refresh=False)
+                        row[f"global_{lab}"] = _prob(float(glob[k, j]))
+                        row[f"local_{lab}"] = _prob(float(local[k, j]))
+                box = box_to_original(boxes[k].tolist(), height=rec["height"], width=rec["width"], **geometry)
+                row.update(zip(BOX_COLUMNS, box))
+                if thr is not None:
+                    for j, lab in enumerate(labels):
+                        row[f"call_{lab}"] = None if math.isnan(thr[j]) else int(float(p[j]) >= float(thr[j]))
+                if options["overlays"]:
+                    crop = box_to_original([0, 0, cfg.data.image_size, cfg.data.image_size],
+                                           height=rec["height"], width=rec["width"], **geometry)
+                    j = int(p.argmax())
+                    overlay_mod.write_overlay(
+                        out_dir / OVERLAYS / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
+                        height=rec["height"], width=rec["width"], box=box, field=crop,
+                        heatmap=heat[k].numpy(), cam=cams[k].numpy(), finding=labels[j], probability=float(p[j]),
+                    )
+                k += 1
+            rows.append(row)
+            counts[rec["status"]] += 1
+        journal.append(rows)
+        new_rows += len(rows)
+        bar.update(len(rows))
+        bar.set_postfix(ok=counts["ok"], skipped=counts["skipped"], failed=counts["failed"], refresh=False)
+
+    with _quiet_pydicom(), torch.inference_mode():
+        start = 0
+        while start < len(pending):
+            consumed = 0
+            try:
+                for records, images in make_loader(pending[start:], workers, batch_size):
+                    handle(records, images)
+                    consumed += len(records)
+                break
+            except RuntimeError as e:
+                # A decoder that crashes its process (a segfault in a codec on a malformed file)
+                # kills a worker; the loader then fails without saying which file did it. Decode
+                # the batches that were in flight one file per process, so the culprit gets a
+                # "failed" row and every other file its prediction, then carry on.
+                if not workers or not _is_worker_death(e):
+                    raise
+                start += consumed
+                window = pending[start : start + batch_size * (workers * PREFETCH + 1)]
+                records = [_decode_isolated(make_loader, path) for path in window]
+                for i in range(0, len(records), batch_size):
+                    handle(*_collate(records[i : i + batch_size]))
+                start += len(window)
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
     torch.set_num_threads(threads_before)
@@ -960,6 +989,26 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
     if not mine:
         log.warning("no files found under %s", in_dir)
     return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
+
+
+def _is_worker_death(e: BaseException) -> bool:
+    msg = str(e)
+    return "DataLoader worker" in msg and ("exited unexpectedly" in msg or "killed by signal" in msg)
+
+
+def _decode_isolated(make_loader, path: str) -> dict[str, Any]:
+    """Decode one file in a worker process of its own; a crash there names the file."""
+    try:
+        records, images = next(iter(make_loader([path], 1, 1)))
+    except RuntimeError as e:
+        if not _is_worker_death(e):
+            raise
+        return {"path": path, "status": "failed",
+                "reason": "decode_error: the decoder crashed on this file (its process died); the file is probably corrupt"}
+    rec = records[0]
+    if images is not None:
+        rec["image"] = images[0]  # back into the record, for the collate of the model batch
+    return rec
 
 
 def _cpu_count() -> int:

@@ -452,3 +452,27 @@ def test_kill_9_then_resume_gives_exactly_one_row_per_file(checkpoint, tmp_path)
                 assert math.isclose(float(by[path][c]), float(ref[c]), abs_tol=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["resumed_rows"] == len(done_before) and manifest["rows_this_run"] == n_files - len(done_before)
+
+
+def test_a_decoder_crash_fails_one_file_not_the_run(checkpoint, tmp_path, monkeypatch):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(7):
+        write_dicom(inp / f"IM{i}.dcm", _image(64, 64, i))
+    real = readers.read_image_with_info
+
+    def read(path):
+        # A codec segfault: the worker process dies without a Python exception.
+        if os.path.basename(path) == "IM3.dcm" and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(path)
+
+    monkeypatch.setattr(readers, "read_image_with_info", read)
+    out = tmp_path / "out"
+    rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inp), "--output", str(out),
+               "--workers", "2", "--batch-size", "2"])
+    assert rc == 1
+    rows = _by_path(_rows(out))
+    assert sorted(rows) == [f"IM{i}.dcm" for i in range(7)]
+    assert rows["IM3.dcm"]["status"] == "failed" and "crashed" in rows["IM3.dcm"]["reason"]
+    assert all(r["status"] == "ok" for p, r in rows.items() if p != "IM3.dcm")
