@@ -68,14 +68,23 @@ def _weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray)
     then a few cumulative sums, with no per-resample sort.
     """
     order = np.argsort(scores, kind="stable")
-    scores, positive, weights = scores[order], positive[order], weights[:, order]
-    # Tied scores form one group: a positive ties with every negative in its group.
-    starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
-    pos = np.add.reduceat(weights * positive, starts, axis=1)
-    neg = np.add.reduceat(weights * ~positive, starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    u = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
-    n_pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    scores, positive = scores[order], positive[order]
+    weights = weights[:, order]
+    n = scores.size
+    # Tied scores form one group [start, end): a positive beats every negative of the groups
+    # below it and ties (one half) with the negatives of its own group.
+    new_group = np.r_[True, scores[1:] != scores[:-1]]
+    starts = np.flatnonzero(new_group)
+    ends = np.r_[starts[1:], n]
+    group = np.cumsum(new_group) - 1
+    # neg_upto[:, j]: negative weight among the first j sorted images.
+    neg_upto = np.zeros((weights.shape[0], n + 1))
+    np.cumsum(np.where(positive, 0.0, weights), axis=1, out=neg_upto[:, 1:])
+    g = group[positive]
+    below, through = neg_upto[:, starts[g]], neg_upto[:, ends[g]]
+    pos_w = weights[:, positive]
+    u = (pos_w * (0.5 * (below + through))).sum(axis=1)
+    n_pairs = pos_w.sum(axis=1) * neg_upto[:, n]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_pairs > 0, u / np.where(n_pairs > 0, n_pairs, 1.0), np.nan)
 
