@@ -27,6 +27,7 @@ geodesic diameter (~160 on real 224 px masks); hooking and jumping need a handfu
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -117,12 +118,23 @@ def connected_components(mask: Tensor) -> Tensor:
     return labels[:, :n].reshape(b, h, w)
 
 
-def largest_component_boxes(mask: Tensor) -> Tensor:
+def largest_component_boxes(mask: Tensor, backend: str = "auto") -> Tensor:
     """Bounding box of the largest 8-connected component per image, int64 [B, 4] (x0, y0, x1, y1).
 
     x1 and y1 are exclusive. Ties go to the component whose first pixel in raster order comes
     first. An empty mask gives the whole image ``(0, 0, W, H)``.
+
+    ``backend``: ``torch`` runs :func:`connected_components` on the mask's device; ``scipy``
+    labels the whole batch in one C call (CPU only); ``auto`` picks scipy for CPU tensors, where
+    it is several times faster than the tensor algorithm, and torch otherwise. Both give
+    identical boxes (tested against scikit-image).
     """
+    if backend == "auto":
+        backend = "scipy" if mask.device.type == "cpu" else "torch"
+    if backend == "scipy":
+        return _largest_component_boxes_scipy(mask)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, scipy")
     b, h, w = mask.shape
     n = h * w
     labels = connected_components(mask).reshape(b, n)
@@ -141,6 +153,33 @@ def largest_component_boxes(mask: Tensor) -> Tensor:
     boxes = torch.stack([x0, y0, x1, y1], dim=1)
     whole = torch.tensor([0, 0, w, h], device=mask.device).expand(b, 4)
     return torch.where(mask.reshape(b, -1).any(dim=1, keepdim=True), boxes, whole)
+
+
+def _largest_component_boxes_scipy(mask: Tensor) -> Tensor:
+    """The same boxes from one ``scipy.ndimage.label`` call over the whole [B, H, W] batch.
+
+    The structuring element connects the 8 neighbours within an image and nothing across
+    images, so the batch is labelled in one pass; labels grow in raster order within each
+    image, which preserves the lowest-label tie-break.
+    """
+    from scipy import ndimage
+
+    b, h, w = mask.shape
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    labels, count = ndimage.label(mask.cpu().numpy(), structure=structure)
+    boxes = np.tile(np.array([0, 0, w, h], dtype=np.int64), (b, 1))
+    if count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        slices = ndimage.find_objects(labels)
+        image = np.fromiter((sl[0].start for sl in slices), dtype=np.int64, count=count)
+        # Per image: largest size first, then lowest label; keep the first row of each image.
+        order = np.lexsort((np.arange(count), -sizes, image))
+        first = np.r_[True, image[order][1:] != image[order][:-1]]
+        for lab in order[first]:
+            sl = slices[lab]
+            boxes[image[lab]] = (sl[2].start, sl[1].start, sl[2].stop, sl[1].stop)
+    return torch.from_numpy(boxes).to(mask.device)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 from agcnn.models.roi import (
     attention_boxes,
     attention_heatmap,
+    attention_mask,
     connected_components,
     crop_regions,
     largest_component_boxes,
@@ -71,11 +72,13 @@ def test_boxes_match_per_image_reference_on_random_features(h, image_size, thres
         torch.randn(count, 4, h, h, generator=gen) ** 3,
     ]
     features = torch.cat(feats)
+    expected = [reference_box(f.numpy(), image_size, threshold) for f in features]
     got = attention_boxes(features, image_size, threshold)
     assert got.dtype == torch.int64 and got.shape == (features.shape[0], 4)
-    expected = [reference_box(f.numpy(), image_size, threshold) for f in features]
-    mismatches = [(i, tuple(got[i].tolist()), e) for i, e in enumerate(expected) if tuple(got[i].tolist()) != e]
-    assert not mismatches, f"{len(mismatches)} of {len(expected)} boxes differ, first: {mismatches[:3]}"
+    mask = attention_mask(features, image_size, threshold)
+    for backend, boxes in (("auto", got), ("torch", largest_component_boxes(mask, "torch")), ("scipy", largest_component_boxes(mask, "scipy"))):
+        mismatches = [(i, tuple(boxes[i].tolist()), e) for i, e in enumerate(expected) if tuple(boxes[i].tolist()) != e]
+        assert not mismatches, f"{backend}: {len(mismatches)} of {len(expected)} boxes differ, first: {mismatches[:3]}"
 
 
 def test_components_match_skimage_on_random_masks():
@@ -92,9 +95,10 @@ def test_components_match_skimage_on_random_masks():
             first = np.flatnonzero((ref == k).ravel())[0]
             assert ours[0] == first
         assert (lab[~m] == m.size).all()
-    got = largest_component_boxes(masks)
-    for i, m in enumerate(masks.numpy()):
-        assert tuple(got[i].tolist()) == reference_mask_box(m)
+    expected = [reference_mask_box(m) for m in masks.numpy()]
+    for backend in ("torch", "scipy"):
+        got = largest_component_boxes(masks, backend)
+        assert [tuple(b) for b in got.tolist()] == expected, backend
 
 
 def test_spiral_component_converges():
@@ -157,10 +161,13 @@ def test_flat_map_gives_whole_image():
     assert attention_heatmap(feats).abs().sum() == 0
 
 
-def test_empty_mask_gives_whole_image_mixed_with_nonempty():
-    mask = torch.zeros(2, 10, 12, dtype=torch.bool)
+@pytest.mark.parametrize("backend", ["torch", "scipy"])
+def test_empty_mask_gives_whole_image_mixed_with_nonempty(backend):
+    mask = torch.zeros(3, 10, 12, dtype=torch.bool)
     mask[1, 2:4, 5:9] = True
-    assert largest_component_boxes(mask).tolist() == [[0, 0, 12, 10], [5, 2, 9, 4]]
+    assert largest_component_boxes(mask, backend).tolist() == [[0, 0, 12, 10], [5, 2, 9, 4], [0, 0, 12, 10]]
+    with pytest.raises(ValueError, match="valid: auto, torch, scipy"):
+        largest_component_boxes(mask, "cuda")
 
 
 def test_upsample_matches_interpolate_up_to_rounding():
