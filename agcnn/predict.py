@@ -28,8 +28,8 @@ PS3.15 Annex E basic profile is written, neither to the outputs nor to the log, 
 ``--include-identifiers`` is given. Two things are kept because results must be joined back to
 the PACS: the Study / Series / SOP Instance UIDs (pseudonymous keys, but keys: whoever has the
 PACS can resolve them) and the relative paths (folder names in an export can themselves be
-patient names or IDs). Treat the output folder with the same care as the input when either
-applies.
+patient names or IDs; ``manifest.json`` also records ``--input`` and ``--output`` as given).
+Treat the output folder with the same care as the input when either applies.
 
 Resuming. Each finished batch is appended to ``predictions.jsonl`` with one write and an
 fsync, one complete JSON object per line. A re-run on the same output folder reads it back,
@@ -946,7 +946,7 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
         bar.update(len(rows))
         bar.set_postfix(ok=counts["ok"], skipped=counts["skipped"], failed=counts["failed"], refresh=False)
 
-    with _quiet_pydicom(), torch.inference_mode():
+    with _quiet_pydicom(), torch.inference_mode(), _restore_threads(threads_before):
         start = 0
         while start < len(pending):
             consumed = 0
@@ -970,7 +970,6 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
                 start += len(window)
     bar.close()
     loop_seconds = time.perf_counter() - t_loop
-    torch.set_num_threads(threads_before)
     if hook is not None:
         hook.remove()
 
@@ -989,6 +988,16 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
     if not mine:
         log.warning("no files found under %s", in_dir)
     return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
+
+
+@contextlib.contextmanager
+def _restore_threads(n: int):
+    import torch
+
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _is_worker_death(e: BaseException) -> bool:
