@@ -289,6 +289,10 @@ def test_exit_0_when_every_usable_file_is_predicted(checkpoint, tmp_path):
     before = (tmp_path / "out/predictions.csv").read_text()
     assert _predict(checkpoint, inp, tmp_path / "out") == 0
     assert (tmp_path / "out/predictions.csv").read_text() == before
+    # An output folder inside the input is not read as input, on the first run or a re-run.
+    for _ in range(2):
+        assert _predict(checkpoint, inp, inp / "results") == 0
+        assert [r["path"] for r in _rows(inp / "results")] == ["a.dcm", "b.png", "notes.txt"]
 
 
 def test_no_identifiers_in_outputs_unless_asked(checkpoint, export, baseline, tmp_path, locked):
