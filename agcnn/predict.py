@@ -154,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", action="store_true", help="write a heatmap / box / CAM picture per predicted image")
     parser.add_argument(
         "--include-identifiers", action="store_true",
-        help="add PatientID, AccessionNumber and StudyDate columns (off by default: outputs are de-identified)",
+        help="add PatientID, AccessionNumber and StudyDate columns (read from the DICOM header; off by default)",
     )
     parser.add_argument("--all-branches", action="store_true", help="also write the global and local branch probabilities")
     parser.add_argument(
