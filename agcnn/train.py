@@ -107,10 +107,31 @@ def stage_plan(name: str, finetune_all: bool = False) -> Stage:
     return row
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+
+
+def _stay_in_eval(module: nn.Module, _inputs: Any) -> None:
+    if module.training:
+        module.eval()
+
+
 def apply_freezing(model: nn.Module, plan: Stage) -> None:
-    """requires_grad only for the modules the stage trains."""
+    """requires_grad only for the modules the stage trains; the others stay in eval mode.
+
+    Each batch-norm and dropout layer of a module the stage does not train gets a forward
+    pre-hook that puts it back into eval mode, so even a plain ``model.train()`` cannot make
+    frozen running statistics drift.
+    """
+    for handle in getattr(model, "_freeze_hooks", []):
+        handle.remove()
+    hooks = []
     for name in MODULES:
-        getattr(model, name).requires_grad_(name in plan.trains)
+        module = getattr(model, name)
+        module.requires_grad_(name in plan.trains)
+        if name not in plan.trains:
+            module.eval()
+            hooks += [m.register_forward_pre_hook(_stay_in_eval) for m in module.modules() if isinstance(m, _MODE_DEPENDENT)]
+    model._freeze_hooks = hooks
 
 
 def set_train_mode(model: nn.Module, plan: Stage) -> None:

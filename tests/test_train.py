@@ -117,12 +117,20 @@ def test_fusion_stage_freezes_both_branches_even_after_model_train():
     set_train_mode(model, plan)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fusion.weight", "fusion.bias"]
     assert not model.global_branch.training and not model.local_branch.training
-    bn = model.local_branch.features.bn1 if hasattr(model.local_branch.features, "bn1") else None
-    if bn is not None:
-        stats = bn.running_mean.clone()
-        with torch.no_grad():
-            model(torch.randn(4, 3, 48, 48), stage="fusion")
-        assert torch.equal(stats, bn.running_mean)
+    # Even a plain model.train() (as other code might call) leaves the frozen statistics alone.
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fusion.")}
+    with torch.no_grad():
+        model(torch.randn(4, 3, 48, 48), stage="fusion")
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    bns = [m for m in model.global_branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    # A later stage plan lifts the hooks it no longer needs.
+    apply_freezing(model, stage_plan("global"))
+    set_train_mode(model, stage_plan("global"))
+    model(torch.randn(4, 3, 48, 48), stage="global")
+    assert model.global_branch.training
 
 
 def test_masked_loss_ignores_missing_labels():
