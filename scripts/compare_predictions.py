@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Compare two ``predictions.csv`` files column by column within a tolerance.
+
+Rows are matched by a key column (``path`` by default); the compared columns are, unless
+``--columns`` names them, every column of the reference whose name starts with one of the
+``--prefix`` values (``p_`` by default) or is one of the ``--labels`` (the 14 ChestX-ray14
+findings by default). Both files must hold the same keys and the selected columns.
+
+The same image read on two machines (say the host and a container) is written under two
+different roots; ``--ref-root`` / ``--cand-root`` strip those so that the keys line up:
+
+    python scripts/compare_predictions.py host/predictions.csv container/predictions.csv \\
+        --ref-root /data/xrays --cand-root /input --atol 1e-5
+
+Exit status: 0 when every value agrees, 1 on any difference, 2 when the files cannot be
+compared (missing file, key or column, duplicate keys, nothing selected).
+
+Standard library only, so it runs anywhere a Python 3.9+ does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import posixpath
+import sys
+from collections.abc import Sequence
+
+# The 14 ChestX-ray14 findings (NIH order), the same list as agcnn.labels.LABELS; written out
+# here so that the script does not need the package installed.
+DEFAULT_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_UNUSABLE = 2
+
+
+class Unusable(Exception):
+    """The two files cannot be compared at all."""
+
+
+def select_columns(
+    header: Sequence[str],
+    *,
+    columns: Sequence[str] | None = None,
+    prefixes: Sequence[str] = ("p_",),
+    labels: Sequence[str] = DEFAULT_LABELS,
+) -> list[str]:
+    """The columns of ``header`` to compare: ``columns`` verbatim, else prefix or label matches."""
+    if columns:
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise Unusable(f"requested columns not in the reference: {missing}; it has {list(header)}")
+        return list(columns)
+    label_set = set(labels)
+    return [c for c in header if c in label_set or any(c.startswith(p) for p in prefixes if p)]
+
+
+def _norm_key(value: str, root: str | None) -> str:
+    value = value.strip()
+    if root:
+        root_n = posixpath.normpath(root.replace("\\", "/"))
+        val_n = posixpath.normpath(value.replace("\\", "/"))
+        if val_n == root_n or val_n.startswith(root_n.rstrip("/") + "/"):
+            return posixpath.relpath(val_n, root_n)
+    return value
+
+
+def read_table(path: str, key: str, root: str | None = None) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Header and rows keyed by ``key`` (after stripping ``root``); refuses duplicate keys."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if key not in header:
+                raise Unusable(f"{path}: no key column {key!r}; columns are {header}")
+            rows: dict[str, dict[str, str]] = {}
+            for line_no, row in enumerate(reader, start=2):
+                k = _norm_key(row[key] or "", root)
+                if k in rows:
+                    raise Unusable(f"{path}:{line_no}: duplicate key {k!r}")
+                rows[k] = row
+    except OSError as e:
+        raise Unusable(f"cannot read {path}: {e}") from e
+    return header, rows
+
+
+def _parse(value: str | None) -> float | None:
+    """A float, or None for an empty cell; raises ValueError on text."""
+    if value is None or value.strip() == "":
+        return None
+    return float(value)
+
+
+def compare(
+    ref_path: str,
+    cand_path: str,
+    *,
+    key: str = "path",
+    atol: float = 1e-5,
+    columns: Sequence[str] | None = None,
+    prefixes: Sequence[str] = ("p_",),
+    labels: Sequence[str] = DEFAULT_LABELS,
+    ref_root: str | None = None,
+    cand_root: str | None = None,
+) -> tuple[list[str], dict]:
+    """Compare the files; returns (differences as readable lines, summary)."""
+    ref_header, ref_rows = read_table(ref_path, key, ref_root)
+    cand_header, cand_rows = read_table(cand_path, key, cand_root)
+    selected = [c for c in select_columns(ref_header, columns=columns, prefixes=prefixes, labels=labels) if c != key]
+    if not selected:
+        raise Unusable(
+            f"no column of {ref_path} matches prefixes {list(prefixes)} or the labels; "
+            f"columns are {ref_header} (use --columns)"
+        )
+    missing_cols = [c for c in selected if c not in cand_header]
+    if missing_cols:
+        raise Unusable(f"{cand_path} lacks the columns {missing_cols}")
+
+    problems: list[str] = []
+    only_ref = sorted(set(ref_rows) - set(cand_rows))
+    only_cand = sorted(set(cand_rows) - set(ref_rows))
+    for k in only_ref:
+        problems.append(f"row {k!r}: only in the reference")
+    for k in only_cand:
+        problems.append(f"row {k!r}: only in the candidate")
+
+    max_diff = {c: 0.0 for c in selected}
+    n_values = 0
+    for k in sorted(set(ref_rows) & set(cand_rows)):
+        for c in selected:
+            a_s, b_s = ref_rows[k].get(c), cand_rows[k].get(c)
+            try:
+                a, b = _parse(a_s), _parse(b_s)
+            except ValueError:
+                problems.append(f"row {k!r} column {c!r}: not numbers: {a_s!r} vs {b_s!r}")
+                continue
+            n_values += 1
+            if a is None or b is None:
+                if a is not b:
+                    problems.append(f"row {k!r} column {c!r}: {a_s!r} vs {b_s!r} (one empty)")
+                continue
+            if math.isnan(a) or math.isnan(b):
+                if not (math.isnan(a) and math.isnan(b)):
+                    problems.append(f"row {k!r} column {c!r}: {a!r} vs {b!r} (one NaN)")
+                continue
+            d = abs(a - b)
+            if math.isinf(a) or math.isinf(b):
+                d = 0.0 if a == b else math.inf
+            max_diff[c] = max(max_diff[c], d)
+            if d > atol:
+                problems.append(f"row {k!r} column {c!r}: {a!r} vs {b!r} (|diff| {d:.3g} > {atol:g})")
+    summary = {
+        "rows": len(set(ref_rows) & set(cand_rows)),
+        "columns": selected,
+        "values": n_values,
+        "max_abs_diff": max_diff,
+    }
+    return problems, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reference", help="reference CSV (e.g. the host run)")
+    ap.add_argument("candidate", help="CSV to check (e.g. the container run)")
+    ap.add_argument("--key", default="path", help="column that identifies a row (default: path)")
+    ap.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default: 1e-5)")
+    ap.add_argument("--columns", help="comma-separated columns to compare (overrides --prefix/--labels)")
+    ap.add_argument(
+        "--prefix",
+        action="append",
+        dest="prefixes",
+        help="compare columns starting with this (repeatable; default: p_)",
+    )
+    ap.add_argument(
+        "--labels",
+        help="comma-separated column names compared as well (default: the 14 findings; '' for none)",
+    )
+    ap.add_argument("--ref-root", help="root stripped from the reference's keys")
+    ap.add_argument("--cand-root", help="root stripped from the candidate's keys")
+    ap.add_argument("--max-report", type=int, default=30, help="differences printed at most (default: 30)")
+    args = ap.parse_args(argv)
+
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    prefixes = args.prefixes if args.prefixes is not None else ["p_"]
+    labels = DEFAULT_LABELS if args.labels is None else [c.strip() for c in args.labels.split(",") if c.strip()]
+    try:
+        problems, summary = compare(
+            args.reference,
+            args.candidate,
+            key=args.key,
+            atol=args.atol,
+            columns=columns,
+            prefixes=prefixes,
+            labels=labels,
+            ref_root=args.ref_root,
+            cand_root=args.cand_root,
+        )
+    except Unusable as e:
+        print(f"compare_predictions: {e}", file=sys.stderr)
+        return EXIT_UNUSABLE
+
+    worst = max(summary["max_abs_diff"].values(), default=0.0)
+    head = (
+        f"{summary['rows']} rows x {len(summary['columns'])} columns ({summary['values']} values), "
+        f"max |diff| {worst:.3g}, tolerance {args.atol:g}"
+    )
+    if not problems:
+        print(f"compare_predictions: OK: {head}")
+        return EXIT_OK
+    print(f"compare_predictions: {len(problems)} difference(s): {head}", file=sys.stderr)
+    print(f"  reference: {args.reference}\n  candidate: {args.candidate}", file=sys.stderr)
+    for line in problems[: args.max_report]:
+        print(f"  {line}", file=sys.stderr)
+    if len(problems) > args.max_report:
+        print(f"  ... and {len(problems) - args.max_report} more", file=sys.stderr)
+    per_col = ", ".join(f"{c}={d:.3g}" for c, d in summary["max_abs_diff"].items() if d > args.atol)
+    if per_col:
+        print(f"  columns over tolerance (max |diff|): {per_col}", file=sys.stderr)
+    return EXIT_DIFFERENT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
