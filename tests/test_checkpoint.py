@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -29,6 +30,10 @@ def test_round_trip_rebuilds_model_from_checkpoint_alone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x).fusion_logits, model(x).fusion_logits)
     assert not list(tmp_path.glob(".*.tmp"))
+    # Readable like any file written with open(), not 0600 like a raw mkstemp file.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_missing_corrupt_and_foreign_files(tmp_path):
