@@ -5,7 +5,7 @@
 #       -v /data/xrays:/input:ro -v "$PWD/out":/output -v "$PWD/models":/models:ro \
 #       agcnn predict --checkpoint /models/model.pt --input /input --output /output
 #
-# See docs/deploy.md. The image runs as the unprivileged user 10001, needs no network at run
+# See the README's Deploy section. The image runs as the unprivileged user 10001, needs no network at run
 # time and writes only to /output and /tmp (mount a tmpfs there when the root is read-only).
 #
 # BASE may be any Debian bookworm image: the official Python image (default) or a bare Debian
