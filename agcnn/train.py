@@ -37,7 +37,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -769,7 +769,12 @@ def train(
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # Fail before loading any data when the first stage's seed checkpoint is missing.
+    # Fail before loading any data when a stage would overwrite a run or its seed is missing.
+    if not resume:
+        for s in stages:
+            if (stage_dir(run_dir, s) / "last.pt").exists():
+                raise ConfigError(f"{str(stage_dir(run_dir, s) / 'last.pt')!r} already exists; pass --resume to continue "
+                                  f"that run, or choose a new --out")
     first = stage_plan(stages[0], cfg.train.finetune_all)
     if not (resume and (stage_dir(run_dir, first.name) / "last.pt").is_file()):
         if seed_from is not None:
