@@ -618,7 +618,9 @@ def run_stage(
         set_train_mode(model, plan)
         loader = source.loader(epoch)
         t0 = time.perf_counter()
-        n_images, loss_sum, n_batches = 0, 0.0, 0
+        n_images, n_batches = 0, 0
+        # Summed on the device: reading the loss every step would synchronise a GPU each step.
+        loss_sum = torch.zeros((), device=rt.device)
         bar = _progress(len(loader), f"{stage_name} {epoch + 1}/{sc.epochs}", enabled=progress and rt.is_main)
         for batch in loader:
             with autocast(cfg, rt.device):
@@ -630,20 +632,22 @@ def run_stage(
             step += 1
             n_batches += 1
             n_images += y.shape[0]
-            loss_sum += float(loss.detach())
-            rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
+            loss_sum += loss.detach()
+            if step % max(cfg.train.log_every, 1) == 0:
+                if bar is not None:
+                    rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                if writer is not None:
+                    writer.add_scalar(f"{stage_name}/train_loss_step", float(loss.detach()), step)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update()
-            if writer is not None and step % max(cfg.train.log_every, 1) == 0:
-                writer.add_scalar(f"{stage_name}/train_loss_step", float(loss.detach()), step)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
         _sync_buffers(model, rt)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        train_loss = _mean_over_ranks(rt, loss_sum, n_batches)
+        train_loss = _mean_over_ranks(rt, float(loss_sum), n_batches)
 
         probs, val_labels = source.validate()
         aucs = {b: per_class_auc(probs[b], val_labels) for b in plan.reports}
