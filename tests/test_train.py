@@ -225,3 +225,37 @@ def test_config_in_checkpoint_rebuilds_model(tmp_path, data):
     model, cfg = model_from_checkpoint(load_checkpoint(run / "global" / "best.pt"))
     assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 32
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["backbone"] == "resnet18"
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+    """A training process killed with SIGKILL after its first last.pt resumes to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from agcnn.data.synthetic import generate_phantoms
+
+    root = tmp_path / "phantoms"
+    generate_phantoms(root, count=40, size=64, seed=0, workers=1)
+    cfg_path = tmp_path / "c.yaml"
+    tiny_cfg(f"data.root={root}", "data.synthetic_count=40", "data.synthetic_size=64", "train.global.epochs=4").dump(cfg_path)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "agcnn", "train", "--config", str(cfg_path), "--stage", "global",
+                             "--out", str(killed), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "global" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "global" / "last.pt").exists(), proc.stderr.read().decode()[-2000:]
+    assert load_checkpoint(killed / "global" / "last.pt")["epoch"] < 4  # it really was interrupted
+    assert main(["train", "--out", str(killed), "--resume", "--stage", "global", "--no-progress"]) == 0
+    full = tmp_path / "full"
+    assert main(["train", "--config", str(cfg_path), "--stage", "global", "--out", str(full), "--no-progress"]) == 0
+    a, b = load_checkpoint(full / "global" / "last.pt"), load_checkpoint(killed / "global" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
