@@ -71,8 +71,9 @@ def upsample_bilinear(heatmap: Tensor, size: int) -> Tensor:
     _, h, w = heatmap.shape
     y0, y1, fy = _axis_weights(h, size, heatmap.device)
     x0, x1, fx = _axis_weights(w, size, heatmap.device)
-    rows = heatmap[:, y0, :] * (1 - fy)[None, :, None] + heatmap[:, y1, :] * fy[None, :, None]
-    return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
+    # index_select rather than advanced indexing: same values, several times faster on the CPU.
+    rows = heatmap.index_select(1, y0) * (1 - fy)[None, :, None] + heatmap.index_select(1, y1) * fy[None, :, None]
+    return rows.index_select(2, x0) * (1 - fx)[None, None, :] + rows.index_select(2, x1) * fx[None, None, :]
 
 
 def attention_mask(features: Tensor, image_size: int, threshold: float = 0.7) -> Tensor:
