@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from agcnn import __version__
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the {args.command!r} command is not available in this installation")
     from agcnn.config import ConfigError
 
+    # Library modules log through `logging`; the command line shows INFO and up, bare.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     mod = importlib.import_module(args._module)
     try:
         return int(mod.run(args) or 0)
