@@ -27,7 +27,7 @@ import torchvision
 
 from agcnn import __version__
 from agcnn.models import AGCNN, Branch
-from agcnn.models.roi import attention_boxes, crop_regions
+from agcnn.models.roi import attention_boxes, attention_mask, crop_regions, largest_component_boxes
 
 
 def sync(device: torch.device) -> None:
@@ -72,6 +72,24 @@ def cpu_loop_region_step(features: torch.Tensor, images: torch.Tensor, image_siz
         crop = img[:, y0:y1, x0:x1].transpose(1, 2, 0)  # permute, not reshape
         crops.append(cv2.resize(crop, (out_size, out_size), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
     return torch.from_numpy(np.stack(crops)).to(features.device)
+
+
+def naive_propagation(mask: torch.Tensor) -> int:
+    """Plain min-label propagation (3x3 min-pool inside the mask until nothing changes).
+
+    The simple batched algorithm, kept here only to measure against; returns its round count.
+    """
+    b, h, w = mask.shape
+    fg = mask[:, None]
+    big = float(h * w)
+    labels = torch.where(fg, torch.arange(h * w, dtype=torch.float32, device=mask.device).reshape(1, 1, h, w), big)
+    rounds = 0
+    while True:
+        rounds += 1
+        new = torch.where(fg, -torch.nn.functional.max_pool2d(-labels, 3, stride=1, padding=1), big)
+        if torch.equal(new, labels):
+            return rounds
+        labels = new
 
 
 def main() -> None:
@@ -121,6 +139,15 @@ def main() -> None:
     t_agcnn = timed(run_agcnn, device, args.iters, args.warmup)
     t_region = timed(run_region, device, args.iters, args.warmup)
     t_loop = timed(run_loop, device, max(1, args.iters // 3), 1)
+
+    # The choices for the connected-components step, on the real masks of this batch.
+    with torch.inference_mode():
+        mask = attention_mask(feats, s)
+        ccl = {"torch_hooking": timed(lambda: largest_component_boxes(mask, "torch"), device, args.iters, 1)}
+        if device.type == "cpu":
+            ccl["scipy_batched"] = timed(lambda: largest_component_boxes(mask, "scipy"), device, args.iters, 1)
+        naive_rounds = naive_propagation(mask)
+        ccl["naive_propagation"] = timed(lambda: naive_propagation(mask), device, max(1, args.iters // 3), 1)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -136,6 +163,8 @@ def main() -> None:
             "region_step": b / t_region,
             "cpu_loop_region_step": b / t_loop,
         },
+        "components_ms_per_batch": {k: 1000 * v for k, v in ccl.items()},
+        "naive_propagation_rounds": naive_rounds,
         "ratios": {
             "agcnn_over_bare": t_bare / t_agcnn,
             "region_step_share_of_agcnn": t_region / t_agcnn,
