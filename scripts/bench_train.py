@@ -30,7 +30,6 @@ import time
 import numpy as np
 import torch
 import torchvision
-from torch import nn
 
 from agcnn.config import ModelConfig
 from agcnn.metrics import masked_bce_with_logits
