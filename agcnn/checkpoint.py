@@ -7,6 +7,7 @@ config and the label list, so ``evaluate`` and ``predict`` rebuild the model fro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,15 @@ from agcnn.labels import check_labels
 
 FORMAT = "agcnn-checkpoint"
 FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (provenance of checkpoints and weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CheckpointError(ValueError):

@@ -161,6 +161,16 @@ class Config:
 
 # ---------------------------------------------------------------------- helpers
 
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``; else a ValueError naming it, the valid
+    choices and the nearest one (the one place where a name is checked against a menu)."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}.{hint}")
+    return value
+
+
 def _key(f: dataclasses.Field) -> str:
     """YAML name of a field: ``global_`` is spelled ``global`` (a Python keyword)."""
     return f.name.rstrip("_")

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
-from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
 from agcnn.config import Config, ConfigError, apply_override
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
@@ -82,14 +81,6 @@ class EvaluationError(ValueError):
 
 
 # ---------------------------------------------------------------------- inputs
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
     """The branches the checkpoint's training stage has trained; the others hold random weights."""
@@ -566,7 +557,7 @@ def evaluate_checkpoint(
     report: dict[str, Any] = {
         "agcnn_version": __version__,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
         "stage": ckpt.get("stage"),
         "split": split_info,
         "labels": names,

@@ -596,14 +596,6 @@ def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool,
     return cols
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _shard_from_env() -> tuple[int, int] | None:
     """``(RANK, WORLD_SIZE)`` when started by torchrun with more than one process."""
     try:
@@ -719,7 +711,7 @@ def predict_folder(
     if shard is None:
         shard = _shard_from_env()
 
-    from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, sha256_file
 
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -739,7 +731,7 @@ def predict_folder(
             f"re-run the operating-point selection"
         )
     torch_device = _resolve_device(device)
-    ckpt_sha = file_sha256(checkpoint)
+    ckpt_sha = sha256_file(checkpoint)
     del ckpt
 
     # ---- the output folder

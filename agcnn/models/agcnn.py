@@ -6,7 +6,6 @@ The model returns logits; a sigmoid is applied only when reporting. Training use
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agcnn.config import ModelConfig
+from agcnn.config import ModelConfig, check_choice
 from agcnn.models.backbones import create_backbone, load_pretrained
 from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, crop_regions
 
@@ -22,14 +21,6 @@ log = logging.getLogger(__name__)
 
 POOLS = ("max", "avg")
 STAGES = ("global", "local", "fusion")
-
-
-def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}.{hint}")
-    return value
 
 
 class Branch(nn.Module):

@@ -19,11 +19,11 @@ the last layer):
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from agcnn.config import check_choice
 
 ATTENTION_KINDS = ("none", "se", "self", "mhsa")
 # Which kinds act on channels (inside every block) and which on space (last stage only).
@@ -32,11 +32,7 @@ SPATIAL_KINDS = ("self", "mhsa")
 
 
 def check_attention(kind: str) -> str:
-    if kind not in ATTENTION_KINDS:
-        close = difflib.get_close_matches(str(kind), ATTENTION_KINDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown attention kind {kind!r}; valid kinds: {', '.join(ATTENTION_KINDS)}.{hint}")
-    return kind
+    return check_choice("attention kind", kind, ATTENTION_KINDS)
 
 
 def create_attention(kind: str, channels: int) -> nn.Module:

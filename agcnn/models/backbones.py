@@ -6,8 +6,6 @@ ImageNet weights load directly; attention blocks add keys of their own and nothi
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +15,8 @@ from torch import Tensor, nn
 from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from agcnn.checkpoint import sha256_file
+from agcnn.config import check_choice
 from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
 
 BACKBONES = ("resnet50", "densenet121", "resnet18")
@@ -111,11 +111,7 @@ def module_out_channels(block: nn.Module) -> int:
 
 
 def check_backbone(name: str) -> str:
-    if name not in BACKBONES:
-        close = difflib.get_close_matches(str(name), BACKBONES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}.{hint}")
-    return name
+    return check_choice("backbone", name, BACKBONES)
 
 
 def create_backbone(name: str, attention: str = "none") -> nn.Module:
@@ -131,14 +127,6 @@ def create_backbone(name: str, attention: str = "none") -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- pretrained weights
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _remap_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     # Old torchvision DenseNet files spell "norm.1" for "norm1" (see torchvision densenet.py).
