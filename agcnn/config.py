@@ -71,6 +71,10 @@ class DataConfig:
     # Global input: resize to `resize`, crop `image_size` (paper: 256 / 224).
     resize: int = 256
     image_size: int = 224
+    # Training crop: RandomResizedCrop keeping this range of the image's area (torchvision's
+    # default 8-100 %). Small training sets with small findings want a narrower range, since a
+    # crop can cut the finding out while its label stays on.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
     # image the global branch saw (the paper). Larger: same field of view at higher resolution.
     highres_size: int = 224

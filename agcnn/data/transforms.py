@@ -73,7 +73,12 @@ def build_transform(
 
 def transforms_from_config(data_cfg, *, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """:func:`build_transform` with every size taken from a :class:`agcnn.config.DataConfig`."""
-    return build_transform(train=train, resize=data_cfg.resize, image_size=data_cfg.image_size, highres_size=data_cfg.highres_size)
+    scale = tuple(data_cfg.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"data.crop_scale={list(scale)} must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]")
+    return build_transform(
+        train=train, resize=data_cfg.resize, image_size=data_cfg.image_size, highres_size=data_cfg.highres_size, crop_scale=scale
+    )
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

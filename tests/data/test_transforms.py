@@ -63,3 +63,18 @@ def test_training_transform_is_random_eval_is_not():
     torch.manual_seed(0)
     assert not torch.equal(train(img), train(img))
     assert torch.equal(ev(img), ev(img))
+
+
+def test_crop_scale_comes_from_config_and_is_checked():
+    from agcnn.config import DataConfig
+    from agcnn.data.transforms import transforms_from_config
+
+    cfg = DataConfig(resize=64, image_size=64, highres_size=64, crop_scale=[1.0, 1.0])
+    img = torch.rand(1, 80, 80)
+    torch.manual_seed(0)
+    # Full-area crops of a square image: training output is the evaluation output or its mirror.
+    train_out = transforms_from_config(cfg, train=True)(img)
+    eval_out = transforms_from_config(cfg, train=False)(img)
+    assert torch.allclose(train_out, eval_out, atol=1e-5) or torch.allclose(train_out, eval_out.flip(-1), atol=1e-5)
+    with pytest.raises(ValueError, match=r"data.crop_scale=\[0.5, 0.2\]"):
+        transforms_from_config(DataConfig(crop_scale=[0.5, 0.2]), train=True)
