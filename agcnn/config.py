@@ -118,6 +118,9 @@ class TrainConfig:
     fusion: StageConfig = _stage(64)
     # The paper's Table II "G L F*": fine-tune both branches in stage III instead of freezing them.
     finetune_all: bool = False
+    # Stage III starts its fusion head as the global classifier (zero weight on local features),
+    # rather than at random; see AGCNN.init_fusion_from_global.
+    fusion_from_global: bool = True
     # Stage III with both branches frozen: compute their pool5 features once (un-augmented
     # training images) and train the fusion head on them every epoch. False: augmented images
     # through both branches every epoch, as in the paper's training code.

@@ -574,6 +574,8 @@ def run_stage(
     elif plan.seed_from is not None:
         load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
 
+    if stage_name == "fusion" and resume_ckpt is None and cfg.train.fusion_from_global:
+        model.init_fusion_from_global()
     apply_freezing(model, plan)
     model.to(rt.device)
     if cfg.train.channels_last:

@@ -148,6 +148,19 @@ class AGCNN(nn.Module):
         out.fusion_logits = self.fuse(g_pooled, out.local_pooled)
         return out
 
+    @torch.no_grad()
+    def init_fusion_from_global(self) -> None:
+        """Start the fusion head as a copy of the global classifier, with zero weight on the
+        local features: at step 0 the fusion logits equal the global logits, so stage III can
+        only move away from what the global branch knows where the local features help.
+        The paper does not say how the fusion layer starts; a random start must first relearn
+        the global classifier from the (small) training set before it can add anything.
+        """
+        n_global = self.global_branch.num_features
+        self.fusion.weight.zero_()
+        self.fusion.weight[:, :n_global].copy_(self.global_branch.classifier.weight)
+        self.fusion.bias.copy_(self.global_branch.classifier.bias)
+
     def fuse(self, global_pooled: Tensor, local_pooled: Tensor) -> Tensor:
         """Fusion head on the concatenated pool5 features (Sec. 3.4)."""
         return self.fusion(self.fusion_dropout(torch.cat([global_pooled, local_pooled], dim=1)))

@@ -158,3 +158,17 @@ def test_pretrained_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
         load_pretrained(net, junk)
+
+
+def test_fusion_head_can_start_as_the_global_classifier():
+    model = AGCNN(14, backbone="resnet18", image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        assert not torch.allclose(before.fusion_logits, before.global_logits)
+        model.init_fusion_from_global()
+        after = model(x)
+    torch.testing.assert_close(after.fusion_logits, after.global_logits)
+    # The local half starts at zero but is trainable: it receives a gradient.
+    model.fuse(after.global_pooled, after.local_pooled).sum().backward()
+    assert model.fusion.weight.grad[:, 512:].abs().sum() > 0
