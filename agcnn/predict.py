@@ -112,24 +112,23 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def _int_at_least(minimum: int, meaning: str = ""):
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {minimum}{meaning}")
+        return v
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 (decode in the main process) or more")
-    return v
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0, " (0 decodes in the main process)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from agcnn.data.datasets import XrayDataset
 from agcnn.data.readers import read_image
 from agcnn.data.transforms import build_transform
 from agcnn.labels import LABELS
+from benchutil import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,16 +48,6 @@ def timed(fn, n: int) -> float:
     start = cpu_seconds()
     fn()
     return rate(n, cpu_seconds() - start)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 import torchvision
 
 from agcnn import __version__
+from benchutil import device_name
 from agcnn.models import AGCNN, Branch
 from agcnn.models.roi import attention_boxes, attention_mask, crop_regions, largest_component_boxes
 
@@ -149,7 +149,7 @@ def main() -> None:
         naive_rounds = naive_propagation(mask)
         ccl["naive_propagation"] = timed(lambda: naive_propagation(mask), device, max(1, args.iters // 3), 1)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "versions": {"agcnn": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
         "backbone": args.backbone,

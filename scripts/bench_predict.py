@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from agcnn.config import Config
 from agcnn.data.dicom_write import encodable_transfer_syntaxes, write_dicom
 from agcnn.labels import LABELS
 from agcnn.models import AGCNN
+from benchutil import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,16 +51,6 @@ rc = main(sys.argv[1:])
 print("RSS " + json.dumps({"rc": rc, "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       "workers_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}), flush=True)
 """
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sources(sample: Path) -> list[np.ndarray]:

@@ -35,6 +35,7 @@ from agcnn.config import ModelConfig
 from agcnn.metrics import masked_bce_with_logits
 from agcnn.models import AGCNN
 from agcnn.train import apply_freezing, set_train_mode, stage_plan
+from benchutil import device_name
 
 K = 14
 
@@ -182,7 +183,7 @@ def bench(args: argparse.Namespace) -> dict:
     ratios = {k: round(v["images_per_s"] / ref, 3) for k, v in results.items() if k != "bare"}
     ratios["local_vs_cpu_loop"] = round(results["local"]["images_per_s"] / results["local_cpu_loop"]["images_per_s"], 2)
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__},
         "settings": {"backbone": args.backbone, "batch_size": b, "image_size": args.image_size, "highres_size": highres,
                      "local_size": mc.local_size, "steps": args.steps, "warmup": args.warmup,
