@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
@@ -131,6 +132,11 @@ def apply_freezing(model: nn.Module, plan: Stage) -> None:
         if name not in plan.trains:
             module.eval()
             hooks += [m.register_forward_pre_hook(_stay_in_eval) for m in module.modules() if isinstance(m, _MODE_DEPENDENT)]
+    if plan.scores == "fusion":
+        # The branch classifiers are not in the fusion loss: under G L F* they would get no
+        # gradient (which DistributedDataParallel rejects) while their backbones move on.
+        for branch in (model.global_branch, model.local_branch):
+            branch.classifier.requires_grad_(False)
     model._freeze_hooks = hooks
 
 
@@ -456,10 +462,12 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
 
 
 def _model_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config values that decide the shape of the weights (what a seed must share)."""
-    m = dict(cfg_dict["model"])
-    m.pop("pretrained", None)
-    return {"model": m, "labels": list(cfg_dict["labels"])}
+    """The config values a seed or resumed checkpoint must share: the model (but where its
+    ImageNet start came from) and the input geometry the weights were trained at."""
+    sig = {f"model.{k}": v for k, v in cfg_dict["model"].items() if k != "pretrained"}
+    data = cfg_dict["data"]
+    sig.update({f"data.{k}": data.get(k) for k in ("image_size", "resize", "highres_size")})
+    return sig
 
 
 def check_seed_exists(path: Path, stage: Stage, explicit: bool) -> None:
@@ -474,17 +482,21 @@ def check_seed_exists(path: Path, stage: Stage, explicit: bool) -> None:
     )
 
 
+def check_same_model(ckpt: dict[str, Any], cfg: Config, where: str) -> None:
+    """The checkpoint was trained with this config's model, label list and input sizes."""
+    check_labels(ckpt["labels"], cfg.labels, where=where)
+    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(ckpt["config"])
+    if mine != theirs:
+        diff = [f"{k}: {theirs[k]!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
+        raise ConfigError(f"checkpoint {where} was trained with different settings ({'; '.join(diff)}); "
+                          f"use the same model and input sizes as the run that wrote it")
+
+
 def load_seed(model: nn.Module, path: Path, cfg: Config, stage: Stage, explicit: bool) -> dict[str, Any]:
     """Initialise ``model`` from the checkpoint that seeds ``stage``; a missing one is fatal."""
     check_seed_exists(path, stage, explicit)
     ckpt = load_checkpoint(path)
-    check_labels(ckpt["labels"], cfg.labels, where=f"seed checkpoint {path}")
-    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(ckpt["config"])
-    if mine != theirs:
-        diff = [f"model.{k}: {theirs['model'].get(k)!r} there, {v!r} here" for k, v in mine["model"].items()
-                if theirs["model"].get(k) != v]
-        raise ConfigError(f"seed checkpoint {str(path)!r} was trained with a different model ({'; '.join(diff)}); "
-                          f"use the same model settings as the run that wrote it")
+    check_same_model(ckpt, cfg, f"seed checkpoint {str(path)!r}")
     model.load_state_dict(ckpt["model"])
     return ckpt
 
@@ -560,21 +572,31 @@ def run_stage(
                           "or data.val_list")
 
     seed_everything(cfg.train.seed)
-    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
-    resume_ckpt = None
-    if resume and last_path.is_file():
+    resuming = resume and last_path.is_file()
+    seeded = resuming or seed_from is not None or plan.seed_from is not None
+    model_cfg = cfg.model
+    if seeded:
+        # The checkpoint's weights replace any ImageNet start: do not read (or require) that file.
+        model_cfg = dataclasses.replace(cfg.model, pretrained=None)
+    model = AGCNN.from_config(model_cfg, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
+    resume_ckpt = seed_ckpt = None
+    if resuming:
         resume_ckpt = load_checkpoint(last_path)
         if resume_ckpt.get("stage") != stage_name:
             raise CheckpointError(f"{str(last_path)!r} belongs to stage {resume_ckpt.get('stage')!r}, not {stage_name!r}")
+        check_same_model(resume_ckpt, cfg, f"{str(last_path)!r} (resumed)")
         model.load_state_dict(resume_ckpt["model"])
     elif last_path.exists() and not resume:
         raise ConfigError(f"{str(last_path)!r} already exists; pass --resume to continue that run, or choose a new --out")
     elif seed_from is not None:
-        load_seed(model, Path(seed_from), cfg, plan, explicit=True)
+        seed_ckpt = load_seed(model, Path(seed_from), cfg, plan, explicit=True)
     elif plan.seed_from is not None:
-        load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
+        seed_ckpt = load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
 
-    if stage_name == "fusion" and resume_ckpt is None and cfg.train.fusion_from_global:
+    # A fresh stage III starts its head as the global classifier; one seeded from a finished
+    # fusion checkpoint (e.g. to fine-tune it, G L F*) keeps the head it learned.
+    fresh_fusion = resume_ckpt is None and (seed_ckpt is None or seed_ckpt.get("stage") != "fusion")
+    if stage_name == "fusion" and fresh_fusion and cfg.train.fusion_from_global:
         model.init_fusion_from_global()
     apply_freezing(model, plan)
     model.to(rt.device)
@@ -789,7 +811,8 @@ def train(
             check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.dump(run_dir / "config.yaml")
+        # Atomic: a kill mid-write must not leave a config that --resume then cannot read.
+        atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
     if datasets is None:
         from agcnn.data.datasets import build_datasets
 

@@ -259,3 +259,47 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     a, b = load_checkpoint(full / "global" / "last.pt"), load_checkpoint(killed / "global" / "last.pt")
     assert a["epoch"] == b["epoch"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_another_model_or_input_size_is_refused(tmp_path, data):
+    from agcnn.config import ConfigError
+
+    run = tmp_path / "run"
+    train(tiny_cfg("train.global.epochs=1"), run, ["global"], datasets=data, progress=False, say=quiet)
+    for change, key in (("model.pool=avg", "model.pool"), ("data.resize=40", "data.resize")):
+        with pytest.raises(ConfigError, match=key):
+            train(tiny_cfg("train.global.epochs=2", change), run, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+
+
+def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data):
+    run = tmp_path / "run"
+    cfg = tiny_cfg("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
+    train(cfg, run, datasets=data, progress=False, say=quiet)
+    fus = load_checkpoint(run / "fusion" / "last.pt")["model"]
+    n = fus["global_branch.classifier.weight"].shape[1]
+    # lr 0: the head is exactly its start, the global classifier with zero weight on local features.
+    assert torch.equal(fus["fusion.weight"][:, :n], fus["global_branch.classifier.weight"])
+    assert torch.equal(fus["fusion.bias"], fus["global_branch.classifier.bias"])
+    assert not fus["fusion.weight"][:, n:].any()
+    # Fine-tuning from a finished fusion checkpoint (G L F*) keeps the head it was given.
+    marked = load_checkpoint(run / "fusion" / "best.pt")
+    from agcnn.checkpoint import save_checkpoint
+
+    marked["model"]["fusion.weight"].fill_(0.5)
+    seed = tmp_path / "seed.pt"
+    save_checkpoint(seed, model_state=marked["model"], config=cfg, stage="fusion")
+    train(tiny_cfg("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0", "train.finetune_all=true"),
+          tmp_path / "ft", ["fusion"], seed_from=seed, datasets=data, progress=False, say=quiet)
+    ft = load_checkpoint(tmp_path / "ft" / "fusion" / "last.pt")["model"]
+    assert torch.all(ft["fusion.weight"] == 0.5)
+
+
+def test_finetune_all_keeps_the_unscored_branch_classifiers_fixed():
+    model = tiny_model()
+    plan = stage_plan("fusion", finetune_all=True)
+    apply_freezing(model, plan)
+    assert model.global_branch.features.conv1.weight.requires_grad
+    assert model.local_branch.features.conv1.weight.requires_grad
+    assert not model.global_branch.classifier.weight.requires_grad
+    assert not model.local_branch.classifier.weight.requires_grad
+    assert model.fusion.weight.requires_grad
