@@ -105,6 +105,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+BRANCHES = ("global", "local", "fusion")
+# What each training stage leaves trained; the other branches of its model hold random weights.
+TRAINED_BY_STAGE = {"global": ("global",), "local": ("global", "local"), "fusion": BRANCHES}
+
+
+def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
+    """The branches the checkpoint's training stage has trained; the others hold random weights."""
+    stage = ckpt.get("stage")
+    if stage is None:
+        # No stage recorded: the checkpoint is taken to be a complete (fusion) model.
+        return BRANCHES
+    if stage not in TRAINED_BY_STAGE:
+        raise CheckpointError(f"checkpoint records stage {stage!r}; expected one of {list(TRAINED_BY_STAGE)}")
+    return TRAINED_BY_STAGE[stage]
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], map_location: str | torch.device = "cpu"):
     """Rebuild the AG-CNN model of a loaded checkpoint; returns ``(model, config)``."""
     from agcnn.models import AGCNN

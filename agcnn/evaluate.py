@@ -53,18 +53,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
-from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint, sha256_file
+from agcnn.checkpoint import (
+    BRANCHES,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    trained_branches,
+)
 from agcnn.config import Config, ConfigError, apply_override
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
 
 log = logging.getLogger(__name__)
 
-BRANCHES = ("global", "local", "fusion")
 SPLITS = ("test", "val", "train")
 BOOTSTRAP_UNITS = ("patient", "image")
 # Which branches a checkpoint of each training stage has trained (stage table: global -> local -> fusion).
-TRAINED_BY_STAGE = {"global": ("global",), "local": ("global", "local"), "fusion": BRANCHES}
 # Data settings that fix the input the weights were trained on; changing them evaluates a different model.
 FIXED_DATA_KEYS = ("image_size", "highres_size", "resize")
 
@@ -81,17 +87,6 @@ class EvaluationError(ValueError):
 
 
 # ---------------------------------------------------------------------- inputs
-
-def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
-    """The branches the checkpoint's training stage has trained; the others hold random weights."""
-    stage = ckpt.get("stage")
-    if stage is None:
-        # No stage recorded: the checkpoint is taken to be a complete (fusion) model.
-        return BRANCHES
-    if stage not in TRAINED_BY_STAGE:
-        raise CheckpointError(f"checkpoint records stage {stage!r}; expected one of {list(TRAINED_BY_STAGE)}")
-    return TRAINED_BY_STAGE[stage]
-
 
 def config_with_data_overrides(raw_config: dict[str, Any], overrides: Sequence[str] | None) -> tuple[Config, list[str]]:
     """The checkpoint's config with ``data.*`` overrides applied; returns it and the keys set.

@@ -710,14 +710,21 @@ def predict_folder(
     if shard is None:
         shard = _shard_from_env()
 
-    from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, sha256_file
+    from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, sha256_file, trained_branches
 
     try:
         ckpt = load_checkpoint(checkpoint)
+        trained = trained_branches(ckpt)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     except ValueError as e:  # label list / config problems inside an agcnn checkpoint
         raise UsageError(f"checkpoint {str(checkpoint)!r}: {e}") from None
+    if "fusion" not in trained:
+        # Its fusion head (and for stage I its local branch) still holds random weights.
+        raise UsageError(
+            f"checkpoint {str(checkpoint)!r} is from the {ckpt.get('stage')} stage, whose fusion head is untrained; "
+            f"predict with the fusion stage's checkpoint (RUN_DIR/fusion/best.pt)"
+        )
     try:
         model, cfg = model_from_checkpoint(ckpt)
     except Exception as e:  # noqa: BLE001 - weights that do not fit the stored config
@@ -924,11 +931,16 @@ def _run(*, model, cfg, labels, thresholds, device, in_dir, out_top, out_dir, jo
                     crop = box_to_original([0, 0, cfg.data.image_size, cfg.data.image_size],
                                            height=rec["height"], width=rec["width"], **geometry)
                     j = int(p.argmax())
-                    overlay_mod.write_overlay(
-                        out_dir / OVERLAYS / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
-                        height=rec["height"], width=rec["width"], box=box, field=crop,
-                        heatmap=heat[k].numpy(), cam=cams[k].numpy(), finding=labels[j], probability=float(p[j]),
-                    )
+                    try:
+                        overlay_mod.write_overlay(
+                            out_dir / OVERLAYS / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
+                            height=rec["height"], width=rec["width"], box=box, field=crop,
+                            heatmap=heat[k].numpy(), cam=cams[k].numpy(), finding=labels[j], probability=float(p[j]),
+                        )
+                    except OSError as e:
+                        # A picture that cannot be written (name too long, disk full) must not
+                        # cost the prediction, or stop the run at the same file on every re-run.
+                        row["notes"] = "; ".join(filter(None, [row.get("notes"), f"overlay not written: {e.strerror or e}"]))
                 k += 1
             rows.append(row)
             counts[rec["status"]] += 1

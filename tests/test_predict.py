@@ -358,6 +358,13 @@ def test_usage_errors_exit_2_before_any_output(checkpoint, other_checkpoint, exp
     assert "does not exist" in capsys.readouterr().err
     assert _predict(corrupt, export, out) == 2
     assert "corrupt" in capsys.readouterr().err
+    # A stage I / II checkpoint: its fusion head is untrained, so its probabilities would be noise.
+    ckpt = torch.load(checkpoint, weights_only=True)
+    for stage in ("global", "local"):
+        early = tmp_path / f"{stage}.pt"
+        torch.save({**ckpt, "stage": stage}, early)
+        assert _predict(early, export, out) == 2
+        assert "fusion head is untrained" in capsys.readouterr().err
     assert not out.exists()
     assert _predict(checkpoint, tmp_path / "no-such-input", out) == 2
     assert "--input" in capsys.readouterr().err
