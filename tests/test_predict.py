@@ -295,6 +295,25 @@ def test_exit_0_when_every_usable_file_is_predicted(checkpoint, tmp_path):
         assert [r["path"] for r in _rows(inp / "results")] == ["a.dcm", "b.png", "notes.txt"]
 
 
+def test_an_overlay_that_cannot_be_written_costs_only_the_picture(checkpoint, tmp_path, monkeypatch):
+    from agcnn import overlays
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_dicom(inp / "a.dcm", _image(64, 64, 1))
+    _write_png(inp / "b.png", 64, 80)
+
+    def disk_full(path, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(overlays, "write_overlay", disk_full)
+    assert _predict(checkpoint, inp, tmp_path / "out", "--overlays") == 0
+    rows = _rows(tmp_path / "out")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all("overlay not written: No space left on device" in r["notes"] for r in rows)
+    assert all(r["Nodule"] for r in rows)
+
+
 def test_no_identifiers_in_outputs_unless_asked(checkpoint, export, baseline, tmp_path, locked):
     out, _, logs = baseline
     everything = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file()) + logs.encode()
