@@ -228,6 +228,13 @@ def list_files(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathL
     decided: dict[str, tuple[str, str]] = {}
     duplicates = loops = 0
     linked_dirs: set[str] = set()  # relative dirs reached through a link somewhere above
+    # Folders that lie under the root without any link: a link to one of them is skipped, so
+    # their files are listed under the real name even when the link sorts (or sits) first.
+    real_dirs: set[tuple[int, int]] = set()
+    for dirpath, _, _ in os.walk(root, followlinks=False):
+        with contextlib.suppress(OSError):
+            st = os.stat(dirpath)
+            real_dirs.add((st.st_dev, st.st_ino))
 
     def on_error(err: OSError) -> None:
         # A subfolder that cannot be listed: its files are unknown, so say so in a row of its own.
@@ -247,7 +254,7 @@ def list_files(root: str | os.PathLike[str], *, exclude: Sequence[str | os.PathL
                 decided[_join(rel_dir, name)] = ("failed", "unreadable: broken symbolic link (its target is missing)")
                 continue
             key = (st.st_dev, st.st_ino)
-            if key in visited:
+            if key in visited or (os.path.islink(full) and key in real_dirs):
                 loops += 1
                 continue
             visited.add(key)

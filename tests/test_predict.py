@@ -506,3 +506,16 @@ def test_a_decoder_crash_fails_one_file_not_the_run(checkpoint, tmp_path, monkey
     assert sorted(rows) == [f"IM{i}.dcm" for i in range(7)]
     assert rows["IM3.dcm"]["status"] == "failed" and "crashed" in rows["IM3.dcm"]["reason"]
     assert all(r["status"] == "ok" for p, r in rows.items() if p != "IM3.dcm")
+
+
+def test_a_file_is_listed_under_its_real_name_not_a_link_that_sorts_first(tmp_path):
+    from agcnn.predict import list_files
+
+    (tmp_path / "z_real" / "deep").mkdir(parents=True)
+    (tmp_path / "z_real" / "f.png").write_bytes(b"x")
+    (tmp_path / "z_real" / "deep" / "g.png").write_bytes(b"y")
+    (tmp_path / "a_link").symlink_to(tmp_path / "z_real")
+    (tmp_path / "b_link").symlink_to(tmp_path / "z_real" / "deep")
+    listing = list_files(tmp_path)
+    assert listing.paths == ["z_real/deep/g.png", "z_real/f.png"]
+    assert listing.loops == 2
