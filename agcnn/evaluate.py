@@ -13,7 +13,7 @@ Written into ``--out``:
   in brackets) and footnotes that say which split the numbers come from.
 * ``roc.png`` -- a 4 x 4 grid, one panel per finding with the three branches overlaid: a reader
   compares branches on one finding at a time, and 14 curves on one axis cannot be told apart.
-* ``predictions.csv`` -- per image: ``path, patient``, the reference labels (1 / 0 / empty, the
+* ``predictions.csv`` -- per image: ``path`` (and ``patient`` with ``--include-identifiers``), the reference labels (1 / 0 / empty, the
   checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
   left out of every number, and the count is in ``auc.json`` and ``auc.md``.
@@ -432,9 +432,11 @@ def _write_csv(path: Path, report: dict, names: Sequence[str]) -> None:
             w.writerow(row)
 
 
-def _write_predictions(path: Path, table: pd.DataFrame, labels: np.ndarray, probs: dict[str, np.ndarray], names: Sequence[str]) -> None:
+def _write_predictions(path: Path, table: pd.DataFrame, labels: np.ndarray, probs: dict[str, np.ndarray], names: Sequence[str],
+                       *, include_identifiers: bool = False) -> None:
     out = pd.DataFrame({"path": table["path"].to_numpy()})
-    if "patient" in table.columns:
+    # A hospital table's patient column is often a record number: written only when asked.
+    if include_identifiers and "patient" in table.columns:
         out["patient"] = table["patient"].to_numpy()
     for k, name in enumerate(names):
         # Reference labels as in the input tables: 1, 0, empty for missing.
@@ -472,6 +474,7 @@ def evaluate_checkpoint(
     alpha: float = 0.05,
     write_operating_points: bool = False,
     roc: bool = True,
+    include_identifiers: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
 
@@ -597,7 +600,7 @@ def evaluate_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "auc.csv", report, names)
-    _write_predictions(out / "predictions.csv", table, labels, probs, names)
+    _write_predictions(out / "predictions.csv", table, labels, probs, names, include_identifiers=include_identifiers)
     if len(skipped):
         skipped.to_csv(out / "skipped.csv", index=False)
     else:
@@ -635,6 +638,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the checkpoint's data settings, e.g. --set data.root=/mnt/nih (repeatable)")
+    parser.add_argument("--include-identifiers", action="store_true",
+                        help="add the table's patient column to predictions.csv (left out by default)")
     parser.add_argument("--no-roc", dest="roc", action="store_false", help="skip roc.png (drawing it takes a few seconds)")
     parser.add_argument("--write-operating-points", action="store_true",
                         help="with --split val: store the per-class Youden thresholds in the checkpoint for `agcnn predict`")
@@ -647,6 +652,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
             num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
             bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
+            include_identifiers=args.include_identifiers,
         )
     except (CheckpointError, EvaluationError, ConfigError, LabelMismatchError) as e:
         print(f"agcnn evaluate: {e}", file=sys.stderr)

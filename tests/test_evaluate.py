@@ -96,6 +96,10 @@ def test_csv_file_split_numbers_and_intervals(csv_set, tmp_path):
     preds = pd.read_csv(tmp_path / "predictions.csv")
     # Reference labels are written back as read, missing ones as empty cells.
     np.testing.assert_array_equal(preds[list(LABELS)].to_numpy(dtype=float), labels)
+    # The table's patient IDs (often hospital record numbers) are left out unless asked for.
+    assert "patient" not in preds.columns and "P0" not in (tmp_path / "predictions.csv").read_text()
+    evaluate_checkpoint(ckpt, split=str(table), out_dir=tmp_path / "ids", bootstrap=0, roc=False, include_identifiers=True)
+    assert pd.read_csv(tmp_path / "ids" / "predictions.csv")["patient"].tolist()[:2] == ["P0", "P0"]
     for branch in ("global", "local", "fusion"):
         r = report["branches"][branch]
         auc = np.array([r["auc"][n] for n in LABELS], dtype=float)
