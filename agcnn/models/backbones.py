@@ -22,8 +22,8 @@ from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention
 BACKBONES = ("resnet50", "densenet121", "resnet18")
 
 
-class AttentiveBottleneck(Bottleneck):
-    """torchvision's Bottleneck with two optional attention points (identity by default).
+class _AttentionPoints(nn.Module):
+    """Gives a torchvision residual block two attention points, identities until set.
 
     ``spatial_attn`` sits after the 3x3 convolution, where SASA/BoTNet put attention;
     ``channel_attn`` on the residual branch before the addition, as in SE-ResNet.
@@ -34,6 +34,10 @@ class AttentiveBottleneck(Bottleneck):
         self.spatial_attn: nn.Module = nn.Identity()
         self.channel_attn: nn.Module = nn.Identity()
 
+
+class AttentiveBottleneck(_AttentionPoints, Bottleneck):
+    """torchvision's Bottleneck with the two attention points."""
+
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -42,13 +46,8 @@ class AttentiveBottleneck(Bottleneck):
         return self.relu(out + identity)
 
 
-class AttentiveBasicBlock(BasicBlock):
-    """torchvision's BasicBlock with the same two attention points."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.spatial_attn: nn.Module = nn.Identity()
-        self.channel_attn: nn.Module = nn.Identity()
+class AttentiveBasicBlock(_AttentionPoints, BasicBlock):
+    """torchvision's BasicBlock with the two attention points."""
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
