@@ -15,7 +15,7 @@ different roots; ``--ref-root`` / ``--cand-root`` strip those so that the keys l
 Exit status: 0 when every value agrees, 1 on any difference, 2 when the files cannot be
 compared (missing file, key or column, duplicate keys, nothing selected).
 
-Standard library only, so it runs anywhere a Python 3.9+ does.
+Runs with the Python that has agcnn installed (for its label list).
 """
 
 from __future__ import annotations
@@ -27,24 +27,10 @@ import posixpath
 import sys
 from collections.abc import Sequence
 
-# The 14 ChestX-ray14 findings (NIH order), the same list as agcnn.labels.LABELS; written out
-# here so that the script does not need the package installed.
-DEFAULT_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+from agcnn.labels import LABELS
+
+# The label contract: compared by default, in the order predict writes them.
+DEFAULT_LABELS: tuple[str, ...] = LABELS
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1

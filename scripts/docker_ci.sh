@@ -19,7 +19,7 @@
 #   AGCNN_CI_WORKDIR  parent of the temporary podman storage (default: $TMPDIR or /var/tmp)
 #   AGCNN_CI_ATOL     tolerance of the predict comparison (default: 1e-5)
 #   AGCNN_CI_PREDICT_ARGS  extra arguments for both predict runs (default: --device cpu)
-#   AGCNN_CI_PYTHON   Python with agcnn installed, for --predict-selftest (default: python3)
+#   AGCNN_CI_PYTHON   Python with agcnn installed, for the host reference and the comparison (default: python3)
 #   AGCNN_CI_SKIP_APT set to 1 to skip the apt-get install step
 #   HADOLINT          hadolint binary (default: hadolint on PATH, else /work/venv/bin/hadolint)
 # Everything it creates (images, containers, storage, root file system) is removed on exit.
@@ -31,6 +31,7 @@ IMAGE="localhost/agcnn:ci-$$"
 BASE_IMAGE="localhost/debian:bookworm-local"
 APP_UID=10001
 ATOL="${AGCNN_CI_ATOL:-1e-5}"
+PY="${AGCNN_CI_PYTHON:-python3}"  # a Python with agcnn installed (host reference, comparison)
 
 PREDICT_INPUT="" PREDICT_CKPT="" PREDICT_REF="" SELFTEST=0
 read -r -a PREDICT_ARGS <<<"${AGCNN_CI_PREDICT_ARGS---device cpu}"
@@ -135,7 +136,6 @@ df -h "$WORK" | tail -1
 # ---------------------------------------------------------------------------------------------
 if [ "$SELFTEST" = 1 ]; then
     step "host reference: phantoms, untrained checkpoint, agcnn predict on the host"
-    PY="${AGCNN_CI_PYTHON:-python3}"
     FIX="$WORK/selftest"
     mkdir -p "$FIX"
     "$PY" -m agcnn phantoms --out "$FIX/data" --count 8 --size 256 --dicom-fraction 0.5 --workers 1 \
@@ -334,7 +334,7 @@ if [ -n "$PREDICT_INPUT" ]; then
         "${PREDICT_ARGS[@]}" || die "agcnn predict failed in the container"
     ls -l "$PRED_OUT"
     [ -f "$PRED_OUT/predictions.csv" ] || die "the container wrote no predictions.csv"
-    python3 "$REPO/scripts/compare_predictions.py" "$PREDICT_REF" "$PRED_OUT/predictions.csv" \
+    "$PY" "$REPO/scripts/compare_predictions.py" "$PREDICT_REF" "$PRED_OUT/predictions.csv" \
         --ref-root "$PREDICT_INPUT" --cand-root /input --atol "$ATOL" \
         || die "container predictions differ from the host run"
 fi
