@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the {args.command!r} command is not available in this installation")
     from agcnn.config import ConfigError
 
-    # Library modules log through `logging`; the command line shows INFO and up, bare.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     mod = importlib.import_module(args._module)
+    # Library modules log through `logging`; the command line shows INFO and up, bare, unless
+    # the command declares its own level (the demo prints its own summary: warnings only).
+    logging.basicConfig(level=getattr(mod, "LOG_LEVEL", logging.INFO), format="%(message)s")
     try:
         return int(mod.run(args) or 0)
     except ConfigError as e:

@@ -14,6 +14,7 @@ installation in well under a minute; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import time
@@ -36,6 +37,9 @@ QUICK = [
     "train.global.batch_size=8", "train.local.batch_size=8", "train.fusion.batch_size=8",
     "train.bootstrap=0",
 ]
+
+# The demo prints its own summary; library INFO lines would only interleave with it.
+LOG_LEVEL = logging.WARNING
 
 
 def demo_config_path() -> Path:
@@ -170,9 +174,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from agcnn.checkpoint import CheckpointError
 
     try:

@@ -646,7 +646,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         report = evaluate_checkpoint(
             args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,

@@ -10,7 +10,6 @@ no longer matches the table. Files that cannot be decoded are listed (and kept i
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -32,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from agcnn.data.cache import build_cache
     from agcnn.data.datasets import load_dataframe
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = Config.load(args.config, args.overrides)
     if not cfg.data.cache:
         raise ConfigError("data.cache is not set; give the cache folder in the config or with --set data.cache=PATH")

@@ -456,7 +456,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = generate_phantoms(args.out, args.count, args.size, args.seed, dicom_fraction=args.dicom_fraction, workers=args.workers)
     table = pd.read_csv(path)
     counts = ", ".join(f"{n} {int(table[n].sum())}" for n in FINDINGS)
