@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,79 +27,194 @@ class ConfigError(ValueError):
     """A configuration value or key is not valid; the message names it and the fix."""
 
 
+# ---------------------------------------------------------------------- value checks
+#
+# Every field that has a meaningful constraint declares it beside its default with
+# ``setting(default, check)``; :meth:`Config.__post_init__` runs them all (and the few rules that
+# relate two fields, :func:`_cross_checks`) so a bad value fails when the config is loaded, with
+# the key, the value and what would be valid -- not hours later inside training.
+
+# The names the config accepts. The modules that turn a name into a class import these menus.
+BACKBONES = ("resnet50", "densenet121", "resnet18")
+ATTENTION_KINDS = ("none", "se", "self", "mhsa")
+POOLS = ("max", "avg")
+DATASETS = ("synthetic", "chestxray14", "csv")
+
+
+class Check:
+    """One constraint on a config value: ``problem(value)`` says what is wrong, or None."""
+
+    def problem(self, value: Any) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """A name from a fixed menu; the error suggests the nearest one (MONAI's ``look_up_option``)."""
+
+    choices: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        if value in self.choices:
+            return None
+        return f"is not a valid choice; valid: {', '.join(self.choices)}.{_did_you_mean(str(value), self.choices)}"
+
+
+@dataclass(frozen=True)
+class Range(Check):
+    """A number in an interval; either end may be open or absent."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        above = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if not (below or above) and value == value:  # NaN is never in range
+            return None
+        return f"is out of range; it must be {self.describe()}"
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+@dataclass(frozen=True)
+class Rule(Check):
+    """Any other constraint: a predicate and the requirement it stands for ("must be ...")."""
+
+    ok: Callable[[Any], bool]
+    requirement: str
+
+    def problem(self, value: Any) -> str | None:
+        try:
+            good = bool(self.ok(value))
+        except (TypeError, ValueError):
+            good = False
+        return None if good else self.requirement
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+FRACTION = Range(0.0, 1.0, hi_open=True)  # [0, 1)
+NOT_EMPTY = Rule(lambda v: bool(str(v).strip()), "must not be empty")
+
+
+def setting(default: Any = dataclasses.MISSING, check: Check | None = None, *,
+            factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a default (or ``factory``) and the :class:`Check` its value must pass."""
+    meta = {"check": check} if check is not None else {}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _num(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _nearest(name: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _did_you_mean(name: str, choices: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _valid_device(name: str) -> bool:
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
+def _crop_scale_ok(v: list[float]) -> bool:
+    return len(v) == 2 and 0 < v[0] <= v[1] <= 1
+
+
+# ---------------------------------------------------------------------- the sections
+
 @dataclass
 class ModelConfig:
     # resnet50 (paper default), densenet121 (the paper's second backbone), resnet18 (quick CPU runs).
-    backbone: str = "resnet50"
+    backbone: str = setting("resnet50", OneOf(BACKBONES))
     # Attention blocks in both branches: none | se | self | mhsa (see agcnn.models.attention).
-    attention: str = "none"
+    attention: str = setting("none", OneOf(ATTENTION_KINDS))
     # Pool5: the paper uses global max pooling (Sec. 3.1); "avg" is the torchvision default.
-    pool: str = "max"
-    # tau in the paper's Eq. 4: the heatmap threshold that defines the attended region.
-    threshold: float = 0.7
+    pool: str = setting("max", OneOf(POOLS))
+    # tau in the paper's Eq. 4: the heatmap threshold that defines the attended region. The
+    # heatmap is min-max normalised, so 1 or more would select nothing.
+    threshold: float = setting(0.7, FRACTION)
     # Side of the square crop that the local branch sees (the paper resizes to 224).
-    local_size: int = 224
+    local_size: int = setting(224, AT_LEAST_1)
     # torchvision-format ImageNet weights on local disk; never downloaded.
-    pretrained: str | None = None
+    pretrained: str | None = setting(None, NOT_EMPTY)
     # Dropout before the classifiers; 0 as in the paper.
-    dropout: float = 0.0
+    dropout: float = setting(0.0, FRACTION)
 
 
 @dataclass
 class DataConfig:
     # synthetic (generated phantoms) | chestxray14 | csv (your own export).
-    dataset: str = "synthetic"
+    dataset: str = setting("synthetic", OneOf(DATASETS))
     # Folder with the images (chestxray14, csv) or where phantoms are generated (synthetic).
-    root: str = "data/phantoms"
+    root: str = setting("data/phantoms", NOT_EMPTY)
     # chestxray14: Data_Entry_2017*.csv(.gz) and the official split lists; csv: the labels table.
-    metadata: str | None = None
-    train_list: str | None = None
+    metadata: str | None = setting(None, NOT_EMPTY)
+    train_list: str | None = setting(None, NOT_EMPTY)
     # Optional fixed validation list (e.g. CheXNet's val_list.txt); None = carve it from train_list.
-    val_list: str | None = None
-    test_list: str | None = None
+    val_list: str | None = setting(None, NOT_EMPTY)
+    test_list: str | None = setting(None, NOT_EMPTY)
     # csv datasets: which column holds the image path and which the patient, and how the
     # table's label columns map onto the label list (empty = same names).
-    path_column: str = "path"
-    patient_column: str | None = "patient"
+    path_column: str = setting("path", NOT_EMPTY)
+    patient_column: str | None = setting("patient", NOT_EMPTY)
     label_map: dict[str, str] = field(default_factory=dict)
     # Restrict to these view positions (e.g. [PA]); empty keeps every view.
-    views: list[str] = field(default_factory=list)
+    views: list[str] = setting(factory=list, check=Rule(lambda v: all(str(x).strip() for x in v),
+                                                         "must list view positions such as [PA, AP], none empty"))
     # Validation is carved patient-wise from train_val with this seed; the test list is never
     # used for selection.
-    val_fraction: float = 0.1
-    split_seed: int = 0
+    val_fraction: float = setting(0.1, FRACTION)
+    split_seed: int = setting(0, AT_LEAST_0)
     # csv tables without a split column: this fraction of patients is held out as the test set.
-    test_fraction: float = 0.2
+    test_fraction: float = setting(0.2, FRACTION)
     # Global input: resize to `resize`, crop `image_size` (paper: 256 / 224).
-    resize: int = 256
-    image_size: int = 224
+    resize: int = setting(256, AT_LEAST_1)
+    image_size: int = setting(224, AT_LEAST_1)
     # Training crop: RandomResizedCrop keeping this range of the image's area (torchvision's
     # default 8-100 %). Small training sets with small findings want a narrower range, since a
     # crop can cut the finding out while its label stays on.
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = setting(factory=lambda: [0.08, 1.0], check=Rule(
+        _crop_scale_ok, "must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]"))
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
     # image the global branch saw (the paper). Larger: same field of view at higher resolution.
-    highres_size: int = 224
+    highres_size: int = setting(224, AT_LEAST_1)
     # Preprocessed cache written by `agcnn prepare` (None = decode the originals every epoch).
-    cache: str | None = None
-    cache_size: int = 512
-    num_workers: int = 2
-    # Phantom set (dataset: synthetic).
-    synthetic_count: int = 600
-    synthetic_size: int = 512
-    synthetic_seed: int = 0
+    cache: str | None = setting(None, NOT_EMPTY)
+    cache_size: int = setting(512, AT_LEAST_1)
+    num_workers: int = setting(2, AT_LEAST_0)
+    # Phantom set (dataset: synthetic); the generator draws anatomy at 64 px or more.
+    synthetic_count: int = setting(600, AT_LEAST_1)
+    synthetic_size: int = setting(512, Range(64))
+    synthetic_seed: int = setting(0, AT_LEAST_0)
 
 
 @dataclass
 class StageConfig:
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    epochs: int = setting(50, AT_LEAST_1)
+    batch_size: int = setting(128, AT_LEAST_1)
+    # 0 is allowed: a stage that only re-reads its seed (tests, sanity checks).
+    lr: float = setting(0.01, AT_LEAST_0)
+    momentum: float = setting(0.9, FRACTION)
+    weight_decay: float = setting(1e-4, AT_LEAST_0)
     # The paper divides the learning rate by 10 every 20 epochs.
-    lr_step: int = 20
-    lr_gamma: float = 0.1
+    lr_step: int = setting(20, AT_LEAST_1)
+    lr_gamma: float = setting(0.1, Range(0.0, 1.0, lo_open=True))
 
 
 def _stage(batch_size: int) -> Any:
@@ -106,8 +223,8 @@ def _stage(batch_size: int) -> Any:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"
+    seed: int = setting(0, AT_LEAST_0)
+    device: str = setting("auto", Rule(_valid_device, "is not a device; use auto, cpu, cuda or cuda:N"))
     # bf16 autocast on CUDA; ignored on the CPU.
     amp: bool = True
     channels_last: bool = True
@@ -126,8 +243,8 @@ class TrainConfig:
     # through both branches every epoch, as in the paper's training code.
     cache_fusion_features: bool = True
     # Bootstrap resamples for confidence intervals in evaluate.
-    bootstrap: int = 1000
-    log_every: int = 20
+    bootstrap: int = setting(1000, AT_LEAST_0)
+    log_every: int = setting(20, AT_LEAST_1)
 
 
 @dataclass
@@ -135,7 +252,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    labels: list[str] = field(default_factory=lambda: list(LABELS))
+    labels: list[str] = setting(factory=lambda: list(LABELS), check=Rule(
+        lambda v: len(v) > 0 and len(set(v)) == len(v) and all(str(x).strip() for x in v),
+        "must be a non-empty list of distinct label names"))
+
+    def __post_init__(self) -> None:
+        problems = _field_problems(self, "") + _cross_checks(self)
+        if len(problems) == 1:
+            raise ConfigError(f"invalid config value: {problems[0]}")
+        if problems:
+            raise ConfigError(f"{len(problems)} invalid config values:" + "".join(f"\n  {p}" for p in problems))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -169,13 +295,44 @@ class Config:
 # ---------------------------------------------------------------------- helpers
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``; else a ValueError naming it, the valid
-    choices and the nearest one (the one place where a name is checked against a menu)."""
+    """Return ``value`` if it is one of ``choices``; else a :class:`ConfigError` naming it, the
+    valid choices and the nearest one (for names checked outside a config, e.g. a stage)."""
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(choices)}.{hint}")
+        raise ConfigError(f"unknown {what} {value!r}; valid: {', '.join(choices)}.{_did_you_mean(str(value), choices)}")
     return value
+
+
+def _field_problems(obj: Any, where: str) -> list[str]:
+    """Every failed :class:`Check` in ``obj`` and its nested sections, as "key=value what is wrong"."""
+    out = []
+    for f in dataclasses.fields(obj):
+        key = f"{where}{_key(f)}"
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _field_problems(value, key + ".")
+            continue
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            problem = check.problem(value)
+            if problem:
+                out.append(f"{key}={value!r} {problem}")
+    return out
+
+
+def _cross_checks(cfg: "Config") -> list[str]:
+    """Rules that relate two fields."""
+    d, out = cfg.data, []
+    if d.resize < d.image_size:
+        out.append(f"data.resize={d.resize} is smaller than data.image_size={d.image_size}; "
+                   f"the crop must fit inside the resized image")
+    if d.highres_size < d.image_size:
+        out.append(f"data.highres_size={d.highres_size} is smaller than data.image_size={d.image_size}; "
+                   f"use highres_size >= image_size")
+    unknown = [v for v in d.label_map.values() if v not in cfg.labels]
+    if unknown:
+        out.append(f"data.label_map maps onto {unknown}, which are not in the label list "
+                   f"{cfg.labels}.{_did_you_mean(str(unknown[0]), cfg.labels)}")
+    return out
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -184,9 +341,7 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} Valid keys: {', '.join(valid)}"
+    return f"{_nearest(name, valid)} Valid keys: {', '.join(valid)}"
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:

@@ -27,13 +27,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from agcnn.config import DATASETS
 from agcnn.data.cache import ImageCache, UnusableCachedImage, resolve
 from agcnn.data.tables import SPLITS
 from agcnn.labels import LABELS
 
 log = logging.getLogger(__name__)
-
-DATASETS = ("synthetic", "chestxray14", "csv")
 
 
 class ImageLoadError(RuntimeError):

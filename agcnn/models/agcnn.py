@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agcnn.config import ModelConfig, check_choice
+from agcnn.config import POOLS, ModelConfig, check_choice
 from agcnn.models.backbones import create_backbone, load_pretrained
 from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, crop_regions
 
 log = logging.getLogger(__name__)
 
-POOLS = ("max", "avg")
 STAGES = ("global", "local", "fusion")
 
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agcnn.config import check_choice
+from agcnn.config import ATTENTION_KINDS, check_choice
 
-ATTENTION_KINDS = ("none", "se", "self", "mhsa")
 # Which kinds act on channels (inside every block) and which on space (last stage only).
 CHANNEL_KINDS = ("se",)
 SPATIAL_KINDS = ("self", "mhsa")

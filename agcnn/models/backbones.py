@@ -16,10 +16,8 @@ from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from agcnn.checkpoint import sha256_file
-from agcnn.config import check_choice
+from agcnn.config import BACKBONES, check_choice
 from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
-
-BACKBONES = ("resnet50", "densenet121", "resnet18")
 
 
 class _AttentionPoints(nn.Module):

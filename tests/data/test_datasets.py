@@ -75,7 +75,10 @@ def test_label_names_are_checked(tmp_path):
     cfg.labels = ["Effusion", "Nodle"]
     with pytest.raises(ValueError, match="did you mean 'Nodule'"):
         load_dataframe(cfg)
-    cfg = small_cfg(dataset="xray14", root=str(tmp_path))
+    with pytest.raises(ValueError, match="data.dataset='xray14' is not a valid choice"):
+        small_cfg(dataset="xray14", root=str(tmp_path))
+    cfg = small_cfg(dataset="csv", root=str(tmp_path))
+    cfg.data.dataset = "xray14"  # changed after the config was checked
     with pytest.raises(ValueError, match="data.dataset='xray14' is not known"):
         load_dataframe(cfg)
     with pytest.raises(ValueError, match="unknown splits"):
