@@ -7,9 +7,6 @@ config and the label list, so ``evaluate`` and ``predict`` rebuild the model fro
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,47 +14,15 @@ import torch
 
 from agcnn import __version__
 from agcnn.config import Config
+from agcnn.fileio import atomic_write_bytes, sha256_file  # noqa: F401 - part of this module's API
 from agcnn.labels import check_labels
 
 FORMAT = "agcnn-checkpoint"
 FORMAT_VERSION = 1
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (provenance of checkpoints and weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or not an agcnn checkpoint; the message says which."""
-
-
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Write a file through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
-
-    A reader (or a kill -9) never sees a half-written file at ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates the file 0600; give it the mode an ordinary open() would (0666 less the
-    # umask), so a container user or a colleague can read a checkpoint like any other file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], config: Config, **extra: Any) -> None:

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from agcnn.checkpoint import sha256_file
 from agcnn.config import BACKBONES, check_choice
+from agcnn.fileio import sha256_file
 from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
 
 
