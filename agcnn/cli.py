@@ -19,8 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("agcnn.demo", "generate phantoms, train the three stages on CPU, evaluate and predict"),
     "train": ("agcnn.train", "train the global, local and fusion stages"),
     "evaluate": ("agcnn.evaluate", "per-class AUC with confidence intervals for each branch"),
-    "predict": ("agcnn.predict", "batch inference over a folder of DICOM / PNG / JPEG files"),
-    "merge": ("agcnn.predict_merge", "merge the shares of a sharded predict run"),
+    "predict": ("agcnn.predict.command", "batch inference over a folder of DICOM / PNG / JPEG files"),
+    "merge": ("agcnn.predict.merge", "merge the shares of a sharded predict run"),
     "prepare": ("agcnn.data.prepare", "decode and resize every image once into a training cache"),
     "phantoms": ("agcnn.data.synthetic", "write a generated phantom data set (PNG, DICOM, labels CSV)"),
 }

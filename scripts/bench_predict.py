@@ -113,14 +113,15 @@ def decode_only(ckpt: Path, inp: Path, workers: int, batch: int) -> float:
 
     from agcnn.checkpoint import load_checkpoint
     from agcnn.data.transforms import transforms_from_config
-    from agcnn.predict import _collate, _Files, _worker_init, list_files
+    from agcnn.predict.listing import list_files
+    from agcnn.predict.records import FileRecords, collate, worker_init
 
     cfg = Config.from_dict(load_checkpoint(ckpt)["config"])
     listing = list_files(inp)
-    ds = _Files(str(inp), listing.paths, listing.decided, transforms_from_config(cfg.data, train=False),
-                identifiers=False, previews=False)
-    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if workers else None, prefetch_factor=2 if workers else None)
+    ds = FileRecords(str(inp), listing.paths, listing.decided, transforms_from_config(cfg.data, train=False),
+                      identifiers=False, previews=False)
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate,
+                        worker_init_fn=worker_init if workers else None, prefetch_factor=2 if workers else None)
     t = time.perf_counter()
     n = 0
     for records, images in loader:

@@ -519,3 +519,37 @@ def test_a_file_is_listed_under_its_real_name_not_a_link_that_sorts_first(tmp_pa
     listing = list_files(tmp_path)
     assert listing.paths == ["z_real/deep/g.png", "z_real/f.png"]
     assert listing.loops == 2
+
+
+def test_rows_of_a_batch_take_the_probabilities_of_the_usable_records_in_order():
+    from agcnn.predict import build_rows, columns_for
+    from agcnn.predict.rows import BatchProbabilities
+
+    labels = ["A", "B"]
+    columns = columns_for(labels, identifiers=False, all_branches=True, calls=True)
+    records = [
+        {"path": "bad.dcm", "status": "failed", "reason": "truncated: ends early"},
+        {"path": "one.png", "status": "ok", "reason": "", "format": "png", "height": 100, "width": 200, "notes": ""},
+        {"path": "two.dcm", "status": "ok", "reason": "", "format": "dicom", "height": 50, "width": 50,
+         "sop_instance_uid": "1.2.3", "notes": "MONOCHROME1 inverted", "PatientID": "not a column here"},
+    ]
+    probs = BatchProbabilities(
+        fusion=torch.tensor([[0.25, 0.75], [0.5, 0.125]]),
+        global_=torch.tensor([[0.1, 0.2], [0.3, 0.4]]),
+        local=torch.tensor([[0.6, 0.7], [0.8, 0.9]]),
+        boxes=torch.tensor([[0, 0, 32, 32], [8, 8, 16, 24]]),
+    )
+    geometry = {"resize": 32, "image_size": 32, "highres_size": 32}
+    rows = build_rows(records, probs, columns=columns, labels=labels, geometry=geometry,
+                      thresholds=torch.tensor([0.5, float("nan")]), all_branches=True)
+    assert [r["path"] for r in rows] == ["bad.dcm", "one.png", "two.dcm"]
+    assert all(list(r) == columns for r in rows)
+    bad, one, two = rows
+    assert bad["status"] == "failed" and bad["A"] is None and bad["box_x0"] is None and bad["call_A"] is None
+    assert (one["A"], one["B"], two["A"], two["B"]) == (0.25, 0.75, 0.5, 0.125)
+    assert (two["global_B"], two["local_A"]) == (0.4, 0.8)
+    assert (one["call_A"], two["call_A"], one["call_B"]) == (0, 1, None)  # NaN: no operating point
+    assert [one[c] for c in ("box_x0", "box_y0", "box_x1", "box_y1")] == [0, 0, 200, 100]
+    assert [two[c] for c in ("box_x0", "box_y0", "box_x1", "box_y1")] == [12, 12, 25, 38]
+    assert two["sop_instance_uid"] == "1.2.3" and two["notes"] == "MONOCHROME1 inverted" and "PatientID" not in two
+    assert build_rows(records[:1], None, columns=columns, labels=labels, geometry=geometry)[0]["status"] == "failed"

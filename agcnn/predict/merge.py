@@ -25,20 +25,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from agcnn.predict import (
-    CSV_NAME,
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    JOURNAL,
-    MANIFEST,
-    STATE,
-    _utc_now,
-    _write_manifest,
-    iter_rows,
-    shard_of,
-    write_tables,
-)
+from agcnn.fileio import utc_now
+from agcnn.predict.journal import CSV_NAME, JOURNAL, MANIFEST, STATE, iter_rows, write_manifest, write_tables
+from agcnn.predict.listing import shard_of
+from agcnn.predict.options import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -168,11 +158,11 @@ def merge_shards(output: str | Path) -> Counter:
             }
             for k, m in enumerate(manifests)
         ],
-        merged=_utc_now(),
+        merged=utc_now(),
         counts={k: v for k, v in sorted(counts.items()) if ":" not in k},
         reasons={k: v for k, v in sorted(counts.items()) if ":" in k},
         overlays=[f"shard-{k}-of-{n}/overlays" for k in range(n)] if first.get("options", {}).get("overlays") else None,
         complete=True,
     )
-    _write_manifest(out, merged)
+    write_manifest(out, merged)
     return counts

@@ -1,0 +1,82 @@
+"""``agcnn predict``: batch inference over a folder of DICOM / PNG / JPEG files.
+
+    agcnn predict --checkpoint model.pt --input /data/export --output /data/out
+
+Every file under ``--input`` (recursively, symbolic links followed, loops and duplicates
+detected) gets exactly one row in ``OUT/predictions.csv`` and its JSON Lines twin
+``OUT/predictions.jsonl``: ``ok`` with the probabilities, ``skipped`` when the file is not a
+usable radiograph by its nature (not an image, no pixel data, CT / MR / ...), ``failed`` when
+it looks like one but could not be processed (truncated, corrupt, unreadable, implausible size,
+empty). The ``reason`` column holds a stable code (see :data:`agcnn.data.readers.REASONS`)
+followed by a short message.
+
+Columns, in order:
+
+* ``path`` (relative to ``--input``, ``/``-separated), ``status``, ``reason``, ``format``,
+  ``height``, ``width`` (the original image's pixel size);
+* ``sop_instance_uid``, ``series_instance_uid``, ``study_instance_uid`` for DICOM files;
+* with ``--include-identifiers``: ``PatientID``, ``AccessionNumber``, ``StudyDate``;
+* one fusion probability per label, named by the label, in the checkpoint's label order;
+* with ``--all-branches``: ``global_<label>`` and ``local_<label>``;
+* ``box_x0, box_y0, box_x1, box_y1``: the attended region (paper Sec. 3.2) in the ORIGINAL
+  image's pixels, x1 / y1 exclusive;
+* ``call_<label>`` (0 / 1) when the checkpoint carries fusion operating points;
+* ``notes``: what the reader did (``MONOCHROME1 inverted``, window applied, ...).
+
+Privacy. No patient name, ID, birth date, accession number or other attribute of the DICOM
+PS3.15 Annex E basic profile is written, neither to the outputs nor to the log, unless
+``--include-identifiers`` is given. Two things are kept because results must be joined back to
+the PACS: the Study / Series / SOP Instance UIDs (pseudonymous keys, but keys: whoever has the
+PACS can resolve them) and the relative paths (folder names in an export can themselves be
+patient names or IDs; ``manifest.json`` also records ``--input`` and ``--output`` as given).
+Treat the output folder with the same care as the input when either applies.
+
+Resuming. Each finished batch is appended to ``predictions.jsonl`` with one write and an
+fsync, one complete JSON object per line. A re-run on the same output folder reads it back,
+drops a trailing partial line left by a kill, and processes only the files without a row; so
+after any interruption (even ``kill -9``) a re-run ends with exactly one row per file.
+``predictions.csv`` and the sorted ``predictions.jsonl`` are rewritten atomically at the end.
+A re-run with another checkpoint, or other column options, on the same folder is refused.
+
+Scale-out. ``--shard K/N`` (or ``RANK`` / ``WORLD_SIZE`` under ``torchrun``) takes the files
+whose relative path hashes to K modulo N -- a choice that depends on the path alone, so each
+share is the same whatever the others see -- and writes ``OUT/shard-K-of-N/``;
+``agcnn merge OUT`` joins the shares.
+
+The package, one module per part (each imports only the ones listed before it):
+
+* :mod:`~agcnn.predict.options` -- :class:`PredictOptions` (one run's options, checked before
+  any work), :class:`UsageError` and the exit statuses;
+* :mod:`~agcnn.predict.listing` -- the input folder as sorted relative paths; shares;
+* :mod:`~agcnn.predict.records` -- decoding a file into a record (in the loader's workers);
+* :mod:`~agcnn.predict.rows` -- the columns, and :func:`build_rows` (records + probabilities ->
+  rows, a pure function);
+* :mod:`~agcnn.predict.journal` -- the output folder: journal, final tables, state, lock;
+* :mod:`~agcnn.predict.run` -- :func:`predict`: checkpoint, model, loader, the batch loop;
+* :mod:`~agcnn.predict.command` -- ``agcnn predict`` arguments and exit status;
+* :mod:`~agcnn.predict.merge` -- ``agcnn merge``.
+"""
+
+from agcnn.predict.journal import Journal, iter_rows, write_tables
+from agcnn.predict.listing import Listing, list_files, shard_of
+from agcnn.predict.options import PredictOptions, UsageError, parse_shard
+from agcnn.predict.rows import box_to_original, build_rows, columns_for
+from agcnn.predict.run import Summary, predict, predict_folder
+
+__all__ = [
+    "Journal",
+    "Listing",
+    "PredictOptions",
+    "Summary",
+    "UsageError",
+    "box_to_original",
+    "build_rows",
+    "columns_for",
+    "iter_rows",
+    "list_files",
+    "parse_shard",
+    "predict",
+    "predict_folder",
+    "shard_of",
+    "write_tables",
+]

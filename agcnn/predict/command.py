@@ -1,0 +1,83 @@
+"""``agcnn predict`` on the command line: its arguments, and the exit status of a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from agcnn.predict.options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PredictOptions, UsageError, parse_shard
+from agcnn.predict.run import predict
+
+
+def _int_at_least(minimum: int, meaning: str = ""):
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {minimum}{meaning}")
+        return v
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0, " (0 decodes in the main process)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "Outputs: OUT/predictions.csv and .jsonl (one row per file), OUT/manifest.json, and with\n"
+        "--overlays OUT/overlays/<path>.png. Exit status: 0 every usable file was predicted\n"
+        "(skipped files are listed), 1 some usable files failed, 2 usage error (nothing done).\n"
+        "Outputs hold no patient identifiers unless --include-identifiers; they do hold the\n"
+        "relative paths and the DICOM Study/Series/SOP Instance UIDs (pseudonymous keys for\n"
+        "joining results back to the PACS)."
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by `agcnn train`")
+    parser.add_argument("--input", required=True, help="folder of DICOM / PNG / JPEG files (searched recursively)")
+    parser.add_argument("--output", required=True, help="folder for the results; re-running on it resumes")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)")
+    parser.add_argument("--batch-size", type=_positive, default=32, help="images per model batch (default 32)")
+    parser.add_argument(
+        "--workers", type=_non_negative, default=min(4, os.cpu_count() or 1),
+        help="decoding processes (default min(4, CPUs)); 0 decodes in the main process",
+    )
+    parser.add_argument("--overlays", action="store_true", help="write a heatmap / box / CAM picture per predicted image")
+    parser.add_argument(
+        "--include-identifiers", action="store_true",
+        help="add PatientID, AccessionNumber and StudyDate columns (read from the DICOM header; off by default)",
+    )
+    parser.add_argument("--all-branches", action="store_true", help="also write the global and local branch probabilities")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=None, metavar="K/N",
+        help="process share K of N (0-based) into OUT/shard-K-of-N/; set from RANK/WORLD_SIZE under torchrun",
+    )
+
+
+
+def run(args: argparse.Namespace) -> int:
+    options = PredictOptions(
+        checkpoint=args.checkpoint,
+        input=args.input,
+        output=args.output,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overlays=args.overlays,
+        include_identifiers=args.include_identifiers,
+        all_branches=args.all_branches,
+        shard=args.shard,
+    )
+    try:
+        summary = predict(options)
+    except UsageError as e:
+        print(f"agcnn predict: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.line(), file=sys.stderr)
+    return EXIT_FAILED if summary.counts.get("failed", 0) else EXIT_OK

@@ -1,0 +1,119 @@
+"""What a row of ``predictions.csv`` holds: its columns, and the rows of one batch.
+
+:func:`build_rows` is a pure function of the decoded records and the model's probabilities,
+so what a file's row says can be tested without a model, a loader or a folder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agcnn.predict.records import IDENTIFIER_COLUMNS, UID_COLUMNS
+
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
+
+
+@dataclass
+class BatchProbabilities:
+    """The model's output for the usable images of one batch (CPU tensors, in batch order)."""
+
+    fusion: Any  # [n, K] sigmoid probabilities
+    global_: Any  # [n, K]
+    local: Any  # [n, K]
+    boxes: Any  # [n, 4] attended boxes on the global-input grid (x0, y0, x1, y1)
+
+
+def build_rows(
+    records: Sequence[Mapping[str, Any]],
+    probs: BatchProbabilities | None,
+    *,
+    columns: Sequence[str],
+    labels: Sequence[str],
+    geometry: Mapping[str, int],
+    thresholds: Any = None,
+    all_branches: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per record, in order; the ``ok`` records take the probabilities in turn.
+
+    ``geometry`` holds the config's ``resize``, ``image_size`` and ``highres_size`` (to map the
+    box back to the original pixels); ``thresholds`` is a float tensor of fusion operating
+    points per label (NaN: none for that label), or None for no ``call_`` columns.
+    """
+    rows = []
+    k = 0
+    for rec in records:
+        row: dict[str, Any] = {c: None for c in columns}
+        row.update({c: rec.get(c) for c in columns if c in rec})
+        row["reason"] = rec.get("reason", "")
+        if rec["status"] == "ok":
+            p = probs.fusion[k]
+            for j, lab in enumerate(labels):
+                row[lab] = probability(float(p[j]))
+            if all_branches:
+                for j, lab in enumerate(labels):
+                    row[f"global_{lab}"] = probability(float(probs.global_[k, j]))
+                    row[f"local_{lab}"] = probability(float(probs.local[k, j]))
+            box = box_to_original(probs.boxes[k].tolist(), height=rec["height"], width=rec["width"], **geometry)
+            row.update(zip(BOX_COLUMNS, box))
+            if thresholds is not None:
+                for j, lab in enumerate(labels):
+                    t = float(thresholds[j])
+                    row[f"call_{lab}"] = None if math.isnan(t) else int(float(p[j]) >= t)
+            k += 1
+        rows.append(row)
+    return rows
+
+
+def box_to_original(
+    box: Sequence[int], *, height: int, width: int, resize: int, image_size: int, highres_size: int
+) -> tuple[int, int, int, int]:
+    """Map a box on the global-input grid back to the original image's pixels.
+
+    The evaluation transform (:func:`agcnn.data.transforms.build_transform`) resizes the image
+    to a ``first x first`` square, centre-crops ``highres_size`` (offset as torchvision's
+    ``center_crop``: ``round((first - side) / 2)``), and the model sees that crop at
+    ``image_size``. Undo the three steps; resized pixel i covers original pixels
+    [i * W / first, (i + 1) * W / first). The box is widened to whole pixels (floor / ceil),
+    x1 / y1 exclusive, clipped to the image.
+    """
+    from agcnn.data.transforms import scaled_resize
+
+    first = scaled_resize(resize, image_size, highres_size)
+    offset = int(round((first - highres_size) / 2.0))
+    s = highres_size / image_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+
+    def to_orig(v: float, full: int) -> float:
+        return (v * s + offset) * full / first
+
+    # A small tolerance so that exact integers are not pushed out by float rounding.
+    ox0 = max(0, math.floor(to_orig(x0, width) + 1e-6))
+    oy0 = max(0, math.floor(to_orig(y0, height) + 1e-6))
+    ox1 = min(width, math.ceil(to_orig(x1, width) - 1e-6))
+    oy1 = min(height, math.ceil(to_orig(y1, height) - 1e-6))
+    return ox0, oy0, max(ox1, ox0 + 1), max(oy1, oy0 + 1)
+
+
+def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool) -> list[str]:
+    cols = ["path", "status", "reason", "format", "height", "width", *UID_COLUMNS]
+    if identifiers:
+        cols += list(IDENTIFIER_COLUMNS)
+    cols += list(labels)
+    if all_branches:
+        cols += [f"global_{c}" for c in labels] + [f"local_{c}" for c in labels]
+    cols += list(BOX_COLUMNS)
+    if calls:
+        cols += [f"call_{c}" for c in labels]
+    cols.append("notes")
+    return cols
+
+
+def probability(v: float) -> float | None:
+    """The shortest decimal that round-trips the float32 value; None for NaN / inf."""
+    import numpy as np
+
+    return float(str(np.float32(v))) if math.isfinite(v) else None
+
