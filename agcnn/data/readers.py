@@ -17,7 +17,8 @@ Every image, whatever its source, comes out with the same contract:
         output range [ymin, ymax]; values outside the window clip to 0 or 1;
       * else (or when the window / LUT is unusable): min-max of the modality-transformed frame,
         a constant frame gives all zeros;
-    -> ``1 - y`` for MONOCHROME1.
+    -> ``1 - y`` for MONOCHROME1, and for MONOCHROME2 with Presentation LUT Shape INVERSE
+    (PS3.3 C.11.6: the displayed image is the inverted one).
   - DICOM colour (RGB, YBR_*, PALETTE COLOR): converted to RGB (pydicom does YBR_FULL(_422);
     the JPEG 2000 codec undoes YBR_ICT/RCT), gray = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601
     luma), divided by 2**BitsStored - 1 (palette: by the max of the palette's output type).
@@ -45,8 +46,7 @@ pydicom's GDCM plugin refuses, is decoded with GDCM directly.
 Known limits: a damaged JPEG 2000 / JPEG stream that still ends with its end marker can decode
 into a degraded image without any error (those codecs are built to survive damage); the VOI
 and rescale of enhanced multi-frame objects (functional group sequences) are not read, such
-files fall back to min-max; Presentation LUT Shape INVERSE is not applied to MONOCHROME2 (a note
-says so).
+files fall back to min-max.
 """
 
 from __future__ import annotations
@@ -529,10 +529,15 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
             )
         y = _grayscale_to_unit(frame, ds, notes)
         if photometric_found == "MONOCHROME1":
+            # MONOCHROME1 files carry Presentation LUT Shape INVERSE as a matter of course
+            # (PS3.3 C.8.11.4 for DX): it states the same inversion, so it is not applied twice.
             y = 1.0 - y
             notes.append("MONOCHROME1 inverted")
         elif str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
-            notes.append("Presentation LUT Shape INVERSE with MONOCHROME2 ignored: not inverted")
+            # PS3.3 C.11.6: INVERSE maps the VOI output v to max - v before display, so the
+            # image as seen (and as a chest model was trained on) is the inverted one.
+            y = 1.0 - y
+            notes.append("Presentation LUT Shape INVERSE applied: inverted")
     else:
         y = _color_to_unit(frame, ds, photometric_found, notes)
 

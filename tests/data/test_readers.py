@@ -229,6 +229,18 @@ def test_for_processing_image_is_read_with_a_note(tmp_path):
     assert any("FOR PROCESSING" in n for n in info.notes)
 
 
+def test_presentation_lut_shape_inverse_inverts_monochrome2(tmp_path):
+    # PS3.3 C.11.6: INVERSE on MONOCHROME2 means the image is displayed inverted.
+    a = _pattern()
+    plain = read_image(_write(tmp_path, "id.dcm", a, modality="CR", PresentationLUTShape="IDENTITY"))
+    inv, info = read_image_with_info(_write(tmp_path, "inv.dcm", a, modality="CR", PresentationLUTShape="INVERSE"))
+    np.testing.assert_allclose(inv, 1.0 - plain, atol=1e-6)
+    assert "Presentation LUT Shape INVERSE applied: inverted" in info.notes
+    # MONOCHROME1 with INVERSE (its usual companion) is inverted once, not twice.
+    m1 = read_image(_write(tmp_path, "m1.dcm", a, photometric="MONOCHROME1", modality="CR"))
+    np.testing.assert_allclose(m1, 1.0 - plain, atol=1e-6)
+
+
 def test_constant_image_gives_zeros_with_a_note(tmp_path):
     out, info = read_image_with_info(_write(tmp_path, "flat.dcm", np.full((H, W), 7, np.uint16)))
     assert not out.any()
