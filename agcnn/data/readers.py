@@ -37,7 +37,8 @@ Formats are recognised by content, never by file extension (PACS exports are oft
 
 DICOM modalities: CR, DX, DR and RG are read; OT, SC or no Modality are read as secondary
 captures (with a note); anything else (CT, MR, US, NM, PT, MG, XA, ...) is
-"unsupported_modality".
+"unsupported_modality". Body part and view are checked only when the caller passes a scope
+policy (see `agcnn.data.scope`): "out_of_scope" / "not_frontal".
 
 Codecs (pydicom plugins): JPEG 2000 and RLE go to pylibjpeg only (see `_decoding_plugin`);
 JPEG baseline / extended / lossless and JPEG-LS go to GDCM; 12-bit JPEG Extended, which
@@ -57,9 +58,12 @@ import stat
 import struct
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from agcnn.data.scope import ScopePolicy
 
 __all__ = [
     "REASONS",
@@ -80,6 +84,8 @@ REASONS = (
     "unreadable",  # missing, a directory, permission denied, I/O error
     "implausible_size",  # a side < MIN_SIDE or > MAX_SIDE, absurd aspect ratio, huge file
     "empty_file",  # 0 bytes
+    "out_of_scope",  # a radiograph of another body part (agcnn.data.scope; only when asked)
+    "not_frontal",  # a lateral / oblique / decubitus view (agcnn.data.scope; only when asked)
 )
 
 # Size limits. Below 32 px there is nothing to classify (and the network's five stride-2
@@ -175,21 +181,31 @@ def sniff_format(path: str | os.PathLike[str]) -> str | None:
     return _sniff_bytes(head)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, scope: ScopePolicy | None = None) -> np.ndarray:
     """float32 (H, W) in [0, 1], MONOCHROME2 semantics; see the module docstring for scaling."""
-    return read_image_with_info(path)[0]
+    return read_image_with_info(path, scope=scope)[0]
 
 
-def read_image_with_info(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageInfo]:
-    """Like `read_image`, plus an `ImageInfo` with UIDs and notes on what was done."""
+def read_image_with_info(
+    path: str | os.PathLike[str], *, scope: ScopePolicy | None = None
+) -> tuple[np.ndarray, ImageInfo]:
+    """Like `read_image`, plus an `ImageInfo` with UIDs and notes on what was done.
+
+    With ``scope`` (a :class:`agcnn.data.scope.ScopePolicy`), a DICOM file whose header names
+    another body part or a non-frontal view raises "out_of_scope" / "not_frontal" before its
+    pixels are decoded; PNG / JPEG files, which carry no such attributes, get a note.
+    """
     try:
         data = _read_bytes(path)
         fmt = _sniff_bytes(data)
         if fmt is None:
             raise UnusableImageError("not_an_image", _describe_unknown(data))
         if fmt == "dicom":
-            return _read_dicom(data)
-        return _read_raster(data, fmt)
+            return _read_dicom(data, scope)
+        out, info = _read_raster(data, fmt)
+        if scope is not None and not (scope.any_body_part and scope.any_view):
+            info.notes.append(f"body part and view not checked: {fmt.upper()} files carry no such attributes")
+        return out, info
     except UnusableImageError:
         raise
     except MemoryError as exc:
@@ -471,7 +487,7 @@ def _read_raster(data: bytes, fmt: str) -> tuple[np.ndarray, ImageInfo]:
 # DICOM
 
 
-def _read_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
+def _read_dicom(data: bytes, scope: ScopePolicy | None = None) -> tuple[np.ndarray, ImageInfo]:
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
@@ -500,6 +516,14 @@ def _read_dicom(data: bytes) -> tuple[np.ndarray, ImageInfo]:
         _raise_without_pixels(ds, has_preamble, hit_eof)
 
     _check_modality(ds, notes)
+    if scope is not None:
+        # Before any pixel check: a hip film is out of scope whether or not it is intact.
+        from agcnn.data.scope import decide
+
+        decision = decide(ds, scope)
+        if decision.reason:
+            raise UnusableImageError(decision.reason, decision.message)
+        notes.extend(decision.notes)
 
     if hit_eof:
         raise UnusableImageError(
