@@ -12,6 +12,15 @@ different roots; ``--ref-root`` / ``--cand-root`` strip those so that the keys l
     python scripts/compare_predictions.py host/predictions.csv container/predictions.csv \\
         --ref-root /data/xrays --cand-root /input --atol 1e-5
 
+Two runs of ``agcnn predict`` (``--statuses``) must first end the same way: the same status
+(``ok`` / ``skipped`` / ``failed``) and reason code for every file and, when given, the same
+exit status (``--ref-exit`` / ``--cand-exit``; a missing ``--ref-exit`` is inferred from the
+reference's statuses: 1 when a row failed, else 0, as predict does). Only then are the values
+compared, so a folder holding a corrupt file (exit 1 in both runs) is still checked:
+
+    python scripts/compare_predictions.py host/predictions.csv container/predictions.csv \
+        --statuses --cand-exit 1 --ref-root /data/xrays --cand-root /input
+
 Exit status: 0 when every value agrees, 1 on any difference, 2 when the files cannot be
 compared (missing file, key or column, duplicate keys, nothing selected).
 
@@ -105,10 +114,21 @@ def compare(
     labels: Sequence[str] = DEFAULT_LABELS,
     ref_root: str | None = None,
     cand_root: str | None = None,
+    statuses: bool = False,
+    ref_exit: int | None = None,
+    cand_exit: int | None = None,
 ) -> tuple[list[str], dict]:
-    """Compare the files; returns (differences as readable lines, summary)."""
+    """Compare the files; returns (differences as readable lines, summary).
+
+    With ``statuses`` (or an exit status given), the runs must end the same way before any
+    value is compared: a difference there is the only thing reported.
+    """
     ref_header, ref_rows = read_table(ref_path, key, ref_root)
     cand_header, cand_rows = read_table(cand_path, key, cand_root)
+    if statuses or ref_exit is not None or cand_exit is not None:
+        ending = compare_endings(ref_header, ref_rows, cand_header, cand_rows, ref_exit=ref_exit, cand_exit=cand_exit)
+        if ending:
+            return ending, {"rows": 0, "columns": [], "values": 0, "max_abs_diff": {}}
     selected = [c for c in select_columns(ref_header, columns=columns, prefixes=prefixes, labels=labels) if c != key]
     if not selected:
         raise Unusable(
@@ -161,6 +181,40 @@ def compare(
     return problems, summary
 
 
+def _status(row: dict[str, str]) -> tuple[str, str]:
+    """(status, reason code) of a predictions.csv row."""
+    return (row.get("status") or "").strip(), (row.get("reason") or "").split(":", 1)[0].strip()
+
+
+def compare_endings(
+    ref_header: Sequence[str],
+    ref_rows: dict[str, dict[str, str]],
+    cand_header: Sequence[str],
+    cand_rows: dict[str, dict[str, str]],
+    *,
+    ref_exit: int | None = None,
+    cand_exit: int | None = None,
+) -> list[str]:
+    """Differences in how two predict runs ended: exit status, rows, status and reason per file."""
+    for name, header in (("reference", ref_header), ("candidate", cand_header)):
+        if "status" not in header:
+            raise Unusable(f"the {name} has no 'status' column; it is not a predictions.csv of `agcnn predict`")
+    problems: list[str] = []
+    if ref_exit is None and cand_exit is not None:
+        ref_exit = 1 if any(_status(r)[0] == "failed" for r in ref_rows.values()) else 0
+    if ref_exit is not None and cand_exit is not None and ref_exit != cand_exit:
+        problems.append(f"exit status: {ref_exit} in the reference run, {cand_exit} in the candidate run")
+    for k in sorted(set(ref_rows) - set(cand_rows)):
+        problems.append(f"row {k!r}: only in the reference")
+    for k in sorted(set(cand_rows) - set(ref_rows)):
+        problems.append(f"row {k!r}: only in the candidate")
+    for k in sorted(set(ref_rows) & set(cand_rows)):
+        a, b = _status(ref_rows[k]), _status(cand_rows[k])
+        if a != b:
+            problems.append(f"row {k!r}: {' '.join(filter(None, a))} vs {' '.join(filter(None, b))}")
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("reference", help="reference CSV (e.g. the host run)")
@@ -180,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--ref-root", help="root stripped from the reference's keys")
     ap.add_argument("--cand-root", help="root stripped from the candidate's keys")
+    ap.add_argument("--statuses", action="store_true",
+                    help="first require the same status and reason code per file (predict outputs)")
+    ap.add_argument("--ref-exit", type=int, help="exit status of the reference run (default: inferred from its statuses)")
+    ap.add_argument("--cand-exit", type=int, help="exit status of the candidate run; implies --statuses")
     ap.add_argument("--max-report", type=int, default=30, help="differences printed at most (default: 30)")
     args = ap.parse_args(argv)
 
@@ -197,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             labels=labels,
             ref_root=args.ref_root,
             cand_root=args.cand_root,
+            statuses=args.statuses,
+            ref_exit=args.ref_exit,
+            cand_exit=args.cand_exit,
         )
     except Unusable as e:
         print(f"compare_predictions: {e}", file=sys.stderr)
@@ -210,6 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not problems:
         print(f"compare_predictions: OK: {head}")
         return EXIT_OK
+    if not summary["columns"]:
+        print(f"compare_predictions: the runs ended differently ({len(problems)} difference(s)); values not compared",
+              file=sys.stderr)
+        print(f"  reference: {args.reference}\n  candidate: {args.candidate}", file=sys.stderr)
+        for line in problems[: args.max_report]:
+            print(f"  {line}", file=sys.stderr)
+        if len(problems) > args.max_report:
+            print(f"  ... and {len(problems) - args.max_report} more", file=sys.stderr)
+        return EXIT_DIFFERENT
     print(f"compare_predictions: {len(problems)} difference(s): {head}", file=sys.stderr)
     print(f"  reference: {args.reference}\n  candidate: {args.candidate}", file=sys.stderr)
     for line in problems[: args.max_report]:

@@ -6,7 +6,10 @@
 #   scripts/docker_ci.sh                                   # lint, build, smoke-run
 #   scripts/docker_ci.sh --predict INPUT_DIR CHECKPOINT REFERENCE_CSV
 #       # also runs `agcnn predict` in the container on INPUT_DIR with CHECKPOINT and compares its
-#       # predictions.csv with REFERENCE_CSV (a host run over the same INPUT_DIR) within 1e-5.
+#       # predictions.csv with REFERENCE_CSV (a host run over the same INPUT_DIR): first that both
+#       # runs ended the same way (exit status 0 or 1 -- 1 when some files failed, as predict does
+#       # by design -- and the same status and reason per file), then the probabilities within 1e-5.
+#       # The host's exit status is read from AGCNN_CI_REF_EXIT, else inferred from REFERENCE_CSV.
 #   scripts/docker_ci.sh --predict-selftest
 #       # the same on a small generated phantom set and an untrained checkpoint, both made on the
 #       # host with $AGCNN_CI_PYTHON (default python3; it must import agcnn), with a host
@@ -20,6 +23,7 @@
 #   AGCNN_CI_ATOL     tolerance of the predict comparison (default: 1e-5)
 #   AGCNN_CI_PREDICT_ARGS  extra arguments for both predict runs (default: --device cpu)
 #   AGCNN_CI_PYTHON   Python with agcnn installed, for the host reference and the comparison (default: python3)
+#   AGCNN_CI_REF_EXIT exit status of the host run that wrote REFERENCE_CSV (default: inferred from it)
 #   AGCNN_CI_SKIP_APT set to 1 to skip the apt-get install step
 #   HADOLINT          hadolint binary (default: hadolint on PATH, else /work/venv/bin/hadolint)
 # Everything it creates (images, containers, storage, root file system) is removed on exit.
@@ -42,7 +46,7 @@ while [ $# -gt 0 ]; do
             PREDICT_INPUT="$(realpath "$2")" PREDICT_CKPT="$(realpath "$3")" PREDICT_REF="$(realpath "$4")"
             shift 4 ;;
         --predict-selftest) SELFTEST=1; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -154,10 +158,14 @@ torch.manual_seed(0)
 model = AGCNN.from_config(cfg.model, num_classes=len(LABELS), image_size=64)
 save_checkpoint(sys.argv[1], model_state=model.state_dict(), config=cfg)
 EOF
+    # A file that fails on purpose: the check must still compare (both runs exit 1).
+    head -c 3000 "$(find "$FIX/data/images" -name '*.dcm' | sort | head -1)" >"$FIX/data/images/cut-short.dcm"
+    HOST_RC=0
     "$PY" -m agcnn predict --checkpoint "$FIX/model.pt" --input "$FIX/data/images" \
-        --output "$FIX/host-output" "${PREDICT_ARGS[@]}" >"$FIX/host-predict.log" 2>&1 \
-        || { tail -20 "$FIX/host-predict.log" >&2; die "agcnn predict failed on the host"; }
+        --output "$FIX/host-output" "${PREDICT_ARGS[@]}" >"$FIX/host-predict.log" 2>&1 || HOST_RC=$?
+    [ "$HOST_RC" -le 1 ] || { tail -20 "$FIX/host-predict.log" >&2; die "agcnn predict failed on the host (status $HOST_RC)"; }
     tail -1 "$FIX/host-predict.log"
+    export AGCNN_CI_REF_EXIT="$HOST_RC"
     chmod -R a+rX "$FIX/data"
     PREDICT_INPUT="$FIX/data/images" PREDICT_CKPT="$FIX/model.pt" PREDICT_REF="$FIX/host-output/predictions.csv"
 fi
@@ -329,14 +337,22 @@ if [ -n "$PREDICT_INPUT" ]; then
     # The container user must be able to read the weights (checkpoints are often saved 0600).
     cp "$PREDICT_CKPT" "$PRED_MODELS/model.pt"
     chmod 0755 "$PRED_MODELS"; chmod 0644 "$PRED_MODELS/model.pt"
+    # Exit 1 (some usable files failed) is a normal ending: the comparison decides whether the
+    # container ended as the host did. 2 (usage) or a crash is not.
+    PRED_RC=0
     crun_ -v "$PREDICT_INPUT:/input:ro" -v "$PRED_OUT:/output" -v "$PRED_MODELS:/models:ro" \
         "$IMAGE" predict --checkpoint /models/model.pt --input /input --output /output \
-        "${PREDICT_ARGS[@]}" || die "agcnn predict failed in the container"
+        "${PREDICT_ARGS[@]}" || PRED_RC=$?
+    echo "agcnn predict in the container: exit status $PRED_RC"
+    [ "$PRED_RC" -le 1 ] || die "agcnn predict failed in the container (status $PRED_RC)"
     ls -l "$PRED_OUT"
     [ -f "$PRED_OUT/predictions.csv" ] || die "the container wrote no predictions.csv"
+    REF_EXIT_ARGS=()
+    [ -n "${AGCNN_CI_REF_EXIT:-}" ] && REF_EXIT_ARGS=(--ref-exit "$AGCNN_CI_REF_EXIT")
     "$PY" "$REPO/scripts/compare_predictions.py" "$PREDICT_REF" "$PRED_OUT/predictions.csv" \
         --ref-root "$PREDICT_INPUT" --cand-root /input --atol "$ATOL" \
-        || die "container predictions differ from the host run"
+        --statuses --cand-exit "$PRED_RC" "${REF_EXIT_ARGS[@]}" \
+        || die "the container run differs from the host run"
 fi
 
 step "summary"
