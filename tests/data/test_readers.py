@@ -468,6 +468,8 @@ def test_reasons_are_the_documented_codes():
         "unreadable",
         "implausible_size",
         "empty_file",
+        "out_of_scope",
+        "not_frontal",
     }
     with pytest.raises(ValueError, match="valid reasons"):
         UnusableImageError("bogus", "x")
