@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
+from agcnn.models import roi
 from agcnn.models.roi import (
     attention_boxes,
     attention_heatmap,
@@ -211,3 +213,131 @@ def test_crop_from_highres_copy_sees_the_same_region():
 def test_crop_rejects_wrong_box_shape():
     with pytest.raises(ValueError, match="boxes must be"):
         crop_regions(torch.rand(2, 3, 8, 8), torch.zeros(3, 4), 8, 4)
+
+
+# ---------------------------------------------------------------------------- host synchronisation
+
+class _HostReads(TorchFunctionMode):
+    """Records every call that reads a tensor's value on the host -- a stream synchronisation on a
+    GPU -- or builds a tensor from host data (a host -> device copy there). Runs on the CPU."""
+
+    NAMES = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "equal", "cpu",
+             "nonzero", "unique", "masked_select", "tensor", "as_tensor", "from_numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        # Indexing with a boolean mask has a data-dependent shape: also a read.
+        if name in self.NAMES or (name == "__getitem__" and any(
+                isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in torch.utils._pytree.tree_leaves(args[1:]))):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _spiral(n: int = 61) -> torch.Tensor:
+    m = np.zeros((n, n), bool)
+    top, left, bottom, right = 0, 0, n - 1, n - 1
+    while top <= bottom and left <= right:
+        m[top, left : right + 1] = True
+        m[top : bottom + 1, right] = True
+        m[bottom, left : right + 1] = True
+        m[top + 2 : bottom + 1, left] = True
+        top, left, bottom, right = top + 2, left + 2, bottom - 2, right - 2
+        if top <= bottom:
+            m[top, left - 1] = True
+    return torch.from_numpy(m)
+
+
+def _count_rounds(monkeypatch) -> list[int]:
+    rounds = [0]
+    original = roi._round
+
+    def counted(*args, **kwargs):
+        rounds[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(roi, "_round", counted)
+    return rounds
+
+
+@pytest.mark.parametrize("check_every", [1, roi.CHECK_EVERY, 5])
+def test_components_read_the_host_once_per_block_of_rounds(monkeypatch, check_every):
+    # One jump per round makes the spirals take 11 rounds, i.e. several blocks; a sync per
+    # round (or per jump) would show as several times the reads.
+    monkeypatch.setattr(roi, "JUMPS_PER_ROUND", 1)
+    masks = torch.stack([_spiral(), _spiral().T, torch.zeros(61, 61, dtype=torch.bool)])
+    rounds = _count_rounds(monkeypatch)
+    with _HostReads() as reads:
+        labels = connected_components(masks, check_every=check_every)
+    assert rounds[0] % check_every == 0 and rounds[0] // check_every >= 2
+    assert reads.calls == ["__bool__"] * (rounds[0] // check_every)
+    assert [len(np.unique(lab[m])) for lab, m in zip(labels.numpy(), masks.numpy())] == [1, 1, 0]
+
+
+def test_region_step_reads_the_host_only_for_convergence_checks(monkeypatch):
+    # Heatmap, upsampling, mask, components, boxes and crop together: the only host reads are
+    # the components' checks (the tensor backend, which runs on the GPU).
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.nn.functional.avg_pool2d(torch.randn(6, 8, 9, 9, generator=gen), 3, stride=1)
+    feats[5] = 0  # flat map: empty mask, whole-image box
+    images = torch.rand(6, 3, 112, 112, generator=gen)
+    rounds = _count_rounds(monkeypatch)
+    with _HostReads() as reads:
+        mask = upsample_bilinear(attention_heatmap(feats), 56) > 0.7
+        boxes = largest_component_boxes(mask, "torch")
+        crops = crop_regions(images, boxes, 56, 32)
+    assert rounds[0] >= roi.CHECK_EVERY
+    assert reads.calls == ["__bool__"] * -(-rounds[0] // roi.CHECK_EVERY)
+    assert crops.shape == (6, 3, 32, 32) and boxes[5].tolist() == [0, 0, 56, 56]
+    assert boxes.tolist() == largest_component_boxes(mask, "scipy").tolist()
+
+
+def test_host_read_counter_sees_a_reintroduced_sync():
+    # The counter itself: the equality test the rounds used to run must register.
+    with _HostReads() as reads:
+        torch.equal(torch.ones(2), torch.ones(2))
+        torch.tensor([0, 0, 4, 4])
+        _ = torch.ones(3)[torch.ones(3) > 0]
+    assert reads.calls == ["equal", "tensor", "__getitem__"]
+
+
+@pytest.mark.gpu
+def test_tensor_backend_on_cuda_matches_cpu_reference_bit_for_bit():
+    gen = torch.Generator().manual_seed(7)
+    features = torch.cat([
+        torch.randn(300, 4, 7, 7, generator=gen),
+        torch.nn.functional.avg_pool2d(torch.randn(300, 4, 9, 9, generator=gen), 3, stride=1),
+        torch.randn(300, 4, 7, 7, generator=gen) ** 3,
+    ])
+    expected = [reference_box(f.numpy(), 224, 0.7) for f in features]
+    cuda = features.cuda()
+    mask_cpu, mask_gpu = attention_mask(features, 224), attention_mask(cuda, 224)
+    assert torch.equal(mask_gpu.cpu(), mask_cpu)
+    assert torch.equal(connected_components(mask_gpu).cpu(), connected_components(mask_cpu))
+    boxes = attention_boxes(cuda, 224)  # auto: the tensor backend on CUDA
+    assert boxes.device.type == "cuda"
+    assert [tuple(b) for b in boxes.tolist()] == expected
+    images = torch.rand(len(features), 3, 224, 224, generator=gen)
+    crops_cpu = crop_regions(images, boxes.cpu(), 224, 224)
+    torch.testing.assert_close(crop_regions(images.cuda(), boxes, 224, 224).cpu(), crops_cpu, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_rounds_synchronise_once_per_block(monkeypatch):
+    import warnings
+
+    mask = torch.stack([_spiral(), _spiral().T]).cuda()
+    rounds = _count_rounds(monkeypatch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            connected_components(mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == rounds[0] // roi.CHECK_EVERY
