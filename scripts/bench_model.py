@@ -10,7 +10,11 @@ Prints one JSON object. Everything is measured in the same process on the same d
 * ``cpu_loop``:    the region step done per image on the CPU with numpy / OpenCV / scikit-image,
                    the way earlier public code did it (including the device -> host copy).
 
-    python scripts/bench_model.py --device cuda --batch-size 256 --dtype bf16 --channels-last
+With ``--compile`` it also times ``torch.compile`` of the bare network and of AG-CNN, and counts
+the graph breaks of the AG-CNN forward with ``torch._dynamo.explain`` (the region step is meant
+to be the only one).
+
+    python scripts/bench_model.py --device cuda --batch-size 256 --dtype bf16 --channels-last --compile
     python scripts/bench_model.py --device cpu --batch-size 16 --backbone resnet18
 """
 
@@ -20,58 +24,12 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
-import torchvision
 
 from agcnn import __version__
-from benchutil import device_name
 from agcnn.models import AGCNN, Branch
 from agcnn.models.roi import attention_boxes, attention_mask, crop_regions, largest_component_boxes
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
-    """Seconds per call, median of ``iters`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def cpu_loop_region_step(features: torch.Tensor, images: torch.Tensor, image_size: int, out_size: int, threshold: float):
-    """Per-image reference as earlier code did it: host copies, cv2 resize, skimage label."""
-    import cv2
-    from skimage.measure import label
-
-    feats = features.float().cpu().numpy()
-    imgs = images.float().cpu().numpy()
-    crops = []
-    for f, img in zip(feats, imgs):
-        hm = np.abs(f).max(axis=0)
-        hm = (hm - hm.min()) / max(hm.max() - hm.min(), 1e-12)
-        mask = cv2.resize(hm, (image_size, image_size), interpolation=cv2.INTER_LINEAR) > threshold
-        lab = label(mask, connectivity=2)
-        if lab.max() == 0:
-            x0, y0, x1, y1 = 0, 0, image_size, image_size
-        else:
-            counts = np.bincount(lab.ravel())
-            counts[0] = 0
-            ys, xs = np.nonzero(lab == counts.argmax())
-            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        crop = img[:, y0:y1, x0:x1].transpose(1, 2, 0)  # permute, not reshape
-        crops.append(cv2.resize(crop, (out_size, out_size), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(crops)).to(features.device)
+from benchutil import cpu_loop_region_step, device_name, measure, sync, versions
 
 
 def naive_propagation(mask: torch.Tensor) -> int:
@@ -92,6 +50,39 @@ def naive_propagation(mask: torch.Tensor) -> int:
         labels = new
 
 
+def compiled(bare: torch.nn.Module, model: AGCNN, x: torch.Tensor, amp, device: torch.device, args) -> dict:
+    """torch.compile of both networks: graph breaks of the AG-CNN forward, then throughput."""
+    import torch._dynamo
+
+    with torch.inference_mode(), amp:
+        explained = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    out: dict = {
+        "backend": args.compile_backend,
+        "agcnn_graphs": explained.graph_count,
+        "agcnn_graph_breaks": explained.graph_break_count,
+        # Where each break happened, innermost frame last: the region step should be the only one.
+        "agcnn_break_reasons": [f"{r.reason.splitlines()[0][:160]} @ {r.user_stack[-1].name if r.user_stack else '?'}"
+                                for r in explained.break_reasons],
+    }
+    b = x.shape[0]
+    for name, net in (("bare_forward", bare), ("agcnn_forward", model)):
+        fn = torch.compile(net, backend=args.compile_backend)
+
+        def run():
+            with torch.inference_mode(), amp:
+                fn(x)
+
+        # The warm-up calls compile; their time is reported apart from the throughput.
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        out[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
+        out[f"{name}_images_per_s"] = b / measure(run, device, iters=args.iters, warmup=args.warmup)["seconds"]
+    out["agcnn_over_bare"] = out["agcnn_forward_images_per_s"] / out["bare_forward_images_per_s"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +94,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of both networks and count graph breaks")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; aot_eager traces the same graphs without generating code)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,23 +129,23 @@ def main() -> None:
         with torch.inference_mode():
             cpu_loop_region_step(feats, x, s, s, 0.7)
 
-    t_bare = timed(run_bare, device, args.iters, args.warmup)
-    t_agcnn = timed(run_agcnn, device, args.iters, args.warmup)
-    t_region = timed(run_region, device, args.iters, args.warmup)
-    t_loop = timed(run_loop, device, max(1, args.iters // 3), 1)
+    t_bare = measure(run_bare, device, iters=args.iters, warmup=args.warmup)["seconds"]
+    t_agcnn = measure(run_agcnn, device, iters=args.iters, warmup=args.warmup)["seconds"]
+    t_region = measure(run_region, device, iters=args.iters, warmup=args.warmup)["seconds"]
+    t_loop = measure(run_loop, device, iters=max(1, args.iters // 3))["seconds"]
 
     # The choices for the connected-components step, on the real masks of this batch.
     with torch.inference_mode():
         mask = attention_mask(feats, s)
-        ccl = {"torch_hooking": timed(lambda: largest_component_boxes(mask, "torch"), device, args.iters, 1)}
+        ccl = {"torch_hooking": measure(lambda: largest_component_boxes(mask, "torch"), device, iters=args.iters)["seconds"]}
         if device.type == "cpu":
-            ccl["scipy_batched"] = timed(lambda: largest_component_boxes(mask, "scipy"), device, args.iters, 1)
+            ccl["scipy_batched"] = measure(lambda: largest_component_boxes(mask, "scipy"), device, iters=args.iters)["seconds"]
         naive_rounds = naive_propagation(mask)
-        ccl["naive_propagation"] = timed(lambda: naive_propagation(mask), device, max(1, args.iters // 3), 1)
+        ccl["naive_propagation"] = measure(lambda: naive_propagation(mask), device, iters=max(1, args.iters // 3))["seconds"]
     result = {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
-        "versions": {"agcnn": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": {"agcnn": __version__, **versions()},
         "backbone": args.backbone,
         "batch_size": b,
         "image_size": s,
@@ -171,6 +165,8 @@ def main() -> None:
             "region_step_speedup_over_cpu_loop": t_loop / t_region,
         },
     }
+    if args.compile:
+        result["compiled"] = compiled(bare, model, x, amp, device, args)
     print(json.dumps(result, indent=2))
 
 

@@ -39,7 +39,7 @@ from agcnn.config import Config
 from agcnn.data.dicom_write import encodable_transfer_syntaxes, write_dicom
 from agcnn.labels import LABELS
 from agcnn.models import AGCNN
-from benchutil import cpu_model
+from benchutil import cpu_model, device_name, versions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,10 +86,10 @@ def checkpoint(path: Path, *, backbone: str, image_size: int, resize: int) -> No
     save_checkpoint(path, model_state=model.state_dict(), config=cfg)
 
 
-def predict(ckpt: Path, inp: Path, out: Path, workers: int, batch: int, runner: Path) -> dict:
+def predict(ckpt: Path, inp: Path, out: Path, workers: int, batch: int, runner: Path, device: str = "cpu") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(runner), "predict", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
-           "--workers", str(workers), "--batch-size", str(batch), "--device", "cpu"]
+           "--workers", str(workers), "--batch-size", str(batch), "--device", device]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     wall = time.perf_counter() - t
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rss-counts", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--rss-distinct", type=int, default=200, help="distinct 128 px files the RSS folders are copied from")
+    parser.add_argument("--device", default="cpu", help="where predict runs the model (cpu, cuda)")
+    parser.add_argument("--backbone", default="resnet50", help="end-to-end model's backbone (the paper's: resnet50)")
+    parser.add_argument("--image-size", type=int, default=224, help="end-to-end model's input side (resize = 8/7 of it)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     args = parser.parse_args()
 
@@ -152,7 +155,8 @@ def main() -> None:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": device_name(torch.device(args.device)),
+        "versions": versions(),
         "workers": args.workers,
         "batch_size": args.batch_size,
     }
@@ -163,16 +167,17 @@ def main() -> None:
         j2k = JPEG2000Lossless if JPEG2000Lossless in encodable_transfer_syntaxes() else RLELossless
         srcs = sources(args.sample)
         result["pixels_from"] = "NIH originals_1024" if len(srcs) > 1 else "generated phantom"
-        big = work / "resnet50.pt"
-        checkpoint(big, backbone="resnet50", image_size=224, resize=256)
-        result["end_to_end_model"] = "resnet50, image 224, resize 256, random weights"
+        big = work / "model.pt"
+        resize = round(args.image_size * 8 / 7)
+        checkpoint(big, backbone=args.backbone, image_size=args.image_size, resize=resize)
+        result["end_to_end_model"] = f"{args.backbone}, image {args.image_size}, resize {resize}, random weights"
         result["1024px"] = {}
         for name, ts in (("uncompressed", ExplicitVRLittleEndian), ("jpeg2000" if j2k == JPEG2000Lossless else "rle", j2k)):
             folder = work / name
             write_s = write_set(folder, args.files, srcs, ts, seed=1)
             size = sum(f.stat().st_size for f in folder.iterdir()) / args.files / 1024**2
             dec = decode_only(big, folder, args.workers, args.batch_size)
-            e2e = predict(big, folder, work / f"out-{name}", args.workers, args.batch_size, runner)
+            e2e = predict(big, folder, work / f"out-{name}", args.workers, args.batch_size, runner, args.device)
             result["1024px"][name] = {
                 "transfer_syntax": str(ts.name), "mib_per_file": round(size, 2), "write_s": round(write_s, 1),
                 "decode_only_files_per_s": dec, "end_to_end": e2e,
@@ -205,7 +210,7 @@ def main() -> None:
                     link = inp / f"d{d:03d}"
                     if not link.exists():
                         os.symlink(pool / f"d{d:03d}", link)
-                r = predict(small, inp, work / f"out-rss-{count}", args.workers, 64, runner)
+                r = predict(small, inp, work / f"out-rss-{count}", args.workers, 64, runner, args.device)
                 result["rss"][str(count)] = r
                 print(json.dumps({f"rss {count}": r}), file=sys.stderr, flush=True)
     finally:

@@ -13,7 +13,8 @@ Measures images/s of one optimizer step (forward, masked BCE, backward, SGD) for
 * ``fusion``         -- stage III through both frozen branches every step;
 * ``fusion_cached``  -- stage III on cached pool5 features (train.cache_fusion_features).
 
-On CUDA it also reports the peak memory of each. Prints one JSON object.
+Each stage is the median of ``--steps`` timed steps (``benchutil.measure``). On CUDA it also
+reports the peak memory of each. Prints one JSON object.
 
     python scripts/bench_train.py --device cuda --batch-size 64 --image-size 224 --steps 20
     python scripts/bench_train.py --device cpu --backbone resnet18 --image-size 128 --batch-size 8 --steps 3
@@ -24,10 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
-import time
 
-import numpy as np
 import torch
 import torchvision
 
@@ -35,14 +33,9 @@ from agcnn.config import ModelConfig
 from agcnn.metrics import masked_bce_with_logits
 from agcnn.models import AGCNN
 from agcnn.train import apply_freezing, set_train_mode, stage_plan
-from benchutil import device_name
+from benchutil import cpu_loop_region_step, device_name, measure, rate, versions
 
 K = 14
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -50,50 +43,11 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def time_steps(step, device: torch.device, steps: int, warmup: int, batch: int) -> dict:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    dt = time.perf_counter() - t0
-    out = {"images_per_s": round(batch * steps / dt, 2), "ms_per_step": round(1000 * dt / steps, 1)}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    timing = measure(step, device, iters=steps, warmup=warmup)
+    out = {"images_per_s": rate(batch, timing), "ms_per_step": round(1000 * timing["seconds"], 1)}
+    if "peak_memory_gib" in timing:
+        out["peak_memory_gib"] = timing["peak_memory_gib"]
     return out
-
-
-def cpu_loop_crops(model: AGCNN, x: torch.Tensor, g_map: torch.Tensor) -> torch.Tensor:
-    """The per-image region step of earlier AG-CNN code (for comparison only)."""
-    import cv2
-    from skimage.measure import label
-
-    s, hs, ls = model.image_size, x.shape[-1], model.local_size
-    heat = g_map.detach().float().abs().amax(dim=1).cpu().numpy()
-    images = x.detach().float().cpu().numpy()
-    crops = []
-    for i in range(len(heat)):
-        h = heat[i]
-        lo, hi = h.min(), h.max()
-        h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
-        h = cv2.resize(h, (s, s), interpolation=cv2.INTER_LINEAR)
-        mask = h > model.threshold
-        x0, y0, x1, y1 = 0, 0, s, s
-        if mask.any():
-            lab = label(mask, connectivity=2)
-            sizes = np.bincount(lab.ravel())
-            sizes[0] = 0
-            ys, xs = np.nonzero(lab == sizes.argmax())
-            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-        f = hs / s
-        img = images[i].transpose(1, 2, 0)  # CHW -> HWC by permuting, not reshaping
-        patch = img[int(y0 * f):max(int(y1 * f), int(y0 * f) + 1), int(x0 * f):max(int(x1 * f), int(x0 * f) + 1)]
-        patch = cv2.resize(np.ascontiguousarray(patch), (ls, ls), interpolation=cv2.INTER_LINEAR)
-        crops.append(torch.from_numpy(patch.transpose(2, 0, 1).copy()))
-    return torch.stack(crops).to(x.device)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -156,7 +110,7 @@ def bench(args: argparse.Namespace) -> dict:
     def loop_step():
         with torch.no_grad(), _autocast(device, args.amp):
             g_map = model.global_branch.forward_features(model.global_input(x))
-        crops = cpu_loop_crops(model, x, g_map).contiguous(memory_format=fmt)
+        crops = cpu_loop_region_step(g_map, x, model.image_size, model.local_size, model.threshold).contiguous(memory_format=fmt)
         with _autocast(device, args.amp):
             logits = model.local_branch(crops)
         loss = masked_bce_with_logits(logits.float(), y)
@@ -184,7 +138,7 @@ def bench(args: argparse.Namespace) -> dict:
     ratios["local_vs_cpu_loop"] = round(results["local"]["images_per_s"] / results["local_cpu_loop"]["images_per_s"], 2)
     return {
         "device": device_name(device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": versions(),
         "settings": {"backbone": args.backbone, "batch_size": b, "image_size": args.image_size, "highres_size": highres,
                      "local_size": mc.local_size, "steps": args.steps, "warmup": args.warmup,
                      "amp_bf16": bool(args.amp and device.type == "cuda"), "channels_last": args.channels_last},
