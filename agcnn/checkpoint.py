@@ -14,15 +14,12 @@ import torch
 
 from agcnn import __version__
 from agcnn.config import Config
+from agcnn.errors import CheckpointError
 from agcnn.fileio import atomic_write_bytes, sha256_file  # noqa: F401 - part of this module's API
 from agcnn.labels import check_labels
 
 FORMAT = "agcnn-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or not an agcnn checkpoint; the message says which."""
 
 
 def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor], config: Config, **extra: Any) -> None:

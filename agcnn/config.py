@@ -20,11 +20,11 @@ from typing import Any
 
 import yaml
 
+from agcnn.errors import ConfigError
 from agcnn.labels import LABELS
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is not valid; the message names it and the fix."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
+           "setting", "Check", "OneOf", "Range", "Rule"]
 
 
 # ---------------------------------------------------------------------- value checks

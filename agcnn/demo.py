@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -174,11 +173,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agcnn.checkpoint import CheckpointError
-
-    try:
-        run_demo(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"agcnn demo: {e}", file=sys.stderr)
-        return 1
+    run_demo(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
     return 0

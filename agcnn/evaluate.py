@@ -40,7 +40,6 @@ import csv
 import json
 import logging
 import math
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -55,7 +54,6 @@ from torch.utils.data import DataLoader, Dataset
 from agcnn import __version__
 from agcnn.checkpoint import (
     BRANCHES,
-    CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -63,6 +61,7 @@ from agcnn.checkpoint import (
     trained_branches,
 )
 from agcnn.config import Config, ConfigError, apply_override
+from agcnn.errors import UsageError
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
 
@@ -82,7 +81,7 @@ PAPER_NOTE = (
 )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """The evaluation cannot run as asked (bad split, bad option); the message says what to change."""
 
 
@@ -646,16 +645,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = evaluate_checkpoint(
-            args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
-            num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
-            bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
-            include_identifiers=args.include_identifiers,
-        )
-    except (CheckpointError, EvaluationError, ConfigError, LabelMismatchError) as e:
-        print(f"agcnn evaluate: {e}", file=sys.stderr)
-        return 2
+    report = evaluate_checkpoint(
+        args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
+        bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
+        include_identifiers=args.include_identifiers,
+    )
     means = ", ".join(
         f"{b} {_fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )

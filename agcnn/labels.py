@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agcnn.errors import EXIT_USAGE, AgcnnError
+
 LABELS: tuple[str, ...] = (
     "Atelectasis",
     "Cardiomegaly",
@@ -28,8 +30,10 @@ LABELS: tuple[str, ...] = (
 NUM_CLASSES = len(LABELS)
 
 
-class LabelMismatchError(ValueError):
+class LabelMismatchError(AgcnnError, ValueError):
     """Two label lists that must be identical (same names, same order) are not."""
+
+    exit_code = EXIT_USAGE
 
 
 def check_labels(found: Sequence[str], expected: Sequence[str] = LABELS, *, where: str = "checkpoint") -> None:

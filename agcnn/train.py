@@ -882,9 +882,6 @@ def run(args: argparse.Namespace) -> int:
     stages = tuple(STAGES) if args.stage == "all" else (args.stage,)
     try:
         results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress)
-    except CheckpointError as e:
-        print(f"agcnn train: {e}", file=sys.stderr)
-        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -156,7 +156,7 @@ def test_missing_seed_checkpoint_is_an_error_naming_it(tmp_path, data):
 def test_cli_missing_seed_exits_before_loading_data(tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
     tiny_cfg("data.root=" + str(tmp_path / "no_data_here")).dump(cfg_path)
-    assert main(["train", "--config", str(cfg_path), "--stage", "fusion", "--out", str(tmp_path / "r")]) == 1
+    assert main(["train", "--config", str(cfg_path), "--stage", "fusion", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "local" in err and "best.pt" in err and not (tmp_path / "no_data_here").exists()
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agcnn.errors import DataError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -46,7 +48,7 @@ PENDING, DONE, UNUSABLE = 0, 1, 2
 DTYPES = {"uint8": np.uint8, "uint16": np.uint16}
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(DataError):
     """The cache does not match the data table or the configuration; rerun ``agcnn prepare``."""
 
 

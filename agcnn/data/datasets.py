@@ -30,12 +30,13 @@ from torch.utils.data import Dataset
 from agcnn.config import DATASETS
 from agcnn.data.cache import ImageCache, UnusableCachedImage, resolve
 from agcnn.data.tables import SPLITS
+from agcnn.errors import AgcnnError
 from agcnn.labels import LABELS
 
 log = logging.getLogger(__name__)
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(AgcnnError, RuntimeError):
     """An image in the data table cannot be read; the message names the file and the reason."""
 
 

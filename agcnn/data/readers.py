@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agcnn.errors import AgcnnError
+
 if TYPE_CHECKING:
     from agcnn.data.scope import ScopePolicy
 
@@ -134,7 +136,7 @@ _IDENTIFYING_KEYWORDS = (
 _MAX_DETAIL = 300  # characters of a wrapped library message kept in our message
 
 
-class UnusableImageError(Exception):
+class UnusableImageError(AgcnnError):
     """A file that cannot be used. `.reason` is a short stable code, str(e) the human message."""
 
     def __init__(self, reason: str, message: str):

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from agcnn.predict.options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PredictOptions, UsageError, parse_shard
+from agcnn.predict.options import EXIT_FAILED, EXIT_OK, PredictOptions, parse_shard
 from agcnn.predict.run import predict
 
 
@@ -74,10 +74,6 @@ def run(args: argparse.Namespace) -> int:
         all_branches=args.all_branches,
         shard=args.shard,
     )
-    try:
-        summary = predict(options)
-    except UsageError as e:
-        print(f"agcnn predict: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    summary = predict(options)
     print(summary.line(), file=sys.stderr)
     return EXIT_FAILED if summary.counts.get("failed", 0) else EXIT_OK

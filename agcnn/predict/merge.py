@@ -28,12 +28,12 @@ from typing import Any
 from agcnn.fileio import utc_now
 from agcnn.predict.journal import CSV_NAME, JOURNAL, MANIFEST, STATE, iter_rows, write_manifest, write_tables
 from agcnn.predict.listing import shard_of
-from agcnn.predict.options import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from agcnn.predict.options import EXIT_FAILED, EXIT_OK, UsageError
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
 
-class MergeError(Exception):
+class MergeError(UsageError):
     """The shares cannot be merged; the message says why and what to run."""
 
 
@@ -42,11 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        counts = merge_shards(args.output)
-    except MergeError as e:
-        print(f"agcnn merge: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    counts = merge_shards(args.output)
     total = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
     print(
         f"agcnn merge: {total} files: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, "

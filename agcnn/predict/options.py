@@ -7,13 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A problem with the command line or the folders, found before any work: exit status 2."""
+# UsageError: a problem with the command line or the folders, found before any work (exit 2).
+from agcnn.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: F401 - part of this module's API
 
 
 @dataclass
