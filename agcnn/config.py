@@ -197,6 +197,11 @@ class DataConfig:
     # Preprocessed cache written by `agcnn prepare` (None = decode the originals every epoch).
     cache: str | None = setting(None, NOT_EMPTY)
     cache_size: int = setting(512, AT_LEAST_1)
+    # An image that cannot be used: false (default) stops -- before training when its header is
+    # wrong or the file is missing (every such row listed at once), at its batch when it fails to
+    # decode. true leaves such rows out, lists them in the log, and counts them per epoch in
+    # log.csv and the checkpoint (skipped_images).
+    skip_unreadable: bool = False
     num_workers: int = setting(2, AT_LEAST_0)
     # Phantom set (dataset: synthetic); the generator draws anatomy at 64 px or more.
     synthetic_count: int = setting(600, AT_LEAST_1)

@@ -135,11 +135,15 @@ class _Skipping(Dataset):
 
         try:
             item = self.dataset[i]
-            item["error"] = ""
+            # A dataset built with data.skip_unreadable hands the failure back instead of raising.
+            error = item.pop("unreadable", "")
         except ImageLoadError as e:
+            error = str(e)
+        if error:
             k = len(self.dataset.labels)
             item = {"image": torch.zeros(3, self.side, self.side), "labels": torch.full((k,), float("nan")),
-                    "index": int(i), "error": str(e)}
+                    "index": int(i)}
+        item["error"] = error
         return item
 
 
@@ -526,6 +530,14 @@ def evaluate_checkpoint(
     if len(dataset) == 0:
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
+    # Files that are missing or not images, listed before the model runs; like every file that
+    # fails to decode they are left out of the numbers and listed in skipped.csv.
+    from agcnn.data.precheck import find_problems, listing
+
+    problems = find_problems(dataset)
+    if problems:
+        log.warning("%d of %d images cannot be used and will be left out (listed in skipped.csv):%s", len(problems),
+                    len(dataset), listing(problems))
 
     log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, ckpt.get("stage") or "fusion",
              len(dataset), split_name, dev)

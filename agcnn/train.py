@@ -32,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
 import random
@@ -52,6 +53,8 @@ from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoin
 from agcnn.config import Config, ConfigError
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+
+log = logging.getLogger(__name__)
 
 MODULES = ("global_branch", "local_branch", "fusion")
 BRANCHES = ("global", "local", "fusion")
@@ -288,9 +291,34 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
         n_local = len(ds)
     # Training drops a ragged last batch: a batch of one breaks batch norm in train mode.
     drop_last = train and n_local > batch_size
+    from agcnn.data.datasets import collate
+
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-                      num_workers=workers, worker_init_fn=seed_worker if workers else None, generator=g,
+                      collate_fn=collate, num_workers=workers, worker_init_fn=seed_worker if workers else None, generator=g,
                       pin_memory=rt.device.type == "cuda", persistent_workers=False)
+
+
+class Skips:
+    """Images a ``data.skip_unreadable`` dataset could not decode: left out of their batches
+    (see :func:`agcnn.data.datasets.collate`), each named in the log, counted for log.csv and
+    the checkpoint."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def batches(self, loader: Any):
+        for batch in loader:
+            if isinstance(batch, dict) and "unreadable" in batch:
+                for message in batch.pop("unreadable"):
+                    log.warning("skipped: %s", message)
+                    self.count += 1
+                if "image" not in batch:
+                    continue
+            yield batch
+
+
+def _rows_of(batch: Any, fallback: np.ndarray) -> np.ndarray:
+    return batch["index"].numpy() if isinstance(batch, dict) and "index" in batch else fallback
 
 
 def _batch_xy(batch: Any) -> tuple[Tensor, Tensor]:
@@ -305,17 +333,19 @@ def _shard(ds: Dataset, rt: Runtime) -> tuple[Dataset, np.ndarray]:
     return (Subset(ds, idx.tolist()) if rt.distributed else ds), idx
 
 
-def _gather_rows(rt: Runtime, idx: np.ndarray, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """Reassemble per-process rows (in dataset order) on every process."""
+def _gather_rows(rt: Runtime, idx: np.ndarray, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reassemble per-process rows (in dataset order) on every process; ``idx``: the dataset rows
+    of this process's arrays (a row skipped as unreadable is in no process's)."""
     if not rt.distributed:
         return arrays
     parts = _all_gather(rt, (idx, arrays))
+    present = np.sort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
     out = {}
     for key in arrays:
         first = parts[0][1][key]
-        full = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+        full = np.empty((len(present), *first.shape[1:]), dtype=first.dtype)
         for i, a in parts:
-            full[i] = a[key]
+            full[np.searchsorted(present, i)] = a[key]
         out[key] = full
     return out
 
@@ -329,6 +359,7 @@ class ImageSource:
                  train_ds: Dataset, val_ds: Dataset, batch_size: int):
         self.model, self.net, self.plan, self.cfg, self.rt = model, net, plan, cfg, rt
         self.train_ds, self.val_ds, self.batch_size = train_ds, val_ds, batch_size
+        self.skips = Skips()
 
     def loader(self, epoch: int) -> DataLoader:
         return make_loader(self.train_ds, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt)
@@ -353,7 +384,9 @@ class ImageSource:
         probs: dict[str, list[np.ndarray]] = {b: [] for b in self.plan.reports}
         labels: list[np.ndarray] = []
         fwd = "global" if self.plan.reports == ("global",) else "fusion"
-        for batch in loader:
+        rows: list[np.ndarray] = []
+        for batch in self.skips.batches(loader):
+            rows.append(_rows_of(batch, idx))
             x, y = _batch_xy(batch)
             with autocast(self.cfg, self.rt.device):
                 out = model(self.to_device(x), stage=fwd)
@@ -365,7 +398,7 @@ class ImageSource:
         k = len(self.cfg.labels)
         arrays = {b: np.concatenate(v) if v else np.zeros((0, k), np.float32) for b, v in probs.items()}
         arrays["labels"] = np.concatenate(labels) if labels else np.zeros((0, k), np.float32)
-        full = _gather_rows(self.rt, idx, arrays, len(self.val_ds))
+        full = _gather_rows(self.rt, np.concatenate(rows) if self.skips.count else idx, arrays)
         lab = full.pop("labels")
         return full, lab
 
@@ -392,6 +425,7 @@ class CachedFusionSource:
     def __init__(self, model: nn.Module, plan: Stage, cfg: Config, rt: Runtime, train_ds: Dataset, val_ds: Dataset,
                  batch_size: int, say: Callable[[str], None]):
         self.model, self.plan, self.cfg, self.rt, self.batch_size = model, plan, cfg, rt, batch_size
+        self.skips = Skips()
         head: nn.Module = _FuseHead(model)
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -420,7 +454,10 @@ class CachedFusionSource:
         loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         g, l, y = [], [], []
-        for batch in loader:
+        rows: list[np.ndarray] = []
+        before = self.skips.count
+        for batch in self.skips.batches(loader):
+            rows.append(_rows_of(batch, idx))
             x, lab = _batch_xy(batch)
             with autocast(self.cfg, self.rt.device):
                 out = model(x.to(self.rt.device, memory_format=fmt), stage="fusion")
@@ -434,7 +471,7 @@ class CachedFusionSource:
             "local": np.concatenate(l) if l else np.zeros((0, model.local_branch.num_features), np.float32),
             "labels": np.concatenate(y) if y else np.zeros((0, k), np.float32),
         }
-        return _gather_rows(self.rt, idx, arrays, len(ds))
+        return _gather_rows(self.rt, np.concatenate(rows) if self.skips.count > before else idx, arrays)
 
     def loader(self, epoch: int) -> DataLoader:
         return make_loader(self.train_set, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt, num_workers=0)
@@ -553,8 +590,12 @@ def run_stage(
     progress: bool = True,
     say: Callable[[str], None] = print,
     writer: Any = None,
+    left_out: list[dict[str, Any]] | None = None,
 ) -> StageResult:
-    """Train one stage of the table; returns where its checkpoints are and its best metric."""
+    """Train one stage of the table; returns where its checkpoints are and its best metric.
+
+    ``left_out``: the rows the pre-check left out (``data.skip_unreadable``), stored in the checkpoints.
+    """
     from agcnn.models import AGCNN
 
     plan = stage_plan(stage_name, cfg.train.finetune_all)
@@ -638,6 +679,7 @@ def run_stage(
         source = ImageSource(model, net, plan, cfg, rt, train_ds, val_ds, batch_size)
 
     labels = list(cfg.labels)
+    skipped_so_far = 0
     for epoch in range(start_epoch, sc.epochs):
         set_train_mode(model, plan)
         loader = source.loader(epoch)
@@ -646,7 +688,10 @@ def run_stage(
         # Summed on the device: reading the loss every step would synchronise a GPU each step.
         loss_sum = torch.zeros((), device=rt.device)
         bar = _progress(len(loader), f"{stage_name} {epoch + 1}/{sc.epochs}", enabled=progress and rt.is_main)
-        for batch in loader:
+        # With data.skip_unreadable a batch whose every image fails to decode is left out. (Under
+        # DDP the other processes would then wait for this process's step; the pre-check has
+        # already left out every file it can see is bad, so that takes a batch of damaged files.)
+        for batch in source.skips.batches(loader):
             with autocast(cfg, rt.device):
                 logits, y = source.logits(batch)
             loss = masked_bce_with_logits(logits.float(), y)
@@ -686,10 +731,16 @@ def run_stage(
             "images_per_s": n_images * rt.world / max(seconds, 1e-9), "seconds": seconds,
             "per_class": {plan.scores: _plain_floats(aucs[plan.scores])},
         }
+        if cfg.data.skip_unreadable:
+            # Images that failed to decode in this epoch's training and validation passes.
+            row["skipped_images"] = sum(_all_gather(rt, source.skips.count - skipped_so_far))
+            skipped_so_far = source.skips.count
         history.append(row)
         if rt.is_main:
             extra = dict(stage=stage_name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=step,
                          best_metric=best_metric, best_epoch=best_epoch, history=history)
+            if left_out:
+                extra["left_out"] = left_out
             if improved:
                 ops = {b: _plain_floats(youden_thresholds(probs[b], val_labels)) for b in plan.reports}
                 save_checkpoint(best_path, model_state=model.state_dict(), config=cfg, metric=metric,
@@ -809,10 +860,6 @@ def train(
             check_seed_exists(Path(seed_from), first, explicit=True)
         elif first.seed_from is not None:
             check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Atomic: a kill mid-write must not leave a config that --resume then cannot read.
-        atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
     if datasets is None:
         from agcnn.data.datasets import build_datasets
 
@@ -822,6 +869,20 @@ def train(
         datasets = build_datasets(cfg, splits=("train", "val"))
         if rt.is_main:
             _barrier(rt)
+    # Every row's file exists and starts like an image, or the run stops here listing them all
+    # (hours before the loader would reach one); with data.skip_unreadable they are left out.
+    from agcnn.data.precheck import check_datasets
+
+    t0 = time.perf_counter()
+    datasets, problems, n_checked = check_datasets(datasets, skip_unreadable=cfg.data.skip_unreadable)
+    if n_checked:
+        quiet(f"data: {n_checked} image files checked in {time.perf_counter() - t0:.1f} s"
+              + (f"; {len(problems)} left out (data.skip_unreadable)" if problems else ""))
+    left_out = [{"split": p.split, "path": p.path, "reason": p.reason} for p in problems]
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Atomic: a kill mid-write must not leave a config that --resume then cannot read.
+        atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
     if any(s == "fusion" for s in stages) and _use_feature_cache(cfg, stage_plan("fusion", cfg.train.finetune_all)):
         datasets = dict(datasets)
         datasets["fusion_train"] = _without_augmentation(cfg, datasets["train"])
@@ -833,7 +894,7 @@ def train(
             if s == "fusion" and "fusion_train" in datasets:
                 ds = {**datasets, "train": datasets["fusion_train"]}
             results[s] = run_stage(cfg, run_dir, s, ds, rt, resume=resume, seed_from=seed_from, progress=progress,
-                                   say=quiet, writer=writer)
+                                   say=quiet, writer=writer, left_out=left_out)
     finally:
         if writer is not None:
             writer.close()

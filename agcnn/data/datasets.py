@@ -10,9 +10,12 @@ An item is a dict::
      "labels": FloatTensor[K],        # 0 / 1, NaN = missing (masked out of loss and metrics)
      "index": int}                    # row in the dataset's table (dataset.table)
 
-A file that cannot be decoded raises :class:`ImageLoadError` naming it: training data is curated,
-and a silently skipped image would change the data without anyone noticing. ``agcnn prepare``
-lists every unusable file in one pass.
+A file that cannot be decoded raises :class:`ImageLoadError` naming it and its row: training data
+is curated, and a silently skipped image would change the data without anyone noticing. With
+``skip_unreadable`` (``data.skip_unreadable``) the item is ``{"unreadable": message, "index": i}``
+instead, and :func:`collate` leaves it out of the batch and lists it under ``"unreadable"`` for
+the loop to count. :mod:`agcnn.data.precheck` finds most such files before the first step;
+``agcnn prepare`` lists every undecodable file in one pass.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import difflib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +41,16 @@ log = logging.getLogger(__name__)
 
 
 class ImageLoadError(AgcnnError, RuntimeError):
-    """An image in the data table cannot be read; the message names the file and the reason."""
+    """An image in the data table cannot be read; the message names the file, its row and the reason."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception comes back as this class built from "Caught
+        # ImageLoadError in DataLoader worker process N. Original Traceback ... ImageLoadError:
+        # MESSAGE": keep MESSAGE, the line that names the file and the row.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 class XrayDataset(Dataset):
@@ -53,6 +66,7 @@ class XrayDataset(Dataset):
         cache: ImageCache | None = None,
         cache_rows: Sequence[int] | None = None,
         name: str = "dataset",
+        skip_unreadable: bool = False,
     ):
         missing = [c for c in ("path", *labels) if c not in table.columns]
         if missing:
@@ -66,6 +80,7 @@ class XrayDataset(Dataset):
         self.cache = cache
         self.cache_rows = None if cache_rows is None else np.asarray(cache_rows, dtype=np.int64)
         self.name = name
+        self.skip_unreadable = skip_unreadable
         # One contiguous array: indexing a DataFrame per item is slow in DataLoader workers.
         self.targets = self.table[self.labels].to_numpy(dtype=np.float32)
         self.paths = self.table["path"].astype(str).tolist()
@@ -89,15 +104,43 @@ class XrayDataset(Dataset):
         except (OSError, ValueError) as e:
             reason = f"{type(e).__name__}: {e}"
         raise ImageLoadError(
-            f"cannot read image {path!r} (row {i} of the {self.name} set, data.root={str(self.root)!r}): {reason}. "
-            f"Fix the file or remove it from the table; `agcnn prepare` lists every unusable file at once."
+            f"cannot read image {path!r} (row {i} of the {self.name} set, data.root={str(self.root)!r}): {reason.rstrip('.')}. "
+            f"Fix the file or remove it from the table, or set data.skip_unreadable=true to leave such files out"
+        )
+
+    def without_rows(self, rows: set[int] | Sequence[int]) -> "XrayDataset":
+        """The same dataset less ``rows`` (positions in this dataset); row numbers shift."""
+        keep = np.setdiff1d(np.arange(len(self)), np.fromiter(rows, dtype=np.int64))
+        return XrayDataset(
+            self.table.iloc[keep], self.labels, root=self.root, transform=self.transform, cache=self.cache,
+            cache_rows=None if self.cache_rows is None else self.cache_rows[keep], name=self.name,
+            skip_unreadable=self.skip_unreadable,
         )
 
     def __getitem__(self, i: int) -> dict:
-        image = torch.from_numpy(np.ascontiguousarray(self.load(i)))[None]
+        try:
+            pixels = self.load(i)
+        except ImageLoadError as e:
+            if not self.skip_unreadable:
+                raise
+            return {"unreadable": str(e), "index": int(i)}
+        image = torch.from_numpy(np.ascontiguousarray(pixels))[None]
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "labels": torch.from_numpy(self.targets[i].copy()), "index": int(i)}
+
+
+def collate(batch: list) -> Any:
+    """``default_collate``, less the items a ``skip_unreadable`` dataset could not read: their
+    messages go under ``"unreadable"`` (a batch of nothing else has no ``"image"``)."""
+    from torch.utils.data import default_collate
+
+    if not batch or not isinstance(batch[0], dict) or not any("unreadable" in b for b in batch):
+        return default_collate(batch)
+    kept = [b for b in batch if "unreadable" not in b]
+    out = default_collate(kept) if kept else {}
+    out["unreadable"] = [b["unreadable"] for b in batch if "unreadable" in b]
+    return out
 
 
 # ---------------------------------------------------------------------- configuration -> tables
@@ -167,6 +210,7 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
         rows = cache.verify(part["path"].tolist(), cfg.data.root, size=cfg.data.cache_size) if cache is not None else None
         out[split] = XrayDataset(
             part, cfg.labels, root=cfg.data.root, cache=cache, cache_rows=rows, name=split,
+            skip_unreadable=cfg.data.skip_unreadable,
             transform=transforms_from_config(cfg.data, train=split == "train"),
         )
     return out

@@ -73,6 +73,7 @@ __all__ = [
     "UnusableImageError",
     "ImageInfo",
     "sniff_format",
+    "check_header",
     "read_image",
     "read_image_with_info",
 ]
@@ -181,6 +182,18 @@ def sniff_format(path: str | os.PathLike[str]) -> str | None:
     """
     head = _read_bytes(path, limit=_SNIFF_BYTES)
     return _sniff_bytes(head)
+
+
+def check_header(path: str | os.PathLike[str]) -> str:
+    """ "dicom", "png" or "jpeg" from the first bytes, as :func:`sniff_format`; a file that is
+    not one of them raises UnusableImageError("not_an_image") saying what it looks like (an
+    HTML page, an archive, ...). Reads a few hundred bytes: a check of a whole table before
+    training, not a promise that the pixels decode."""
+    head = _read_bytes(path, limit=_SNIFF_BYTES)
+    fmt = _sniff_bytes(head)
+    if fmt is None:
+        raise UnusableImageError("not_an_image", _describe_unknown(head, size=os.stat(path).st_size))
+    return fmt
 
 
 def read_image(path: str | os.PathLike[str], *, scope: ScopePolicy | None = None) -> np.ndarray:
@@ -304,7 +317,7 @@ def _is_preambleless_dicom(head: bytes) -> bool:
     return group_be == 0x0008 and explicit
 
 
-def _describe_unknown(data: bytes) -> str:
+def _describe_unknown(data: bytes, size: int | None = None) -> str:
     head = data[:512]
     kind = ""
     archives = {
@@ -334,7 +347,7 @@ def _describe_unknown(data: bytes) -> str:
             )
     return (
         f"content is not DICOM, PNG or JPEG (no 'DICM' marker at byte 128, no PNG/JPEG "
-        f"signature, {len(data)} bytes).{kind} Only DICOM, PNG and JPEG are read."
+        f"signature, {len(data) if size is None else size} bytes).{kind} Only DICOM, PNG and JPEG are read."
     )
 
 
