@@ -52,3 +52,7 @@ class DataError(AgcnnError, ValueError):
     """
 
     exit_code = EXIT_USAGE
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A file that the configuration or the data table names does not exist."""

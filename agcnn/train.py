@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorD
 
 from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from agcnn.config import Config, ConfigError
+from agcnn.errors import MissingFileError
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
 
@@ -860,6 +861,10 @@ def train(
             check_seed_exists(Path(seed_from), first, explicit=True)
         elif first.seed_from is not None:
             check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
+        elif cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+            # Only a stage that starts from scratch reads the ImageNet weights.
+            raise MissingFileError(f"model.pretrained={cfg.model.pretrained!r} does not exist; set it to a local torchvision "
+                                   f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights")
     if datasets is None:
         from agcnn.data.datasets import build_datasets
 

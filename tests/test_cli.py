@@ -7,6 +7,7 @@ import pytest
 
 from agcnn import __version__
 from agcnn.cli import main
+from agcnn.config import Config
 
 
 def test_version_and_help():
@@ -112,3 +113,22 @@ def test_error_classes_carry_their_exit_status_and_old_bases():
                            (ImageLoadError, 1, RuntimeError), (UnusableImageError, 1, Exception)]:
         assert issubclass(cls, errors.AgcnnError) and issubclass(cls, old)
         assert cls.exit_code == code, cls
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.dataset=csv", "data.metadata={tmp}/no-table.csv"], "label table"),
+        (["data.dataset=chestxray14", "data.root={tmp}/nih"], "train_val_list.txt"),
+        (["model.pretrained={tmp}/resnet18.pth"], "model.pretrained="),
+    ],
+    ids=["csv-table", "nih-metadata", "pretrained"],
+)
+def test_files_the_config_names_are_usage_errors(overrides, message, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    (tmp_path / "nih").mkdir()
+    Config.load(None, ["model.backbone=resnet18", "train.device=cpu", *[o.format(tmp=tmp_path) for o in overrides]]).dump(cfg)
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("agcnn train: error: ")
+    assert not (tmp_path / "out").exists()

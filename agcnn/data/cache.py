@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agcnn.errors import DataError
+from agcnn.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def source_index(paths: Sequence[str], root: str | Path) -> pd.DataFrame:
         try:
             st = os.stat(resolve(p, root))
         except FileNotFoundError:
-            raise FileNotFoundError(f"image {p!r} (from the data table) does not exist under data.root={str(root)!r}; fix the table or data.root") from None
+            raise MissingFileError(f"image {p!r} (from the data table) does not exist under data.root={str(root)!r}; fix the table or data.root") from None
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
     return pd.DataFrame({"path": list(paths), "size": sizes, "mtime_ns": mtimes})
@@ -139,15 +139,15 @@ def build_cache(
     killed run would. A complete cache for the same files is reused as it is.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"cache dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+        raise DataError(f"cache dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
     if size < 8:
-        raise ValueError(f"data.cache_size={size} is too small; use at least data.resize (e.g. 512)")
+        raise DataError(f"data.cache_size={size} is too small; use at least data.resize (e.g. 512)")
     start = time.monotonic()
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     index = source_index(paths, root)
     if index["path"].duplicated().any():
-        raise ValueError(f"image {index['path'][index['path'].duplicated()].iloc[0]!r} appears twice in the data table; each image must be listed once")
+        raise DataError(f"image {index['path'][index['path'].duplicated()].iloc[0]!r} appears twice in the data table; each image must be listed once")
     meta = {"version": FORMAT_VERSION, "size": size, "dtype": dtype, "count": len(index)}
     report = CacheReport(out, len(index))
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agcnn.errors import DataError, MissingFileError
 from agcnn.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,12 @@ def read_data_entry(path: str | Path, labels: Sequence[str] = LABELS) -> pd.Data
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ChestX-ray14 metadata file {str(path)!r} does not exist; set data.metadata to Data_Entry_2017_v2020.csv(.gz)")
+        raise MissingFileError(f"ChestX-ray14 metadata file {str(path)!r} does not exist; set data.metadata to Data_Entry_2017_v2020.csv(.gz)")
     with _open_text(path) as f:
         header = [h.strip() for h in _HEADER_SPLIT.split(f.readline().rstrip("\r\n"))]
         missing = [h for h in _COLUMNS if h not in header]
         if missing:
-            raise ValueError(f"{str(path)!r} does not look like a ChestX-ray14 Data_Entry file: columns {missing} are missing (header: {header})")
+            raise DataError(f"{str(path)!r} does not look like a ChestX-ray14 Data_Entry file: columns {missing} are missing (header: {header})")
         positions = [header.index(h) for h in _COLUMNS]
         # Rows are read by position: names with commas inside them, and the 2017 file's trailing
         # comma, add fields that must not shift the columns we keep.
@@ -96,12 +97,12 @@ def parse_finding_labels(findings: pd.Series, labels: Sequence[str] = LABELS, *,
     """
     unknown_targets = [x for x in labels if x not in LABELS]
     if unknown_targets:
-        raise ValueError(f"labels {unknown_targets} are not ChestX-ray14 findings; valid names: {list(LABELS)}")
+        raise DataError(f"labels {unknown_targets} are not ChestX-ray14 findings; valid names: {list(LABELS)}")
     text = findings.fillna("").astype(str).str.replace(r"\s*\|\s*", "|", regex=True).str.strip()
     onehot = text.str.get_dummies(sep="|")
     bad = sorted(set(onehot.columns) - set(LABELS) - {NO_FINDING})
     if bad:
-        raise ValueError(f"{where}: unknown finding names {bad[:5]}; expected '|'-separated names from {list(LABELS)} or {NO_FINDING!r}")
+        raise DataError(f"{where}: unknown finding names {bad[:5]}; expected '|'-separated names from {list(LABELS)} or {NO_FINDING!r}")
     return onehot.reindex(columns=list(labels), fill_value=0).astype(np.float32).reset_index(drop=True)
 
 
@@ -109,7 +110,7 @@ def read_name_list(path: str | Path) -> list[str]:
     """Read an official split list (one image name per line; blank lines ignored)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"split list {str(path)!r} does not exist; set data.train_list / data.test_list to train_val_list.txt / test_list.txt")
+        raise MissingFileError(f"split list {str(path)!r} does not exist; set data.train_list / data.test_list to train_val_list.txt / test_list.txt")
     names = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     return names
 
@@ -132,7 +133,7 @@ def read_labelled_list(path: str | Path, labels: Sequence[str] = LABELS) -> pd.D
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     bad = next((i for i, r in enumerate(rows) if len(r) != len(LABELS) + 1), None)
     if bad is not None:
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r} line {bad + 1} has {len(rows[bad]) - 1} labels, expected {len(LABELS)} "
             f"(name followed by 0/1 for {list(LABELS)})"
         )
@@ -176,7 +177,7 @@ def locate_images(root: str | Path, names: Sequence[str]) -> list[str]:
             found.setdefault(f, f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
     missing = [n for n in names if n not in found]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{len(missing)} of {len(names)} ChestX-ray14 images are not under data.root={str(root)!r} "
             f"(e.g. {missing[:3]}); unpack all 12 NIH archives there, or train on the images you have "
             f"with dataset: csv and a table that lists them"
@@ -223,7 +224,7 @@ def load_chestxray14(
     for split, path in lists.items():
         if not Path(path).is_file():
             official = {"train": "train_val_list.txt", "test": "test_list.txt", "val": "val_list.txt"}[split]
-            raise FileNotFoundError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the path of {official}")
+            raise MissingFileError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the path of {official}")
         if is_labelled_list(path):
             part = read_labelled_list(path, labels)
         else:
@@ -233,14 +234,14 @@ def load_chestxray14(
     table = pd.concat(parts, ignore_index=True)
     dup = table["image"][table["image"].duplicated()]
     if len(dup):
-        raise ValueError(f"image {dup.iloc[0]!r} is listed in more than one split list ({len(dup)} such names); the lists must not overlap")
+        raise DataError(f"image {dup.iloc[0]!r} is listed in more than one split list ({len(dup)} such names); the lists must not overlap")
 
     has_list_labels = all(c in table.columns for c in labels) and table[list(labels)].notna().all().all()
     if metadata is not None:
         entry = read_data_entry(metadata, labels).set_index("image")
         unknown = table["image"][~table["image"].isin(entry.index)]
         if len(unknown):
-            raise ValueError(f"{len(unknown)} listed images are not in {str(metadata)!r} (e.g. {unknown.iloc[0]!r}); the lists and the metadata must come from the same release")
+            raise DataError(f"{len(unknown)} listed images are not in {str(metadata)!r} (e.g. {unknown.iloc[0]!r}); the lists and the metadata must come from the same release")
         if has_list_labels:
             # Labels from the lists (2017) win, so an old split reproduces earlier results;
             # the Data_Entry file only contributes patient and view.
@@ -251,9 +252,9 @@ def load_chestxray14(
         table["patient"] = table["image"].map(patient_from_name)
         table["view"] = ""
         if views:
-            raise ValueError("data.views needs the Data_Entry file (View Position); set data.metadata to Data_Entry_2017_v2020.csv.gz")
+            raise DataError("data.views needs the Data_Entry file (View Position); set data.metadata to Data_Entry_2017_v2020.csv.gz")
     else:
-        raise FileNotFoundError(f"no Data_Entry_2017*.csv(.gz) found in {str(root)!r} or its parent; set data.metadata to its path")
+        raise MissingFileError(f"no Data_Entry_2017*.csv(.gz) found in {str(root)!r} or its parent; set data.metadata to its path")
 
     if views:
         wanted = {v.upper() for v in views}

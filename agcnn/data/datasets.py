@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from agcnn.config import DATASETS
 from agcnn.data.cache import ImageCache, UnusableCachedImage, resolve
 from agcnn.data.tables import SPLITS
-from agcnn.errors import AgcnnError
+from agcnn.errors import AgcnnError, ConfigError, DataError
 from agcnn.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class XrayDataset(Dataset):
     ):
         missing = [c for c in ("path", *labels) if c not in table.columns]
         if missing:
-            raise ValueError(f"the {name} table lacks columns {missing}; it needs 'path' and one column per label")
+            raise DataError(f"the {name} table lacks columns {missing}; it needs 'path' and one column per label")
         if cache is not None and (cache_rows is None or len(cache_rows) != len(table)):
             raise ValueError("cache_rows must give the cache row of every table row (see ImageCache.verify)")
         self.table = table.reset_index(drop=True)
@@ -149,15 +149,15 @@ def check_label_names(labels: Sequence[str], *, known: Sequence[str] = LABELS, s
     """The configured labels must be unique and, for NIH-style sources, NIH finding names."""
     labels = list(labels)
     if not labels:
-        raise ValueError(f"the label list is empty; use e.g. labels: {list(known)}")
+        raise ConfigError(f"the label list is empty; use e.g. labels: {list(known)}")
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise ValueError(f"labels {dup} appear more than once in the label list")
+        raise ConfigError(f"labels {dup} appear more than once in the label list")
     for name in labels:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"label {name!r} is not a {source} label{hint} Valid: {list(known)}")
+            raise ConfigError(f"label {name!r} is not a {source} label{hint} Valid: {list(known)}")
 
 
 def load_dataframe(cfg) -> pd.DataFrame:
@@ -170,7 +170,7 @@ def load_dataframe(cfg) -> pd.DataFrame:
     if d.dataset not in DATASETS:
         close = difflib.get_close_matches(d.dataset, DATASETS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"data.dataset={d.dataset!r} is not known; use one of {list(DATASETS)}.{hint}")
+        raise ConfigError(f"data.dataset={d.dataset!r} is not known; use one of {list(DATASETS)}.{hint}")
     if d.dataset == "synthetic":
         from agcnn.data.synthetic import ensure_phantoms
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agcnn.errors import DataError
 from agcnn.labels import LABELS
 
 try:
@@ -431,7 +432,7 @@ def _ensure_phantoms_locked(root: Path, *, count: int, size: int, seed: int, dic
     want = {"version": FORMAT_VERSION, "count": count, "size": size, "seed": seed}
     if labels.is_file():
         if not meta_path.is_file():
-            raise ValueError(f"{str(labels)!r} exists but is not a phantom set (no phantoms.json); with dataset: synthetic, point data.root at an empty folder")
+            raise DataError(f"{str(labels)!r} exists but is not a phantom set (no phantoms.json); with dataset: synthetic, point data.root at an empty folder")
         meta = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in want.items()):
             return labels

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agcnn.errors import DataError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -40,7 +42,7 @@ def split_patientwise(df: pd.DataFrame, val_fraction: float, seed: int, patient_
     seed, not on row order. With ``patient_col`` None (or absent) each image is its own patient.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if patient_col is not None and patient_col in df.columns:
         patients = df[patient_col].astype(str)
     else:
@@ -62,19 +64,19 @@ def parse_label_column(values: pd.Series, *, column: str) -> pd.Series:
     unparsed = text.notna() & numbers.isna()
     if unparsed.any():
         bad = values[unparsed].iloc[0]
-        raise ValueError(f"label column {column!r} holds {bad!r}; use 1 (positive), 0 (negative), or empty / -1 (missing or uncertain)")
+        raise DataError(f"label column {column!r} holds {bad!r}; use 1 (positive), 0 (negative), or empty / -1 (missing or uncertain)")
     numbers = numbers.astype(np.float64)
     numbers[numbers == -1] = np.nan
     odd = numbers.notna() & ~numbers.isin([0.0, 1.0])
     if odd.any():
-        raise ValueError(f"label column {column!r} holds {values[odd].iloc[0]!r}; use 1, 0, or empty / -1 for missing")
+        raise DataError(f"label column {column!r} holds {values[odd].iloc[0]!r}; use 1, 0, or empty / -1 for missing")
     return numbers.astype(np.float32)
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"label table {str(path)!r} does not exist; set data.metadata to your CSV export")
+        raise MissingFileError(f"label table {str(path)!r} does not exist; set data.metadata to your CSV export")
     # Everything as text: labels are parsed strictly below, and IDs keep their leading zeros.
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
@@ -95,17 +97,17 @@ def normalise_table(
     """Bring a labelled table into the common form ``path, patient, split`` + one float column per label."""
     label_map = dict(label_map or {})
     if path_column not in table.columns:
-        raise ValueError(f"{where} has no image path column {path_column!r}; set data.path_column to one of {list(table.columns)}")
+        raise DataError(f"{where} has no image path column {path_column!r}; set data.path_column to one of {list(table.columns)}")
     bad_targets = [v for v in label_map.values() if v not in labels]
     if bad_targets:
-        raise ValueError(f"data.label_map maps onto {bad_targets}, which are not in the label list {list(labels)}")
+        raise DataError(f"data.label_map maps onto {bad_targets}, which are not in the label list {list(labels)}")
     missing_src = [k for k in label_map if k not in table.columns]
     if missing_src:
-        raise ValueError(f"data.label_map names columns {missing_src} that {where} does not have; its columns are {list(table.columns)}")
+        raise DataError(f"data.label_map names columns {missing_src} that {where} does not have; its columns are {list(table.columns)}")
 
     out = pd.DataFrame({"path": table[path_column].astype(str).str.strip()})
     if (out["path"] == "").any():
-        raise ValueError(f"{where} row {int(np.flatnonzero(out['path'] == '')[0]) + 2} has an empty {path_column!r}")
+        raise DataError(f"{where} row {int(np.flatnonzero(out['path'] == '')[0]) + 2} has an empty {path_column!r}")
 
     source = {name: name for name in labels if name in table.columns}
     source.update({label: column for column, label in label_map.items()})
@@ -135,7 +137,7 @@ def normalise_table(
     if views:
         column = next((c for c in ("view", "View Position", "ViewPosition") if c in table.columns), None)
         if column is None:
-            raise ValueError(f"data.views={list(views)} needs a view column (view / View Position) in {where}")
+            raise DataError(f"data.views={list(views)} needs a view column (view / View Position) in {where}")
         keep = table[column].astype(str).str.strip().str.upper().isin({v.upper() for v in views}).to_numpy()
         out, table = out[keep].reset_index(drop=True), table[keep].reset_index(drop=True)
 
@@ -143,7 +145,7 @@ def normalise_table(
         split = table["split"].astype(str).str.strip().str.lower().replace({"valid": "val", "validation": "val"})
         bad = sorted(set(split) - set(SPLITS))
         if bad:
-            raise ValueError(f"the split column of {where} holds {bad}; use train, val or test")
+            raise DataError(f"the split column of {where} holds {bad}; use train, val or test")
         out["split"] = split.to_numpy()
         if not (out["split"] == "val").any() and val_fraction > 0:
             log.info("%s has no val rows; carving %.0f%% of the training patients as validation", where, 100 * val_fraction)
@@ -159,7 +161,7 @@ def normalise_table(
     if has_patient:
         by = out.groupby("patient")["split"].nunique()
         if (by > 1).any():
-            raise ValueError(
+            raise DataError(
                 f"patient {by[by > 1].index[0]!r} has images in more than one split of {where} ({int((by > 1).sum())} such patients); "
                 f"fix the split column so each patient is in exactly one split"
             )

@@ -16,6 +16,7 @@ from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from agcnn.config import BACKBONES, check_choice
+from agcnn.errors import ConfigError, MissingFileError
 from agcnn.fileio import sha256_file
 from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
 
@@ -146,14 +147,14 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained weights {str(path)!r} not found; set model.pretrained to a local torchvision "
             f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"cannot read pretrained weights {str(path)!r}: {e}") from e
+        raise ConfigError(f"cannot read pretrained weights {str(path)!r}: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     state = _remap_densenet_keys(dict(state))
@@ -164,7 +165,7 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong_shape:
         k = wrong_shape[0]
-        raise ValueError(
+        raise ConfigError(
             f"pretrained weights {str(path)!r} do not match this backbone: {len(wrong_shape)} tensors have "
             f"other shapes (first: {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here). "
             f"Use a torchvision file for the same backbone."
@@ -173,7 +174,7 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
     attn_tokens = ("channel_attn", "spatial_attn", "attn4", ".se", "features.se")
     bad_missing = [k for k in result.missing_keys if not any(t in k for t in attn_tokens)]
     if bad_missing or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained weights {str(path)!r} do not match this backbone: missing {bad_missing[:5]}"
             f"{'…' if len(bad_missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
             f"{'…' if len(result.unexpected_keys) > 5 else ''}. Use a torchvision file for the same backbone."
