@@ -147,3 +147,15 @@ def test_build_datasets_carries_skip_unreadable(tmp_path):
     _csv_set(tmp_path / "data", {})
     cfg = Config.load(None, [*TINY, f"data.root={tmp_path / 'data'}", "data.skip_unreadable=true"])
     assert build_datasets(cfg, splits=("train",))["train"].skip_unreadable
+
+
+def test_evaluate_reports_a_skip_unreadable_dataset_s_failures_like_any_other(tmp_path):
+    from agcnn.evaluate import _Skipping
+
+    ds = _table_dataset(tmp_path, {"ok.png": None, "cut.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 30})
+    ds.skip_unreadable = True
+    ds.transform = lambda x: x.expand(3, -1, -1)
+    items = [_Skipping(ds, side=40)[i] for i in range(2)]
+    assert items[0]["error"] == "" and "unreadable" not in items[1]
+    assert "'cut.png' (row 1 of the train set" in items[1]["error"] and items[1]["image"].shape == (3, 40, 40)
+    assert torch.isnan(items[1]["labels"]).all()
