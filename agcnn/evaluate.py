@@ -492,6 +492,8 @@ def evaluate_checkpoint(
         raise EvaluationError(f"bootstrap unit {bootstrap_unit!r} is not known; use one of {list(BOOTSTRAP_UNITS)}")
     if batch_size < 1:
         raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise EvaluationError(f"--num-workers must be 0 (load in this process) or more, got {num_workers}")
     ckpt = load_checkpoint(checkpoint)
     branches = trained_branches(ckpt)
     cfg, set_keys = config_with_data_overrides(ckpt["config"], data_overrides)

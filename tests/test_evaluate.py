@@ -151,6 +151,8 @@ def test_val_operating_points_are_stored_and_then_scored(phantom_ckpt, tmp_path)
         (["--checkpoint", "{ckpt}", "--split", "tset"], "'tset' is not one of"),
         (["--checkpoint", "{ckpt}", "--split", "{tmp}/none.csv"], "does not exist"),
         (["--checkpoint", "{ckpt}", "--write-operating-points"], "needs --split val"),
+        (["--checkpoint", "{ckpt}", "--num-workers", "-1"], "--num-workers must be 0"),
+        (["--checkpoint", "{ckpt}", "--set", "data.val_fraction=2"], "data.val_fraction=2.0 is out of range"),
         (["--checkpoint", "{ckpt}", "--set", "model.backbone=resnet50"], "only overrides the data section"),
         (["--checkpoint", "{ckpt}", "--set", "data.image_size=224"], "fixed by the checkpoint"),
         (["--checkpoint", "{ckpt}", "--set", "data.rot=/x"], "did you mean 'root'"),

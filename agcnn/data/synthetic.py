@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agcnn.errors import DataError
+from agcnn.errors import ConfigError, DataError
 from agcnn.labels import LABELS
 
 try:
@@ -387,11 +387,11 @@ def _generate_patient(job: tuple) -> list[dict]:
 def generate_phantoms(out_dir: str | Path, count: int = 600, size: int = 512, seed: int = 0, *, dicom_fraction: float = 0.1, workers: int = 2) -> Path:
     """Write ``count`` phantoms of ``size`` px into ``out_dir``; returns the path of ``labels.csv``."""
     if count < 1:
-        raise ValueError(f"phantom count must be at least 1, got {count}")
+        raise ConfigError(f"phantom count must be at least 1, got {count}")
     if size < 64:
-        raise ValueError(f"phantom size must be at least 64 px, got {size}")
+        raise ConfigError(f"phantom size must be at least 64 px, got {size}")
     if not 0.0 <= dicom_fraction <= 1.0:
-        raise ValueError(f"dicom_fraction must be in [0, 1], got {dicom_fraction}")
+        raise ConfigError(f"dicom_fraction must be in [0, 1], got {dicom_fraction}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     plan = _plan(count, seed, dicom_fraction)
