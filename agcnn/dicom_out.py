@@ -47,6 +47,7 @@ __all__ = [
     "SR_SUFFIX",
     "SC_SUFFIX",
     "DicomResult",
+    "SourceError",
     "object_paths",
     "finding_code",
     "call_code",
@@ -61,6 +62,10 @@ SC_SUFFIX = ".sc.dcm"
 MANUFACTURER = "agcnn"
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+
+
+class SourceError(ValueError):
+    """The source header lacks what the results must reference; the message holds no values."""
 
 
 @dataclass
@@ -182,7 +187,7 @@ def write_dicom_results(
         source = dcmread(source, stop_before_pixels=True, force=True)
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not source.get(keyword):
-            raise ValueError(f"the source has no {keyword}: DICOM results need it to reference the image")
+            raise SourceError(f"the source has no {keyword}, which the results must reference")
     sr_path, sc_path = object_paths(out_dir, rel)
     study = str(source.StudyInstanceUID)
 

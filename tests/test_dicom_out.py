@@ -14,6 +14,7 @@ from agcnn.dicom_out import (
     CODING_SCHEME,
     NOT_FOR_DIAGNOSIS,
     DicomResult,
+    SourceError,
     object_paths,
     render_overlay,
     write_dicom_results,
@@ -148,5 +149,5 @@ def test_source_without_uids_is_refused(tmp_path):
     ds = Dataset()
     ds.StudyInstanceUID = "1.2.3"
     result = _result()
-    with pytest.raises(ValueError, match="SeriesInstanceUID"):
+    with pytest.raises(SourceError, match="SeriesInstanceUID"):
         write_dicom_results(tmp_path, "x.dcm", ds, result, picture=_picture(result), map_name="m")

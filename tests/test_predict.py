@@ -164,10 +164,10 @@ def _lock(mp: pytest.MonkeyPatch) -> None:
     """``locked.dcm`` cannot be read: what a chmod 000 file does for a non-root user."""
     real = readers.read_image_with_info
 
-    def read(path):
+    def read(path, **kw):
         if os.path.basename(path) == "locked.dcm":
             raise readers.UnusableImageError("unreadable", "permission denied; give the reading user read access to the file")
-        return real(path)
+        return real(path, **kw)
 
     mp.setattr(readers, "read_image_with_info", read)
 
@@ -491,11 +491,11 @@ def test_a_decoder_crash_fails_one_file_not_the_run(checkpoint, tmp_path, monkey
         write_dicom(inp / f"IM{i}.dcm", _image(64, 64, i))
     real = readers.read_image_with_info
 
-    def read(path):
+    def read(path, **kw):
         # A codec segfault: the worker process dies without a Python exception.
         if os.path.basename(path) == "IM3.dcm" and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGSEGV)
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(readers, "read_image_with_info", read)
     out = tmp_path / "out"

@@ -5,7 +5,8 @@
 Every file under ``--input`` (recursively, symbolic links followed, loops and duplicates
 detected) gets exactly one row in ``OUT/predictions.csv`` and its JSON Lines twin
 ``OUT/predictions.jsonl``: ``ok`` with the probabilities, ``skipped`` when the file is not a
-usable radiograph by its nature (not an image, no pixel data, CT / MR / ...), ``failed`` when
+usable radiograph by its nature (not an image, no pixel data, CT / MR / ..., another body
+part or a lateral view: see Scope), ``failed`` when
 it looks like one but could not be processed (truncated, corrupt, unreadable, implausible size,
 empty). The ``reason`` column holds a stable code (see :data:`agcnn.data.readers.REASONS`)
 followed by a short message.
@@ -31,12 +32,31 @@ PACS can resolve them) and the relative paths (folder names in an export can the
 patient names or IDs; ``manifest.json`` also records ``--input`` and ``--output`` as given).
 Treat the output folder with the same care as the input when either applies.
 
+Scope. Only frontal chest radiographs are predicted (:mod:`agcnn.data.scope`): a DICOM file
+whose Body Part Examined (or Anatomic Region Sequence) names another body part is ``skipped``
+with reason ``out_of_scope``, one whose View Position (or View Code Sequence) is lateral,
+oblique or decubitus with ``not_frontal``; the reason names the attribute and its value. AP
+supine films are predicted with a note; files without these attributes (PNG, many secondary
+captures) are predicted with a note that scope was not checked. ``--any-body-part`` /
+``--any-view`` switch a check off; the manifest records both.
+
+DICOM results. ``--dicom-out DIR`` writes, per predicted DICOM instance, a Comprehensive SR and
+a Secondary Capture (:mod:`agcnn.dicom_out`) under ``DIR/<relative path>.sr.dcm`` / ``.sc.dcm``.
+They carry the source's patient and study modules -- that is how an archive files them with the
+study -- so they hold identifiers, unlike everything in ``OUT``.
+
 Resuming. Each finished batch is appended to ``predictions.jsonl`` with one write and an
 fsync, one complete JSON object per line. A re-run on the same output folder reads it back,
 drops a trailing partial line left by a kill, and processes only the files without a row; so
 after any interruption (even ``kill -9``) a re-run ends with exactly one row per file.
 ``predictions.csv`` and the sorted ``predictions.jsonl`` are rewritten atomically at the end.
-A re-run with another checkpoint, or other column options, on the same folder is refused.
+A re-run with another checkpoint, or other column or scope options, on the same folder is
+refused. ``--retry-failed`` makes a resumed run process the files whose rows are ``failed``
+again (a decoder installed, a file re-exported) and replace those rows; ``ok`` and ``skipped``
+rows stay. A file's DICOM results are written before its row, so a kill in between only means
+they are written again (same file names, new UIDs): one set per instance. The output folder's
+lock belongs to the main process alone, and the loader's workers die with it, so a restart right
+after a ``kill -9`` (a preempted or OOM-killed job) is not refused.
 
 Scale-out. ``--shard K/N`` (or ``RANK`` / ``WORLD_SIZE`` under ``torchrun``) takes the files
 whose relative path hashes to K modulo N -- a choice that depends on the path alone, so each

@@ -58,6 +58,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shard", type=parse_shard, default=None, metavar="K/N",
         help="process share K of N (0-based) into OUT/shard-K-of-N/; set from RANK/WORLD_SIZE under torchrun",
     )
+    parser.add_argument(
+        "--any-body-part", action="store_true",
+        help="also predict DICOM images whose BodyPartExamined / Anatomic Region Sequence names another body part "
+             "(default: skipped, reason out_of_scope)",
+    )
+    parser.add_argument(
+        "--any-view", action="store_true",
+        help="also predict lateral, oblique and decubitus views (default: skipped, reason not_frontal)",
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true",
+        help="on resume, process the files whose rows are 'failed' again and replace those rows",
+    )
+    parser.add_argument(
+        "--dicom-out", metavar="DIR", default=None,
+        help="write a DICOM SR and a Secondary Capture per predicted DICOM image into DIR; these carry the "
+             "source's patient and study modules (identifiers), unlike predictions.csv",
+    )
 
 
 
@@ -73,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         include_identifiers=args.include_identifiers,
         all_branches=args.all_branches,
         shard=args.shard,
+        any_body_part=args.any_body_part,
+        any_view=args.any_view,
+        retry_failed=args.retry_failed,
+        dicom_out=args.dicom_out,
     )
     summary = predict(options)
     print(summary.line(), file=sys.stderr)

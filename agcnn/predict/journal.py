@@ -77,6 +77,33 @@ class Journal:
                     ) from None
                 self.done.add(path)
 
+    def drop_failed(self) -> list[str]:
+        """Remove the ``failed`` rows (``--retry-failed``): their files are to be done again.
+
+        The journal is rewritten without them (temporary file, fsync, rename), so a kill at
+        any moment leaves either the old journal or the new one; returns the dropped paths.
+        """
+        self._f.close()
+        dropped: list[str] = []
+        tmp = self.path.with_name(f".{self.path.name}.retry.tmp")
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for line in src:
+                row = json.loads(line)
+                if row.get("status") == "failed":
+                    dropped.append(row["path"])
+                else:
+                    dst.write(line)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if dropped:
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        else:
+            tmp.unlink()
+        self.done.difference_update(dropped)
+        self._f = open(self.path, "ab")
+        return dropped
+
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
@@ -158,11 +185,20 @@ def check_writable(folder: Path) -> None:
 
 
 def lock_output(out_dir: Path):
+    """Hold the output folder's lock; it belongs to this process alone and dies with it.
+
+    A POSIX record lock (``lockf``), not ``flock``: an ``flock`` belongs to the open file,
+    which the DataLoader's worker processes inherit when they are forked, so after a ``kill -9``
+    of the main process the lock lived on in its workers for seconds and a restart was refused.
+    Record locks are never inherited by a child and are released when their process ends.
+    Nothing else in this process may open and close the lock file: closing any descriptor of
+    it would drop the lock (POSIX semantics).
+    """
     import fcntl
 
     f = open(out_dir / LOCK, "a")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
         raise UsageError(f"another `agcnn predict` is writing to {str(out_dir)!r}; wait for it or use another --output") from None
@@ -186,7 +222,8 @@ def check_state(out_dir: Path, state: dict[str, Any]) -> None:
             if old.get(key) != state[key]:
                 raise UsageError(f"{str(out_dir)!r} was started with {key} {old.get(key)}, not {state[key]}; use a new --output folder")
         for opt, value in state["options"].items():
-            if old.get("options", {}).get(opt) != value:
+            # An option newer than the folder's state was off when it was started.
+            if old.get("options", {}).get(opt, False) != value:
                 flag = "--" + opt.replace("_", "-")
                 was = "with" if old.get("options", {}).get(opt) else "without"
                 raise UsageError(

@@ -26,9 +26,16 @@ class PredictOptions:
     all_branches: bool = False
     shard: tuple[int, int] | None = None  # (K, N); None: all files, or RANK / WORLD_SIZE under torchrun
     progress: bool = True
+    # Scope (agcnn.data.scope): predict other body parts / non-frontal views too.
+    any_body_part: bool = False
+    any_view: bool = False
+    # On resume, process the files whose rows are "failed" again, replacing those rows.
+    retry_failed: bool = False
+    # Folder for the DICOM results (SR + Secondary Capture per predicted DICOM instance).
+    dicom_out: str | os.PathLike[str] | None = None
 
     # The options that change what a row holds: a resumed run must use the same ones.
-    ROW_OPTIONS = ("include_identifiers", "all_branches", "overlays")
+    ROW_OPTIONS = ("include_identifiers", "all_branches", "overlays", "any_body_part", "any_view", "dicom_out")
 
     def check(self) -> PredictOptions:
         """Raise :class:`UsageError` for what needs nothing written; fill ``shard`` from torchrun."""
@@ -46,12 +53,25 @@ class PredictOptions:
         out_top = Path(self.output)
         if out_top.exists() and out_top.resolve() == in_dir.resolve():
             raise UsageError(f"--output {str(out_top)!r} is the input folder; pass a separate folder (it may lie inside the input)")
+        if self.dicom_out is not None:
+            dicom_out = Path(self.dicom_out)
+            if dicom_out.exists() and not dicom_out.is_dir():
+                raise UsageError(f"--dicom-out {str(dicom_out)!r} exists and is not a folder; pass a folder path")
+            if dicom_out.exists() and dicom_out.resolve() == in_dir.resolve():
+                raise UsageError(f"--dicom-out {str(dicom_out)!r} is the input folder; pass a separate folder")
         if self.shard is None:
             self.shard = shard_from_env()
         return self
 
     def row_options(self) -> dict[str, bool]:
-        return {name: getattr(self, name) for name in self.ROW_OPTIONS}
+        # A flag each: whether --dicom-out was given matters to a resumed run, not where.
+        return {name: bool(getattr(self, name)) for name in self.ROW_OPTIONS}
+
+    def scope(self):
+        """The :class:`agcnn.data.scope.ScopePolicy` of this run."""
+        from agcnn.data.scope import ScopePolicy
+
+        return ScopePolicy(any_body_part=self.any_body_part, any_view=self.any_view)
 
     def out_dir(self) -> Path:
         """The folder this run writes: ``--output``, or its ``shard-K-of-N`` subfolder."""

@@ -16,7 +16,8 @@ from typing import Any
 
 # Reason codes by status (agcnn.data.readers.REASONS). "skipped": the file is not a usable
 # radiograph by its nature; "failed": it should have been one and could not be processed.
-SKIP_REASONS = frozenset({"not_an_image", "no_pixel_data", "unsupported_modality"})
+# out_of_scope / not_frontal: another body part, a lateral view (agcnn.data.scope).
+SKIP_REASONS = frozenset({"not_an_image", "no_pixel_data", "unsupported_modality", "out_of_scope", "not_frontal"})
 FAIL_REASONS = frozenset({"truncated", "decode_error", "unreadable", "implausible_size", "empty_file"})
 
 IDENTIFIER_COLUMNS = ("PatientID", "AccessionNumber", "StudyDate")
@@ -34,9 +35,9 @@ class FileRecords:
     """
 
     def __init__(self, root: str, paths: Sequence[str], decided: dict[str, tuple[str, str]], transform,
-                 *, identifiers: bool, previews: bool):
+                 *, identifiers: bool, previews: bool, scope=None, headers: bool = False):
         self.root, self.paths, self.decided, self.transform = root, paths, decided, transform
-        self.identifiers, self.previews = identifiers, previews
+        self.identifiers, self.previews, self.scope, self.headers = identifiers, previews, scope, headers
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -46,11 +47,18 @@ class FileRecords:
         if rel in self.decided:
             status, reason = self.decided[rel]
             return {"path": rel, "status": status, "reason": reason}
-        return load_record(os.path.join(self.root, rel), rel, self.transform, identifiers=self.identifiers, previews=self.previews)
+        return load_record(os.path.join(self.root, rel), rel, self.transform, identifiers=self.identifiers,
+                           previews=self.previews, scope=self.scope, headers=self.headers)
 
 
-def load_record(full: str, rel: str, transform, *, identifiers: bool = False, previews: bool = False) -> dict[str, Any]:
-    """Decode one file into a record: ``image`` (the model input) on success, else a reason."""
+def load_record(full: str, rel: str, transform, *, identifiers: bool = False, previews: bool = False, scope=None,
+                headers: bool = False) -> dict[str, Any]:
+    """Decode one file into a record: ``image`` (the model input) on success, else a reason.
+
+    ``scope``: an :class:`agcnn.data.scope.ScopePolicy` (None: every radiograph is predicted).
+    ``headers``: DICOM records also carry ``dicom_header``, the file's header without pixels
+    (for the DICOM results; it holds identifiers and never reaches a row).
+    """
     import numpy as np
     import torch
 
@@ -58,13 +66,13 @@ def load_record(full: str, rel: str, transform, *, identifiers: bool = False, pr
 
     rec: dict[str, Any] = {"path": rel}
     try:
-        pixels, info = readers.read_image_with_info(full)
+        pixels, info = readers.read_image_with_info(full, scope=scope)
         image = transform(torch.from_numpy(np.ascontiguousarray(pixels))[None])
     except readers.UnusableImageError as e:
         code = e.reason
         rec["status"] = "skipped" if code in SKIP_REASONS else "failed"
         rec["reason"] = f"{code}: {e}"
-        if code in ("no_pixel_data", "unsupported_modality"):
+        if code in ("no_pixel_data", "unsupported_modality", "out_of_scope", "not_frontal"):
             # A DICOM object that is not a radiograph: still give its UIDs, so it can be found.
             rec.update(_dicom_header(full, identifiers=identifiers))
         return rec
@@ -79,7 +87,21 @@ def load_record(full: str, rel: str, transform, *, identifiers: bool = False, pr
         rec.update({k: v for k, v in _dicom_header(full, identifiers=True).items() if k in IDENTIFIER_COLUMNS})
     if previews:
         rec["preview"] = _preview(pixels)
+    if headers and info.format == "dicom":
+        rec["dicom_header"] = _full_header(full)
     return rec
+
+
+def _full_header(full: str):
+    """The DICOM header without pixel data, or None when it cannot be read again."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(full, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - the row is still written; the DICOM results say they are missing
+        return None
 
 
 def _dicom_header(full: str, *, identifiers: bool) -> dict[str, Any]:
@@ -128,13 +150,36 @@ def collate(records: list[dict[str, Any]]):
     return records, (torch.stack(images) if images else None)
 
 
-def worker_init(_: int) -> None:
+def worker_init(_: int, parent: int | None = None) -> None:
     import torch
 
+    if parent is not None:
+        _die_with_parent(parent)
     # Each worker decodes one file at a time; intra-op threads would only fight the model.
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the main process dies (Linux; elsewhere a no-op).
+
+    The DataLoader's own check notices a dead parent only every 5 s; a worker that outlives a
+    ``kill -9`` of the main process by that long keeps decoding for nobody.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
 
 
 @contextlib.contextmanager

@@ -169,10 +169,14 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     import agcnn
 
     in_dir, cfg = Path(options.input), loaded.cfg
-    listing = list_files(in_dir, exclude=[Path(options.output)])
+    dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
+    listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
     shard = options.shard
     mine = [p for p in listing.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
+    retried = journal.drop_failed() if options.retry_failed else []
     pending = [p for p in mine if p not in journal.done]
+    if dicom_out is not None:
+        _prepare_dicom_out(dicom_out)
 
     manifest = {
         "agcnn_version": agcnn.__version__,
@@ -181,7 +185,10 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
             "checkpoint": str(options.checkpoint), "input": str(options.input), "output": str(options.output),
             "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
             **options.row_options(), "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "retry_failed": options.retry_failed, "dicom_out": str(dicom_out) if dicom_out else None,
         },
+        # What was predicted: frontal chest radiographs unless a check was switched off.
+        "scope": {"any_body_part": options.any_body_part, "any_view": options.any_view},
         "labels": loaded.labels,
         "config": cfg.to_dict(),
         "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
@@ -192,6 +199,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
                     "directory_loops": listing.loops},
         "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
         "resumed_rows": len(journal.done),
+        "retried_failed_rows": len(retried),
         "started": started,
         "complete": False,
     }
@@ -205,7 +213,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         torch.set_num_threads(max(1, _cpu_count() - options.workers))
     manifest["torch_threads"] = torch.get_num_threads()
 
-    infer = _Inference(loaded, device, maps=options.overlays)
+    infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None)
     make_loader = _loader_factory(options, listing, cfg, pin_memory=device.type == "cuda")
     geometry = {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size}
     thresholds = (torch.tensor([float("nan") if t is None else float(t) for t in loaded.thresholds])
@@ -216,7 +224,8 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
                dynamic_ncols=True, file=sys.stderr)
     writer = _BatchWriter(infer, journal, bar, columns=columns, labels=loaded.labels, geometry=geometry,
                           thresholds=thresholds, all_branches=options.all_branches,
-                          overlays=out_dir / OVERLAYS if options.overlays else None)
+                          overlays=out_dir / OVERLAYS if options.overlays else None,
+                          dicom_out=dicom_out, loaded=loaded)
     with quiet_pydicom(), torch.inference_mode(), _restore_threads(threads_before):
         run_batches(pending, make_loader, writer, done=journal.done, workers=options.workers,
                     batch_size=options.batch_size)
@@ -285,10 +294,12 @@ class _BatchWriter:
     """Each decoded batch -> the model -> rows (and pictures) -> one journal append."""
 
     def __init__(self, infer: _Inference, journal: Journal, bar, *, columns: list[str], labels: list[str],
-                 geometry: dict[str, int], thresholds, all_branches: bool, overlays: Path | None):
+                 geometry: dict[str, int], thresholds, all_branches: bool, overlays: Path | None,
+                 dicom_out: Path | None = None, loaded: LoadedModel | None = None):
         self.infer, self.journal, self.bar = infer, journal, bar
         self.columns, self.labels, self.geometry = columns, labels, geometry
         self.thresholds, self.all_branches, self.overlays = thresholds, all_branches, overlays
+        self.dicom_out, self.loaded = dicom_out, loaded
         self.counts: Counter = Counter()
         self.rows = 0
 
@@ -298,6 +309,11 @@ class _BatchWriter:
                           thresholds=self.thresholds, all_branches=self.all_branches)
         if self.overlays is not None and probs is not None:
             _write_overlays(self.overlays, records, rows, probs, maps, labels=self.labels, geometry=self.geometry)
+        if self.dicom_out is not None and probs is not None:
+            # Before the rows: a kill in between re-predicts these files, which rewrites their
+            # objects under the same names -- never a second set.
+            _write_dicom_results(self.dicom_out, records, rows, maps, loaded=self.loaded, labels=self.labels,
+                                 geometry=self.geometry)
         self.journal.append(rows)
         self.counts.update(rec["status"] for rec in records)
         self.rows += len(rows)
@@ -333,22 +349,83 @@ def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[
         k += 1
 
 
+def _prepare_dicom_out(folder: Path) -> None:
+    """Create the DICOM results folder; remove temporary files a killed run left in it."""
+    from agcnn.dicom_out import SC_SUFFIX, SR_SUFFIX
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--dicom-out {str(folder)!r} cannot be created ({e.strerror}); pass a folder this user can write to") from None
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name.startswith(".") and (name.endswith(SR_SUFFIX + ".tmp") or name.endswith(SC_SUFFIX + ".tmp")):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(dirpath, name))
+
+
+# The map drawn into the Secondary Capture, with the name it is given there.
+DICOM_MAP = ("heatmap", "attention heatmap (paper Eq. 3)")
+
+
+def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]],
+                         maps: dict[str, Any], *, loaded: LoadedModel, labels: Sequence[str],
+                         geometry: dict[str, int]) -> None:
+    """The SR and Secondary Capture of each ``ok`` DICOM record; a failure becomes a note in its row."""
+    import agcnn
+    from agcnn.dicom_out import DicomResult, SourceError, render_overlay, write_dicom_results
+
+    key, map_name = DICOM_MAP
+    k = -1
+    for rec, row in zip(records, rows):
+        if rec["status"] != "ok":
+            continue
+        k += 1
+        if rec.get("format") != "dicom":
+            continue
+        try:
+            header = rec.get("dicom_header")
+            if header is None:
+                raise SourceError("the header could not be read again")
+            box = tuple(int(row[c]) for c in BOX_COLUMNS)
+            field = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
+                                    height=rec["height"], width=rec["width"], **geometry)
+            picture = render_overlay(rec["preview"].numpy(), height=rec["height"], width=rec["width"], box=box,
+                                     field=field, heat=maps[key][k].numpy())
+            result = DicomResult(labels=labels, probabilities=[row[lab] for lab in labels],
+                                 thresholds=loaded.thresholds, box=box, algorithm_version=agcnn.__version__,
+                                 checkpoint_sha256=loaded.sha256)
+            write_dicom_results(folder, rec["path"], header, result, picture=picture, map_name=map_name)
+        except Exception as e:  # noqa: BLE001 - the prediction stands without its DICOM copy
+            # Only the error's kind: messages about a header can quote its identifying values.
+            what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            if isinstance(e, SourceError):
+                what = str(e)
+            row["notes"] = "; ".join(filter(None, [row.get("notes"), f"DICOM results not written: {what}"]))
+
+
 # ---------------------------------------------------------------------- decoding, and decoder crashes
 
 def _loader_factory(options: PredictOptions, listing: Listing, cfg, *, pin_memory: bool) -> Callable:
     """``make_loader(paths, workers, batch_size)``: a DataLoader of records over ``paths``."""
+    import functools
+
     from torch.utils.data import DataLoader
 
     from agcnn.data.transforms import transforms_from_config
 
     transform = transforms_from_config(cfg.data, train=False)
+    dicom = options.dicom_out is not None
+    # Workers die with this process (see records.worker_init), not seconds after it.
+    init = functools.partial(worker_init, parent=os.getpid())
 
     def make_loader(paths: Sequence[str], n_workers: int, batch: int) -> DataLoader:
         dataset = FileRecords(str(Path(options.input)), paths, listing.decided, transform,
-                              identifiers=options.include_identifiers, previews=options.overlays)
+                              identifiers=options.include_identifiers, previews=options.overlays or dicom,
+                              scope=options.scope(), headers=dicom)
         return DataLoader(
             dataset, batch_size=batch, shuffle=False, num_workers=n_workers, collate_fn=collate,
-            pin_memory=pin_memory, worker_init_fn=worker_init if n_workers else None,
+            pin_memory=pin_memory, worker_init_fn=init if n_workers else None,
             prefetch_factor=PREFETCH if n_workers else None, persistent_workers=False,
         )
 
