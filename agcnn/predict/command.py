@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "Outputs: OUT/predictions.csv and .jsonl (one row per file), OUT/manifest.json, and with\n"
-        "--overlays OUT/overlays/<path>.png. Exit status: 0 every usable file was predicted\n"
+        "--overlays OUT/overlays/<path>.png, with --dicom-out DIR a DICOM SR and Secondary Capture per\n"
+        "predicted DICOM image (these carry the patient's identifiers). Only frontal chest radiographs are\n"
+        "predicted (see --any-body-part, --any-view). Exit status: 0 every usable file was predicted\n"
         "(skipped files are listed), 1 some usable files failed, 2 usage error (nothing done).\n"
         "Outputs hold no patient identifiers unless --include-identifiers; they do hold the\n"
         "relative paths and the DICOM Study/Series/SOP Instance UIDs (pseudonymous keys for\n"
