@@ -150,7 +150,7 @@ class ModelConfig:
     # heatmap is min-max normalised, so 1 or more would select nothing.
     threshold: float = setting(0.7, FRACTION)
     # Side of the square crop that the local branch sees (the paper resizes to 224).
-    local_size: int = setting(224, AT_LEAST_1)
+    local_size: int = setting(224, Range(32))  # ResNet / DenseNet reduce 32x
     # torchvision-format ImageNet weights on local disk; never downloaded.
     pretrained: str | None = setting(None, NOT_EMPTY)
     # Dropout before the classifiers; 0 as in the paper.
@@ -185,7 +185,7 @@ class DataConfig:
     test_fraction: float = setting(0.2, FRACTION)
     # Global input: resize to `resize`, crop `image_size` (paper: 256 / 224).
     resize: int = setting(256, AT_LEAST_1)
-    image_size: int = setting(224, AT_LEAST_1)
+    image_size: int = setting(224, Range(32))
     # Training crop: RandomResizedCrop keeping this range of the image's area (torchvision's
     # default 8-100 %). Small training sets with small findings want a narrower range, since a
     # crop can cut the finding out while its label stays on.
@@ -196,7 +196,7 @@ class DataConfig:
     highres_size: int = setting(224, AT_LEAST_1)
     # Preprocessed cache written by `agcnn prepare` (None = decode the originals every epoch).
     cache: str | None = setting(None, NOT_EMPTY)
-    cache_size: int = setting(512, AT_LEAST_1)
+    cache_size: int = setting(512, Range(8))
     # An image that cannot be used: false (default) stops -- before training when its header is
     # wrong or the file is missing (every such row listed at once), at its batch when it fails to
     # decode. true leaves such rows out, lists them in the log, and counts them per epoch in
