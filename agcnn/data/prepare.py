@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
           f"{report.reused} reused; {state}")
     if report.unusable:
         print(f"{len(report.unusable)} images could not be decoded (listed in {report.path}/unusable.csv); "
-              f"training stops at them: fix the files or remove them from the table", file=sys.stderr)
+              f"`agcnn train` refuses to start while they are listed: fix the files or remove them from the table, "
+              f"or leave them out with data.skip_unreadable=true", file=sys.stderr)
         for path, reason in report.unusable[:20]:
             print(f"  {path}: {reason}", file=sys.stderr)
         return EXIT_UNUSABLE

@@ -159,3 +159,15 @@ def test_evaluate_reports_a_skip_unreadable_dataset_s_failures_like_any_other(tm
     assert items[0]["error"] == "" and "unreadable" not in items[1]
     assert "'cut.png' (row 1 of the train set" in items[1]["error"] and items[1]["image"].shape == (3, 40, 40)
     assert torch.isnan(items[1]["labels"]).all()
+
+
+def test_with_a_cache_the_rows_prepare_could_not_decode_are_the_problems(tmp_path):
+    from agcnn.data.cache import ImageCache, build_cache
+
+    ds = _table_dataset(tmp_path, {"ok.png": None, "cut.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 30})
+    build_cache(tmp_path / "cache", ds.paths, tmp_path, size=16, workers=0)
+    cache = ImageCache(tmp_path / "cache")
+    cached = XrayDataset(ds.table, ["Nodule"], root=tmp_path, cache=cache, cache_rows=cache.verify(ds.paths, tmp_path), name="train")
+    (problem,) = find_problems(cached)
+    assert (problem.row, problem.path, problem.reason) == (1, "cut.png", "unusable_in_cache")
+    assert "recorded by agcnn prepare" in problem.message
