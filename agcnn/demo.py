@@ -22,7 +22,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
 from agcnn.config import Config, ConfigError
 
@@ -66,6 +68,138 @@ def _dicom_samples(cfg: Config, dest: Path, n: int) -> list[Path]:
     return out
 
 
+# ---------------------------------------------------------------------- the evidence
+
+def to_global_pixels(xy: np.ndarray, original: int, data) -> np.ndarray:
+    """Points in pixels of an ``original`` x ``original`` image -> pixels of the global input.
+
+    The evaluation transform resizes to ``scaled_resize(...)``, centre-crops ``highres_size``,
+    and the model downsamples that to ``image_size`` (agcnn.data.transforms).
+    """
+    from agcnn.data.transforms import scaled_resize
+
+    first = scaled_resize(data.resize, data.image_size, data.highres_size)
+    offset = (first - data.highres_size) // 2  # torchvision's CenterCrop rounds the same way for even sizes
+    return (np.asarray(xy, dtype=np.float64) * first / original - offset) * data.image_size / data.highres_size
+
+
+def centres_in_boxes(centres: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Whether each point ``(x, y)`` lies inside its box ``(x0, y0, x1, y1)`` (x1, y1 exclusive)."""
+    c, b = np.asarray(centres, dtype=np.float64), np.asarray(boxes, dtype=np.float64)
+    return (b[:, 0] <= c[:, 0]) & (c[:, 0] < b[:, 2]) & (b[:, 1] <= c[:, 1]) & (c[:, 1] < b[:, 3])
+
+
+def small_opacities(root: Path, paths: list[str]) -> pd.DataFrame:
+    """The planted nodules and look-alikes of these images: ``row, kind, cx, cy`` (original pixels)."""
+    boxes = pd.read_csv(root / "boxes.csv")
+    boxes = boxes[boxes["label"] == "Nodule"].rename(columns={"label": "kind"}).assign(kind="nodule")
+    look = root / "lookalikes.csv"
+    parts = [boxes, pd.read_csv(look)] if look.is_file() else [boxes]
+    every = pd.concat(parts, ignore_index=True)
+    row = {p: i for i, p in enumerate(paths)}
+    every = every[every["path"].isin(row)]
+    return pd.DataFrame({"row": every["path"].map(row).to_numpy(), "kind": every["kind"].to_numpy(),
+                         "cx": ((every["x0"] + every["x1"]) / 2).to_numpy(), "cy": ((every["y0"] + every["y1"]) / 2).to_numpy()})
+
+
+@torch.no_grad()
+def attention_pass(model, dataset, batch_size: int) -> dict[str, np.ndarray]:
+    """Attended boxes (global-input pixels) and heatmaps of every image of ``dataset``, in order."""
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    boxes, heatmaps = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        out = model(batch["image"], stage="fusion")
+        boxes.append(out.boxes.cpu().numpy())
+        heatmaps.append(out.heatmap.float().cpu().numpy())
+    return {"boxes": np.concatenate(boxes), "heatmaps": np.concatenate(heatmaps)}
+
+
+def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], labels: list[str], finding: str = "Nodule") -> int | None:
+    """Row of the test image where the fusion call on ``finding`` is right and the global call
+    wrong, each at its own validation operating point, with the largest change of probability."""
+    k = labels.index(finding)
+    y = preds[finding].to_numpy(dtype=float)
+    g, f = preds[f"p_global_{finding}"].to_numpy(), preds[f"p_fusion_{finding}"].to_numpy()
+    call_g, call_f = g >= thresholds["global"][k], f >= thresholds["fusion"][k]
+    ok = (call_f == (y == 1)) & (call_g != (y == 1))
+    if not ok.any():
+        return None
+    return int(np.flatnonzero(ok)[np.argmax(np.abs(f - g)[ok])])
+
+
+def _overlay(path: Path, model, dataset, row: int, box: np.ndarray, heatmap: np.ndarray, cfg: Config, finding: str, prob: float) -> None:
+    """The overlay picture (agcnn.overlays) of one test image, the global CAM of ``finding``."""
+    from agcnn.overlays import write_overlay
+    from agcnn.data.transforms import scaled_resize
+
+    image = dataset.load(row)
+    h, w = image.shape
+    d = cfg.data
+    first = scaled_resize(d.resize, d.image_size, d.highres_size)
+    offset = (first - d.highres_size) // 2
+    # Global-input pixels -> original pixels (square images: one scale for both axes).
+    to_orig = lambda v: (np.asarray(v, dtype=np.float64) * d.highres_size / d.image_size + offset) * w / first  # noqa: E731
+    field = tuple(int(round(v)) for v in to_orig([0, 0, d.image_size, d.image_size]))
+    x = dataset[row]["image"][None]
+    with torch.no_grad():
+        fmap = model.global_branch.forward_features(model.global_input(x))[0]
+        weight = model.global_branch.classifier.weight[list(cfg.labels).index(finding)]
+        cam = torch.einsum("c,chw->hw", weight, fmap).numpy()
+    write_overlay(path, preview=(image * 255).astype(np.uint8), height=h, width=w,
+                  box=tuple(int(round(v)) for v in to_orig(box)), field=field, heatmap=heatmap, cam=cam,
+                  finding=finding, probability=prob)
+
+
+def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """What the demo reports beside the AUC table, on the test split: the paired interval of
+    fusion minus global mean AUC, how often the attended box holds a planted small opacity,
+    and an overlay of an image whose call the local branch changed."""
+    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
+    from agcnn.data.datasets import build_datasets
+    from agcnn.metrics import paired_bootstrap_mean_auc_difference
+
+    labels = list(cfg.labels)
+    dataset = build_datasets(cfg, splits=("test",))["test"]
+    preds = pd.read_csv(evaluation / "predictions.csv")
+    if list(preds["path"]) != list(dataset.table["path"]):
+        raise RuntimeError("predictions.csv does not list the test split in order; rerun the demo into a new --out")
+    y = preds[labels].to_numpy(dtype=float)
+    prob = {b: preds[[f"p_{b}_{n}" for n in labels]].to_numpy() for b in ("global", "local", "fusion")}
+    groups = dataset.table["patient"].astype(str).to_numpy()
+    diff, lo, hi = paired_bootstrap_mean_auc_difference(prob["fusion"], prob["global"], y, n_boot=max(cfg.train.bootstrap, 1),
+                                                        seed=0, groups=groups)
+
+    ckpt = load_checkpoint(checkpoint)
+    model, _ = model_from_checkpoint(ckpt, map_location="cpu")
+    seen = attention_pass(model, dataset, batch_size=cfg.train.fusion.batch_size)
+    ops = small_opacities(Path(cfg.data.root), list(dataset.table["path"]))
+    original = cfg.data.synthetic_size
+    centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), original, cfg.data)
+    ops["inside"] = centres_in_boxes(centres, seen["boxes"][ops["row"].to_numpy()])
+    box_area = float(np.mean((seen["boxes"][:, 2] - seen["boxes"][:, 0]) * (seen["boxes"][:, 3] - seen["boxes"][:, 1]))) / cfg.data.image_size**2
+
+    overlay = None
+    points = ckpt.get("operating_points") or {}
+    row = _changed_call(preds, points, labels) if {"global", "fusion"} <= set(points) else None
+    if row is not None:
+        overlay = {"path": out / "overlay_changed_call.png", "image": preds["path"][row],
+                   "truth": int(y[row, labels.index("Nodule")]),
+                   "global": float(prob["global"][row, labels.index("Nodule")]),
+                   "fusion": float(prob["fusion"][row, labels.index("Nodule")]),
+                   "threshold_global": float(points["global"][labels.index("Nodule")]),
+                   "threshold_fusion": float(points["fusion"][labels.index("Nodule")])}
+        _overlay(overlay["path"], model, dataset, row, seen["boxes"][row], seen["heatmaps"][row], cfg, "Nodule", overlay["fusion"])
+    return {
+        "difference": {"fusion_minus_global": diff, "lo": lo, "hi": hi, "n_boot": max(cfg.train.bootstrap, 1),
+                       "patients": int(len(np.unique(groups)))},
+        "attended": {kind: (int(g["inside"].sum()), int(len(g))) for kind, g in ops.groupby("kind")},
+        "box_area": box_area,
+        "overlay": overlay,
+    }
+
+
 def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrides: list[str] | None = None,
              progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the mean AUCs, timings and paths."""
@@ -102,6 +236,7 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     report = evaluate_checkpoint(best, split="test", out_dir=out / "evaluation", device=cfg.train.device,
                                  batch_size=cfg.train.fusion.batch_size, num_workers=cfg.data.num_workers,
                                  bootstrap=cfg.train.bootstrap)
+    shown = evidence(cfg, best, out / "evaluation", out, report)
     timings["evaluate"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -135,7 +270,10 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
             **({"dicom samples": out / "dicom_samples", "predictions": out / "predictions"} if samples else {}),
         },
         "predict": predicted,
+        **shown,
     }
+    if shown["overlay"]:
+        result["paths"]["overlay"] = shown["overlay"]["path"]
     _print_summary(result, quick, say)
     return result
 
@@ -154,6 +292,22 @@ def _print_summary(r: dict[str, Any], quick: bool, say: Callable[[str], None]) -
         ci_s = f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci[0] is not None else "-"
         per = r["per_class"][b] or {}
         say(f"{b:<8} {_fmt(r['mean_auc'][b]):>9} {ci_s:>15}  " + " ".join(f"{_fmt(per.get(n)):>12}" for n in findings))
+    d = r["difference"]
+    say(f"fusion - global mean AUC: {d['fusion_minus_global']:+.3f}, 95% paired bootstrap interval "
+        f"{d['lo']:+.3f} to {d['hi']:+.3f} ({d['n_boot']} resamples of the {d['patients']} test patients)")
+    att = r["attended"]
+    if att:
+        parts = [f"{k} {i} of {n} ({100 * i / n:.0f}%)" for k, (i, n) in sorted(att.items(), key=lambda kv: kv[0] != "nodule")]
+        say(f"attended box (mean {100 * r['box_area']:.0f}% of the image) holds the centre of the planted small opacity: "
+            + ", ".join(parts))
+    o = r["overlay"]
+    if o:
+        truth = "a nodule" if o["truth"] else "a look-alike, no nodule"
+        say(f"local branch changed the call on {o['image']} ({truth}): Nodule probability global {o['global']:.2f} "
+            f"(operating point {o['threshold_global']:.2f}), fusion {o['fusion']:.2f} (operating point "
+            f"{o['threshold_fusion']:.2f}); picture: {o['path']}")
+    else:
+        say("local branch changed no Nodule call on the test split (at the validation operating points)")
     s = r["seconds"]
     say(f"time: {s['total']:.0f} s (phantoms {s['phantoms']:.0f}, training {s['train']:.0f}, "
         f"evaluation {s['evaluate']:.0f}, prediction {s['predict']:.0f})")

@@ -3,7 +3,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from agcnn.metrics import bootstrap_auc_ci, masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+from agcnn.metrics import (
+    bootstrap_auc_ci,
+    masked_bce_with_logits,
+    mean_auc,
+    paired_bootstrap_mean_auc_difference,
+    per_class_auc,
+    youden_thresholds,
+)
 
 
 def _toy(n=300, k=5, seed=0, missing=0.0):
@@ -152,3 +159,37 @@ def test_masked_bce_with_nothing_observed_is_zero_with_grad():
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.all(logits.grad == 0)
+
+
+def test_paired_difference_matches_explicit_resampling():
+    """Both score sets on the same resampled rows, sklearn per resample, mean over classes."""
+    probs, labels = _toy(n=80, k=3, missing=0.1)
+    other = np.round(np.clip(probs + np.random.default_rng(5).normal(0, 0.2, probs.shape), 0, 1), 2)
+    n_boot, seed = 60, 4
+    diff, lo, hi = paired_bootstrap_mean_auc_difference(probs, other, labels, n_boot=n_boot, seed=seed, alpha=0.2)
+    assert diff == pytest.approx(mean_auc(per_class_auc(probs, labels)) - mean_auc(per_class_auc(other, labels)))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(probs), size=(n_boot, len(probs)))
+    deltas = []
+    for rows in idx:
+        d = []
+        for k in range(3):
+            y = labels[rows, k]
+            seen = ~np.isnan(y)
+            d.append(roc_auc_score(y[seen], probs[rows, k][seen]) - roc_auc_score(y[seen], other[rows, k][seen]))
+        deltas.append(np.mean(d))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(deltas, [10, 90])), abs=1e-12)
+
+
+def test_paired_interval_is_narrower_than_either_branch_interval():
+    probs, labels = _toy(n=200, k=4, seed=2)
+    # A second model that agrees with the first up to a small shift on the positives.
+    better = np.clip(probs + 0.05 * labels, 0, 1)
+    diff, lo, hi = paired_bootstrap_mean_auc_difference(better, probs, labels, n_boot=400, seed=0)
+    _, _, mlo, mhi = bootstrap_auc_ci(probs, labels, n_boot=400, seed=0)
+    assert diff > 0 and 0 < lo <= diff <= hi
+    assert hi - lo < 0.5 * (mhi - mlo)
+    same = paired_bootstrap_mean_auc_difference(probs, probs, labels, n_boot=50, seed=0)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="groups"):
+        paired_bootstrap_mean_auc_difference(probs, probs, labels, groups=np.arange(3))

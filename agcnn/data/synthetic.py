@@ -50,9 +50,9 @@ except ImportError:  # Windows: no advisory locks; concurrent first runs are not
 log = logging.getLogger(__name__)
 
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
-# Independent draws; P(no finding) = 0.75 * 0.85 * 0.85 * 0.82 * 0.85 = 0.38.
-PREVALENCE = {"Nodule": 0.25, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
-FORMAT_VERSION = 1
+# Independent draws; P(no finding) = 0.70 * 0.85 * 0.85 * 0.82 * 0.85 = 0.35.
+PREVALENCE = {"Nodule": 0.30, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
+FORMAT_VERSION = 2
 # Stored grey levels: 12 bits, as most digital radiography detectors deliver.
 BITS = 12
 
@@ -161,18 +161,108 @@ def _blob(d: np.ndarray, y: int, x: int, r: float, contrast: float, rng: np.rand
     return int(x0 + xs.min()), int(y0 + ys.min()), int(x0 + xs.max()) + 1, int(y0 + ys.max()) + 1
 
 
-def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | None = None, findings: dict[str, bool] | None = None):
+# Small round opacities. Each kind is the same smooth sphere (what the downsampled whole film
+# shows) plus a fine pattern of its own, a few pixels across at the full size:
+#   nodule     spiculated margin: thin dense strands radiating from the surface (corona radiata)
+#   granuloma  popcorn calcification: a ring of 6-7 dense clumps inside the sphere
+#   vessel     a vessel seen end-on: smooth and homogeneous, no pattern at all
+# The patterns carry no integrated density and no second moment (both projected out below), so
+# what survives downsampling -- their lowest spatial frequencies -- is the same for every kind.
+OPACITY_KINDS = ("nodule", "granuloma", "vessel")
+# Kind of the one small opacity of a film (at most one, so one attended box can hold it: AG-CNN
+# crops a single region, paper Sec. 3.2). Look-alikes are common, as on real films.
+OPACITY_RATES = {"nodule": 0.30, "granuloma": 0.25, "vessel": 0.25}
+# Radius of a small opacity as a fraction of the image width (diameter 2-3 %: 9-13 mm on a 43 cm
+# film; 2.6-3.8 px at 128 px, 10-15 px at 512 px).
+OPACITY_RADIUS = (0.010, 0.015)
+# Period of the fine patterns in pixels of a 512 px image: far above what a 128 px copy resolves.
+PATTERN_PERIOD_512 = 5.5
+
+
+def _opacity_pattern(kind: str, dist: np.ndarray, theta: np.ndarray, r: float, period: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero-sum fine pattern of one small opacity, in units of its contrast."""
+    if kind == "vessel":
+        return np.zeros_like(dist)
+    if kind == "nodule":
+        # Spicules: k strands about one period apart along the margin, from inside the sphere
+        # to half a radius beyond it.
+        k = max(8, int(round(2 * np.pi * r / (0.8 * period))))
+        # Minus its mean over the angle (2 / 3 pi): only angular frequencies >= k are left,
+        # which have no low spatial frequencies at all.
+        strands = np.clip(np.cos(k * theta + rng.uniform(0, 2 * np.pi)), 0, None) ** 3 - 2 / (3 * np.pi)
+        t = np.clip((dist - 0.6 * r) / (0.75 * r), 0, 1)
+        pattern = 1.6 * strands * np.sin(np.pi * t) ** 2
+    elif kind == "granuloma":
+        # Popcorn calcification: k dense clumps in a ring inside the sphere (again minus the
+        # angular mean, 1 / 4).
+        k = int(rng.integers(6, 8))
+        clumps = np.clip(np.cos(k * theta + rng.uniform(0, 2 * np.pi)), 0, None) ** 2 - 0.25
+        t = np.clip((dist - 0.15 * r) / (0.7 * r), 0, 1)
+        pattern = 2.6 * clumps * np.sin(np.pi * t) ** 2
+    else:
+        raise ValueError(f"unknown opacity kind {kind!r}; valid: {', '.join(OPACITY_KINDS)}")
+    # Remove the pattern's integrated density and second moment (Gram-Schmidt against a
+    # smooth envelope and envelope * dist^2): a pattern with neither adds nothing to the
+    # lowest spatial frequencies, which are all a downsampled copy keeps.
+    env = np.exp(-((dist / (1.3 * r)) ** 2))
+    basis = []
+    for b in (env, env * (dist / r) ** 2):
+        for q in basis:
+            b = b - (b * q).sum() * q
+        basis.append(b / np.sqrt((b * b).sum()))
+    for q in basis:
+        pattern = pattern - (pattern * q).sum() * q
+    return pattern
+
+
+def _small_opacity(d: np.ndarray, y: int, x: int, r: float, contrast: float, kind: str, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Add a small round opacity of ``kind`` to ``d`` in place; returns the sphere's box."""
+    size = d.shape[0]
+    R = int(np.ceil(2.0 * r + 3))
+    y0, y1, x0, x1 = max(0, y - R), min(size, y + R + 1), max(0, x - R), min(size, x + R + 1)
+    # Rendered at 4 x 4 points per pixel and averaged, as a detector integrates over each pixel:
+    # point samples of the fine pattern would alias into low frequencies.
+    n = 4
+    off = (np.arange(n, dtype=np.float32) + 0.5) / n - 0.5
+    yy = (np.arange(y0, y1, dtype=np.float32)[:, None] + off[None, :]).reshape(-1)[:, None]
+    xx = (np.arange(x0, x1, dtype=np.float32)[:, None] + off[None, :]).reshape(-1)[None, :]
+    dist = np.hypot(yy - y, xx - x)
+    theta = np.arctan2(yy - y, xx - x)
+    # The pattern period is fixed in millimetres: scale it with the image.
+    period = PATTERN_PERIOD_512 * size / 512
+    sphere = np.sqrt(np.clip(1.0 - (dist / r) ** 2, 0.0, 1.0)) + 0.3 * _sig(r - dist, 0.7) * (dist < r + 2)
+    fine = np.clip(sphere, 0, 1.2) + _opacity_pattern(kind, dist, theta, r, period, rng)
+    d[y0:y1, x0:x1] += contrast * fine.reshape(y1 - y0, n, x1 - x0, n).mean(axis=(1, 3))
+    dist = np.hypot(*np.mgrid[y0 - y : y1 - y, x0 - x : x1 - x])
+    ys, xs = np.nonzero(dist <= r)
+    return int(x0 + xs.min()), int(y0 + ys.min()), int(x0 + xs.max()) + 1, int(y0 + ys.max()) + 1
+
+
+def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | None = None, findings: dict[str, bool] | None = None,
+                 lookalike: str | None = None):
     """One phantom: ``(uint16 image [size, size] with 12-bit values, labels, boxes)``.
 
     ``labels`` maps every name in LABELS to 0 / 1; ``boxes`` is a list of
-    ``(label, x0, y0, x1, y1)`` in pixels (x1, y1 exclusive). ``findings`` forces which findings
-    are planted (default: drawn with :data:`PREVALENCE`).
+    ``(label, x0, y0, x1, y1)`` in pixels (x1, y1 exclusive). A look-alike opacity is listed
+    there too, under its kind (``granuloma`` or ``vessel``, lower case: not a label).
+    ``findings`` forces which findings are planted and ``lookalike`` which look-alike (only
+    without a nodule); by default both are drawn (:data:`PREVALENCE`, :data:`OPACITY_RATES`).
     """
     import cv2
 
     a = anatomy or draw_anatomy(rng)
     if findings is None:
         findings = {name: bool(rng.random() < p) for name, p in PREVALENCE.items()}
+        if not findings["Nodule"]:
+            # The film's one small opacity, if any, is a look-alike.
+            draw = rng.random() * (1 - OPACITY_RATES["nodule"])
+            for kind in ("granuloma", "vessel"):
+                draw -= OPACITY_RATES[kind]
+                if draw < 0:
+                    lookalike = kind
+                    break
+    if lookalike is not None and (findings["Nodule"] or lookalike not in OPACITY_KINDS[1:]):
+        raise ValueError(f"lookalike={lookalike!r}: use one of {OPACITY_KINDS[1:]} on a film without a nodule")
     S = size
     px = 1.0 / S
     u = ((np.arange(S, dtype=np.float32) + 0.5) / S)[None, :]
@@ -269,11 +359,12 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     d += 0.12 * clav
 
     lungs = np.clip(lung[-1] + lung[1], 0, 1)
-    if findings["Nodule"]:
-        for _ in range(int(rng.integers(1, 3))):
-            r = rng.uniform(0.005, 0.009) * S
-            x, y = _pick_in_lung(rng, lungs, 3 * r + 2)
-            boxes.append(("Nodule", *_blob(d, y, x, r, rng.uniform(0.07, 0.12), rng)))
+    kind = "nodule" if findings["Nodule"] else lookalike
+    if kind is not None:
+        r = rng.uniform(*OPACITY_RADIUS) * S
+        x, y = _pick_in_lung(rng, lungs, 2 * r + 2)
+        box = _small_opacity(d, y, x, r, rng.uniform(0.10, 0.15), kind, rng)
+        boxes.append(("Nodule" if kind == "nodule" else kind, *box))
     if findings["Mass"]:
         r = rng.uniform(0.03, 0.05) * S
         x, y = _pick_in_lung(rng, lungs, 1.2 * r)
@@ -403,7 +494,11 @@ def generate_phantoms(out_dir: str | Path, count: int = 600, size: int = 512, se
     else:
         parts = [_generate_patient(j) for j in jobs]
     records = sorted((r for part in parts for r in part), key=lambda r: r["path"])
-    boxes = pd.DataFrame([(r["path"], *b) for r in records for b in r["boxes"]], columns=["path", "label", "x0", "y0", "x1", "y1"])
+    every = pd.DataFrame([(r["path"], *b) for r in records for b in r["boxes"]], columns=["path", "label", "x0", "y0", "x1", "y1"])
+    # Look-alikes are not findings: they go to a file of their own, so boxes.csv holds labels only.
+    is_label = every["label"].isin(LABELS)
+    boxes = every[is_label].reset_index(drop=True)
+    every[~is_label].rename(columns={"label": "kind"}).to_csv(out / "lookalikes.csv", index=False)
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "boxes"} for r in records])
     table = table[["path", "patient", "split", "view", "format", *LABELS]]
     boxes.to_csv(out / "boxes.csv", index=False)
@@ -439,7 +534,7 @@ def _ensure_phantoms_locked(root: Path, *, count: int, size: int, seed: int, dic
         log.info("phantom set in %s was made with %s; regenerating with %s", root, meta, want)
         # Our own files only: the folder's manifest says they were generated here.
         shutil.rmtree(root / "images", ignore_errors=True)
-        for name in ("labels.csv", "boxes.csv", "phantoms.json"):
+        for name in ("labels.csv", "boxes.csv", "lookalikes.csv", "phantoms.json"):
             (root / name).unlink(missing_ok=True)
     log.info("generating %d phantoms of %d px in %s", count, size, root)
     return generate_phantoms(root, count, size, seed, dicom_fraction=dicom_fraction)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from agcnn.cli import main
-from agcnn.data.synthetic import FINDINGS, ensure_phantoms, generate_phantoms, make_phantom
+from agcnn.data.synthetic import FINDINGS, OPACITY_KINDS, _small_opacity, ensure_phantoms, generate_phantoms, make_phantom
 from agcnn.labels import LABELS
 
 
@@ -36,9 +36,75 @@ def test_each_finding_has_a_box_and_changes_the_image(finding):
 
 def test_nodule_is_small():
     img, labels, boxes = make_phantom(np.random.default_rng(0), 512, findings={n: n == "Nodule" for n in FINDINGS})
+    assert [b[0] for b in boxes] == ["Nodule"]
     for _, x0, y0, x1, y1 in boxes:
-        # 1-1.8 % of the width: under 5 px at 224, 6-10 px at 512.
-        assert 4 <= x1 - x0 <= 11
+        # Diameter 2-3 % of the width: 10-16 px at 512, under 4 px at 128.
+        assert 10 <= x1 - x0 <= 16
+
+
+def _render(kind, r, seed, size=512):
+    """One small opacity on a flat background, with the detector blur of make_phantom."""
+    import cv2
+
+    d = np.full((size, size), 0.2, np.float32)
+    _small_opacity(d, size // 2, size // 2, r, 0.12, kind, np.random.default_rng(seed))
+    return cv2.GaussianBlur(d, (0, 0), 0.6 * size / 512)
+
+
+def _downsample(img, side):
+    """What the global branch sees: agcnn.models.AGCNN.global_input's antialiased resize."""
+    import torch
+    import torch.nn.functional as F
+
+    return F.interpolate(torch.from_numpy(img)[None, None], size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("r", [5.1, 6.4, 7.7])
+def test_lookalikes_differ_from_nodules_only_in_detail_lost_at_128_px(r):
+    """Identifiable at 512 px, not at 128 px: the kinds differ by a fifth of the opacity's contrast
+    or more at full size, and by under 3 % of it after the 4x downsampling of the global branch."""
+    vessel = _render("vessel", r, 0)
+    vessel_low = _downsample(vessel, 128)
+    peak, peak_low = vessel.max() - 0.2, vessel_low.max() - 0.2
+    assert peak_low > 0.75 * peak  # detectable: most of the contrast survives downsampling
+    for kind in ("nodule", "granuloma"):
+        for seed in range(3):
+            img = _render(kind, r, seed)
+            assert np.abs(img - vessel).max() > 0.2 * peak
+            assert np.abs(_downsample(img, 128) - vessel_low).max() < 0.03 * peak_low
+            # Same integrated density: no brightness difference survives at any size.
+            assert abs(img.sum() - vessel.sum()) < 1e-3 * (vessel - 0.2).sum()
+
+
+def test_nodule_label_is_not_readable_from_global_image_statistics():
+    """Films with a nodule and films with a look-alike have the same grey-level statistics at the
+    global size: a classifier on them scores at chance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    only = {n: n == "Nodule" for n in FINDINGS}
+    none = {n: False for n in FINDINGS}
+    feats, y = [], []
+    for i in range(40):
+        for kind in ("nodule", "granuloma", "vessel"):
+            findings, look = (only, None) if kind == "nodule" else (none, kind)
+            img = make_phantom(np.random.default_rng([9, i]), 256, findings=findings, lookalike=look)[0].astype(np.float32) / 4095
+            low = _downsample(img, 64)
+            feats.append([low.mean(), low.std(), *np.percentile(low, [1, 5, 25, 50, 75, 95, 99]), np.abs(np.diff(low, axis=1)).mean()])
+            y.append(kind == "nodule")
+    auc = cross_val_score(LogisticRegression(max_iter=2000), np.array(feats), np.array(y), cv=5, scoring="roc_auc").mean()
+    assert auc < 0.7
+
+
+def test_one_small_opacity_per_film_and_common_lookalikes():
+    drawn = [make_phantom(np.random.default_rng([2, i]), 64) for i in range(400)]
+    kinds = [[b[0] for b in boxes if b[0] in ("Nodule", *OPACITY_KINDS)] for _, _, boxes in drawn]
+    assert all(len(k) <= 1 for k in kinds)
+    share = {k: np.mean([k in ks for ks in kinds]) for k in ("Nodule", "granuloma", "vessel")}
+    assert 0.22 < share["Nodule"] < 0.38 and 0.17 < share["granuloma"] < 0.33 and 0.17 < share["vessel"] < 0.33
+    with pytest.raises(ValueError, match="lookalike"):
+        make_phantom(np.random.default_rng(0), 64, findings={n: n == "Nodule" for n in FINDINGS}, lookalike="vessel")
 
 
 def test_prevalence():
@@ -58,10 +124,13 @@ def test_generate_phantoms(tmp_path):
     assert table["path"].str.endswith(".dcm").sum() == 4
     assert table.groupby("patient")["split"].nunique().max() == 1
     assert table["patient"].value_counts().max() <= 2
-    # Labels agree with the boxes, image by image.
+    # Labels agree with the boxes, image by image; look-alikes are listed apart, on films without a nodule.
+    look = pd.read_csv(tmp_path / "a" / "lookalikes.csv")
+    assert set(look["kind"]) <= {"granuloma", "vessel"}
     for _, row in table.iterrows():
         planted = set(boxes.loc[boxes["path"] == row["path"], "label"])
         assert planted == {name for name in LABELS if row[name] == 1}
+        assert not (row["Nodule"] == 1 and (look["path"] == row["path"]).any())
     # The same seed gives the same files.
     again = generate_phantoms(tmp_path / "b", count=16, size=96, seed=5, dicom_fraction=0.25)
     assert pd.read_csv(again).equals(table)
