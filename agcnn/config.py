@@ -155,6 +155,9 @@ class ModelConfig:
     pretrained: str | None = setting(None, NOT_EMPTY)
     # Dropout before the classifiers; 0 as in the paper.
     dropout: float = setting(0.0, FRACTION)
+    # Channels of a ResNet's first stage (the later stages have 2, 4, 8 times as many). 64 is
+    # torchvision's and the only width ImageNet weights fit; fewer train faster from scratch.
+    width: int = setting(64, AT_LEAST_1)
 
 
 @dataclass
@@ -333,6 +336,11 @@ def _cross_checks(cfg: "Config") -> list[str]:
     if d.highres_size < d.image_size:
         out.append(f"data.highres_size={d.highres_size} is smaller than data.image_size={d.image_size}; "
                    f"use highres_size >= image_size")
+    m = cfg.model
+    if m.width != 64 and not m.backbone.startswith("resnet"):
+        out.append(f"model.width={m.width} applies to the ResNet backbones only; use width 64 with {m.backbone}")
+    if m.width != 64 and m.pretrained:
+        out.append(f"model.width={m.width} cannot load ImageNet weights (model.pretrained), which have width 64")
     unknown = [v for v in d.label_map.values() if v not in cfg.labels]
     if unknown:
         out.append(f"data.label_map maps onto {unknown}, which are not in the label list "

@@ -72,6 +72,7 @@ BAD_VALUES = [
     ("model.local_size=16", r"model.local_size=16 .*>= 32"),
     ("model.pretrained=''", r"model.pretrained='' must not be empty"),
     ("model.dropout=1.0", r"model.dropout=1.0 .*\[0, 1\)"),
+    ("model.width=0", r"model.width=0 .*>= 1"),
     ("data.dataset=chestxray", r"data.dataset='chestxray' .*valid: synthetic, chestxray14, csv\. Did you mean 'chestxray14'"),
     ("data.root=' '", r"data.root=' ' must not be empty"),
     ("data.metadata=''", r"data.metadata="),
@@ -183,3 +184,12 @@ def test_menus_match_the_modules_that_use_them():
     for kind in config.ATTENTION_KINDS:
         if kind != "none":
             assert create_attention(kind, 64) is not None
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.backbone=densenet121", "model.width=32"], r"model.width=32 applies to the ResNet backbones only"),
+    (["model.width=32", "model.pretrained=weights.pth"], r"model.width=32 cannot load ImageNet weights"),
+])
+def test_width_other_than_64_needs_a_resnet_from_scratch(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        Config.load(None, overrides)

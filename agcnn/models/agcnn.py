@@ -25,9 +25,9 @@ STAGES = ("global", "local", "fusion")
 class Branch(nn.Module):
     """Backbone -> pool5 -> linear classifier; ``forward_features`` and ``forward_head`` apart."""
 
-    def __init__(self, backbone: str, attention: str, pool: str, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: str, attention: str, pool: str, num_classes: int, dropout: float = 0.0, width: int = 64) -> None:
         super().__init__()
-        self.features = create_backbone(backbone, attention)
+        self.features = create_backbone(backbone, attention, width)
         self.num_features: int = self.features.num_features
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
@@ -85,6 +85,7 @@ class AGCNN(nn.Module):
         image_size: int = 224,
         local_size: int = 224,
         dropout: float = 0.0,
+        width: int = 64,
     ) -> None:
         super().__init__()
         check_choice("pool", pool, POOLS)
@@ -95,8 +96,8 @@ class AGCNN(nn.Module):
         self.num_classes, self.threshold = num_classes, threshold
         self.image_size, self.local_size = image_size, local_size
         # Same architecture, no weight sharing (Sec. 3.3).
-        self.global_branch = Branch(backbone, attention, pool, num_classes, dropout)
-        self.local_branch = Branch(backbone, attention, pool, num_classes, dropout)
+        self.global_branch = Branch(backbone, attention, pool, num_classes, dropout, width)
+        self.local_branch = Branch(backbone, attention, pool, num_classes, dropout, width)
         self.fusion_dropout = nn.Dropout(dropout)
         self.fusion = nn.Linear(self.global_branch.num_features + self.local_branch.num_features, num_classes)
 
@@ -111,6 +112,7 @@ class AGCNN(nn.Module):
             image_size=image_size,
             local_size=cfg.local_size,
             dropout=cfg.dropout,
+            width=cfg.width,
         )
         if cfg.pretrained:
             for name, branch in (("global", model.global_branch), ("local", model.local_branch)):

@@ -58,13 +58,27 @@ class AttentiveBasicBlock(_AttentionPoints, BasicBlock):
 class ResNetFeatures(nn.Module):
     """ResNet up to ``layer4``: returns the last feature map [B, C, H/32, W/32]."""
 
-    def __init__(self, block: type[nn.Module], layers: list[int], attention: str) -> None:
+    def __init__(self, block: type[nn.Module], layers: list[int], attention: str, width: int = 64) -> None:
         super().__init__()
         net = ResNet(block, layers)  # type: ignore[arg-type]
+        if width != 64:
+            # torchvision fixes the first stage at 64 channels; rebuild the stem and the stages
+            # with its own _make_layer at another width (same module names, same structure).
+            norm = net._norm_layer
+            net.inplanes = width
+            net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            net.bn1 = norm(width)
+            net.layer1 = net._make_layer(block, width, layers[0])
+            net.layer2 = net._make_layer(block, 2 * width, layers[1], stride=2)
+            net.layer3 = net._make_layer(block, 4 * width, layers[2], stride=2)
+            net.layer4 = net._make_layer(block, 8 * width, layers[3], stride=2)
+            for m in net.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         # Same names as torchvision's ResNet, minus avgpool/fc (pool5 and the heads are ours).
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
-        self.num_features = 512 * getattr(block, "expansion", 1)
+        self.num_features = 8 * width * getattr(block, "expansion", 1)
         if attention in CHANNEL_KINDS:
             for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
                 for blk in layer:
@@ -112,13 +126,18 @@ def check_backbone(name: str) -> str:
     return check_choice("backbone", name, BACKBONES)
 
 
-def create_backbone(name: str, attention: str = "none") -> nn.Module:
-    """Feature extractor ``name`` with ``attention`` blocks; has ``.num_features``."""
+def create_backbone(name: str, attention: str = "none", width: int = 64) -> nn.Module:
+    """Feature extractor ``name`` with ``attention`` blocks; has ``.num_features``.
+
+    ``width``: channels of a ResNet's first stage (64: torchvision's); DenseNet has only 64.
+    """
     check_backbone(name)
     check_attention(attention)
+    if width != 64 and not name.startswith("resnet"):
+        raise ValueError(f"width={width} applies to the ResNet backbones only; use width 64 with {name}")
     builders: dict[str, Callable[[], nn.Module]] = {
-        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], attention),
-        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], attention),
+        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], attention, width),
+        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], attention, width),
         "densenet121": lambda: DenseNetFeatures(attention),
     }
     return builders[name]()

@@ -172,3 +172,20 @@ def test_fusion_head_can_start_as_the_global_classifier():
     # The local half starts at zero but is trainable: it receives a gradient.
     model.fuse(after.global_pooled, after.local_pooled).sum().backward()
     assert model.fusion.weight.grad[:, 512:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone,width,channels", [("resnet18", 16, 128), ("resnet50", 16, 512), ("resnet18", 64, 512)])
+def test_resnet_width_scales_every_stage(backbone, width, channels):
+    net = create_backbone(backbone, "se", width=width).eval()
+    with torch.no_grad():
+        fmap = net(torch.randn(2, 3, 64, 64))
+    assert fmap.shape == (2, channels, 2, 2) and net.num_features == channels
+    assert net.conv1.out_channels == width and net.layer2[0].conv1.in_channels == width * (4 if backbone == "resnet50" else 1)
+    # Same parameter names as torchvision's ResNet at any width.
+    ref = {k for k in resnet18().state_dict() if not k.startswith("fc.")}
+    if backbone == "resnet18":
+        assert ref <= set(net.state_dict())
+    model = AGCNN.from_config(ModelConfig(backbone="resnet18", width=16, pool="avg"), num_classes=3, image_size=64)
+    assert model.fusion.in_features == 2 * 128
+    with pytest.raises(ValueError, match="width"):
+        create_backbone("densenet121", width=32)
