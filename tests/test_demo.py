@@ -2,17 +2,57 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from agcnn.cli import main
 from agcnn.config import Config
-from agcnn.demo import demo_config_path
+from agcnn.demo import _changed_call, centres_in_boxes, demo_config_path, small_opacities, to_global_pixels
 
 
 def test_demo_config_ships_with_the_package():
     cfg = Config.load(demo_config_path())
     assert cfg.data.dataset == "synthetic" and cfg.data.highres_size > cfg.data.image_size
+
+
+def test_points_map_onto_the_global_input():
+    from agcnn.config import DataConfig
+
+    demo = DataConfig(resize=128, image_size=128, highres_size=512)
+    np.testing.assert_allclose(to_global_pixels([[256, 256], [0, 512]], 512, demo), [[64, 64], [0, 128]])
+    # The paper's geometry: resize 256, centre crop 224 (16 px off each side), on a 1024 px film.
+    paper = DataConfig(resize=256, image_size=224, highres_size=224)
+    np.testing.assert_allclose(to_global_pixels([[512, 64]], 1024, paper), [[112, 0]])
+
+
+def test_centres_in_boxes_uses_exclusive_ends():
+    boxes = np.array([[10, 10, 20, 20]] * 4)
+    inside = centres_in_boxes([[10, 10], [19.9, 19.9], [20, 15], [15, 9.5]], boxes)
+    assert inside.tolist() == [True, True, False, False]
+
+
+def test_small_opacities_lists_nodules_and_lookalikes_of_the_given_images(tmp_path):
+    pd.DataFrame({"path": ["a.png", "a.png", "b.png"], "label": ["Nodule", "Mass", "Nodule"],
+                  "x0": [0, 5, 10], "y0": [0, 5, 20], "x1": [4, 50, 14], "y1": [2, 50, 30]}).to_csv(tmp_path / "boxes.csv", index=False)
+    pd.DataFrame({"path": ["c.png", "z.png"], "kind": ["granuloma", "vessel"], "x0": [1, 1], "y0": [1, 1],
+                  "x1": [3, 3], "y1": [5, 5]}).to_csv(tmp_path / "lookalikes.csv", index=False)
+    found = small_opacities(tmp_path, ["c.png", "b.png", "a.png"])
+    rows = sorted(zip(found["row"], found["kind"], found["cx"], found["cy"]))
+    assert rows == [(0, "granuloma", 2.0, 3.0), (1, "nodule", 12.0, 25.0), (2, "nodule", 2.0, 1.0)]
+
+
+def test_changed_call_picks_a_right_fusion_call_that_global_got_wrong():
+    labels = ["Mass", "Nodule"]
+    preds = pd.DataFrame({"Nodule": [1, 0, 1, 0], "p_global_Nodule": [0.2, 0.7, 0.3, 0.1],
+                          "p_fusion_Nodule": [0.9, 0.2, 0.6, 0.8]})
+    points = {"global": [0.5, 0.5], "fusion": [0.5, 0.5]}
+    # Rows 0, 1 and 2 are fixed by fusion; row 0 moved most. Row 3 fusion got wrong.
+    assert _changed_call(preds, points, labels) == 0
+    assert _changed_call(preds.iloc[[3]].reset_index(drop=True), points, labels) is None
 
 
 @pytest.mark.slow
@@ -31,10 +71,39 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "d" / "evaluation" / "auc.json").is_file()
     assert (tmp_path / "d" / "predictions" / "predictions.csv").is_file()
     assert "mean AUC" in out and "written:" in out
-    # A second run into the same folder finds the finished stages and skips them.
+    assert "fusion - global mean AUC" in out and "attended box" in out
+    # The same command into a fresh folder gives the same table, line by line.
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--quick", "--out", "d2", "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    again = capsys.readouterr().out
+    assert _summary(out) == _summary(again) and len(_summary(out)) >= 7
+    # A run into a finished folder finds the finished stages and skips them.
     torch.set_num_threads(1)
     try:
         assert main(["demo", "--quick", "--out", "d", "--no-progress"]) == 0
     finally:
         torch.set_num_threads(n)
     assert "skipped" in capsys.readouterr().out
+
+
+def _summary(out: str) -> list[str]:
+    """The printed summary from its heading to the timings line (which differs run to run)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("AG-CNN demo"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("time:"))
+    # The overlay's path names the --out folder.
+    return [re.sub(r"picture: \S+", "picture: PATH", line) for line in lines[start:end]]
+
+
+def test_quick_and_long_exclude_each_other(tmp_path):
+    from agcnn.config import ConfigError
+    from agcnn.demo import demo_config
+
+    with pytest.raises(ConfigError, match="--quick and --long"):
+        demo_config(tmp_path, quick=True, long=True)
+    long = demo_config(tmp_path, long=True)
+    base = demo_config(tmp_path)
+    assert long.train.global_.epochs == 2 * base.train.global_.epochs and long.data == base.data

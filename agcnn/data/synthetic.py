@@ -6,24 +6,41 @@ posterior and anterior ribs as curved bands, clavicles, blur and quantum noise. 
 planted at random places, each with its bounding box:
 
 =============  =====================================================================
-Nodule         small round opacity, 1-1.8 % of the image width: a few pixels at 224 px,
-               clearly resolved in a crop from the 448 / 512 px image
+Nodule         small round opacity, 2-3 % of the image width, with a spiculated margin
 Mass           larger lobulated opacity, 6-10 % of the width
 Pneumothorax   apical-lateral rim without lung markings, with a thin pleural line
 Effusion       fluid level blunting the costophrenic angle, meniscus rising laterally
 Cardiomegaly   heart enlarged by 30-45 % (cardiothoracic ratio above 0.5)
 =============  =====================================================================
 
-The other nine labels are 0: they are truly absent, not unknown. About 38 % of the images have
-no finding; some patients have two images (a follow-up with the same anatomy). The data set is
-the honest test bed for AG-CNN's mechanism (paper Sec. 3.2): a small nodule is easier to see in a
-crop from the higher-resolution image than in the 224 px view of the whole chest.
+The other nine labels are 0: they are truly absent, not unknown. About 35 % of the images have
+no finding; some patients have two images (a follow-up with the same anatomy).
+
+**Small findings and their look-alikes.** The situation AG-CNN exists for (paper Sec. 3.2) is a
+small finding that the downsampled whole film shows but cannot identify. A 9-13 mm nodule on a
+43 cm film is 3-4 px at 128 px: visibly *something*, but real films are full of small round
+opacities that are not nodules -- vessels seen end-on, calcified granulomas, nipple shadows --
+and what tells them apart is detail a few pixels wide at full resolution. The phantoms model
+exactly that. About 80 % of the films carry one small round opacity (at most one, so that the
+single attended box of AG-CNN can hold it): a **nodule** (30 % of films, label Nodule = 1), a
+**calcified granuloma** (25 %) or an **end-on vessel** (25 %), both label 0. All three are the
+same sphere -- same size range, same contrast, same place distribution -- plus a fine pattern
+of their own: spicules radiating from the nodule's margin, a ring of dense popcorn clumps inside
+the granuloma, nothing in the vessel. The patterns are angular harmonics of order 6 and above
+with zero integrated density and second moment, rendered with 4 x 4 samples per pixel, so they
+hold no low spatial frequencies: after the 4x downsampling of a 512 px film to 128 px the kinds
+differ by under 3 % of the opacity's contrast (below the quantum noise), while at 512 px they
+differ by a fifth of it or more (``tests/data/test_synthetic.py`` measures both, and checks
+that grey-level statistics of the whole film cannot tell a nodule film from a look-alike film).
+Nothing else marks the label: the file format is assigned by image number, the prevalences are
+independent of everything else. Look-alikes are listed in ``lookalikes.csv`` (path, kind, box).
 
 Everything is deterministic in ``seed``: patient ``p`` draws from ``default_rng([seed, p])``, so
 the images do not depend on the number of worker processes. Images are written as 16-bit PNG and,
 for a ``dicom_fraction`` of them, as DICOM (some MONOCHROME1, some RLE Lossless or JPEG 2000
 compressed), to exercise the readers. ``labels.csv`` (path, patient, split, view and the 14 label
-columns), ``boxes.csv`` (path, label, x0, y0, x1, y1 in pixels) and ``phantoms.json`` describe the set.
+columns), ``boxes.csv`` (path, label, x0, y0, x1, y1 in pixels), ``lookalikes.csv`` and ``phantoms.json``
+describe the set.
 """
 
 from __future__ import annotations
