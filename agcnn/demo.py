@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from agcnn.config import Config, ConfigError
 
@@ -115,17 +114,18 @@ def small_opacities(root: Path, paths: list[str]) -> pd.DataFrame:
                          "cx": ((every["x0"] + every["x1"]) / 2).to_numpy(), "cy": ((every["y0"] + every["y1"]) / 2).to_numpy()})
 
 
-@torch.no_grad()
 def attention_pass(model, dataset, batch_size: int) -> dict[str, np.ndarray]:
     """Attended boxes (global-input pixels) and heatmaps of every image of ``dataset``, in order."""
+    import torch
     from torch.utils.data import DataLoader
 
     model.eval()
     boxes, heatmaps = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        out = model(batch["image"], stage="fusion")
-        boxes.append(out.boxes.cpu().numpy())
-        heatmaps.append(out.heatmap.float().cpu().numpy())
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+            out = model(batch["image"], stage="fusion")
+            boxes.append(out.boxes.cpu().numpy())
+            heatmaps.append(out.heatmap.float().cpu().numpy())
     return {"boxes": np.concatenate(boxes), "heatmaps": np.concatenate(heatmaps)}
 
 
@@ -144,6 +144,8 @@ def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], label
 
 def _overlay(path: Path, model, dataset, row: int, box: np.ndarray, heatmap: np.ndarray, cfg: Config, finding: str, prob: float) -> None:
     """The overlay picture (agcnn.overlays) of one test image, the global CAM of ``finding``."""
+    import torch
+
     from agcnn.overlays import write_overlay
     from agcnn.data.transforms import scaled_resize
 

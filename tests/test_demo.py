@@ -107,3 +107,25 @@ def test_quick_and_long_exclude_each_other(tmp_path):
     long = demo_config(tmp_path, long=True)
     base = demo_config(tmp_path)
     assert long.train.global_.epochs == 2 * base.train.global_.epochs and long.data == base.data
+
+
+def test_overlay_of_a_changed_call_is_written(tmp_path):
+    from agcnn.config import DataConfig
+    from agcnn.demo import _overlay
+    from agcnn.models import AGCNN
+
+    class Films:
+        """Two 128 px films, seen at 32 px with a 64 px copy."""
+
+        def load(self, i):
+            return np.full((128, 128), 0.2 + 0.1 * i, np.float32)
+
+        def __getitem__(self, i):
+            return {"image": torch.full((3, 64, 64), 0.1 * i)}
+
+    cfg = Config.load(demo_config_path(), ["data.resize=32", "data.image_size=32", "data.highres_size=64", "model.local_size=32"])
+    assert isinstance(cfg.data, DataConfig)
+    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=32).eval()
+    _overlay(tmp_path / "o.png", model, Films(), 1, np.array([8, 8, 24, 24]), np.random.rand(1, 1).astype(np.float32),
+             cfg, "Nodule", 0.8)
+    assert (tmp_path / "o.png").stat().st_size > 1000
