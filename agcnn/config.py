@@ -177,6 +177,11 @@ class DataConfig:
     path_column: str = setting("path", NOT_EMPTY)
     patient_column: str | None = setting("patient", NOT_EMPTY)
     label_map: dict[str, str] = field(default_factory=dict)
+    # DICOM images must be frontal chest radiographs (agcnn.data.scope): a file whose header
+    # names another body part or a lateral / oblique view stops training like an unreadable one.
+    # These switch either check off (PNG / JPEG carry no such attributes and are never checked).
+    any_body_part: bool = False
+    any_view: bool = False
     # Restrict to these view positions (e.g. [PA]); empty keeps every view.
     views: list[str] = setting(factory=list, check=Rule(lambda v: all(str(x).strip() for x in v),
                                                          "must list view positions such as [PA, AP], none empty"))

@@ -188,7 +188,7 @@ def _made_up_patients(table: pd.DataFrame) -> bool:
 
 def _file_split(cfg: Config, path: Path, set_keys: list[str]):
     """A CSV of image paths and labels, every row evaluated with the checkpoint's eval transform."""
-    from agcnn.data.datasets import XrayDataset
+    from agcnn.data.datasets import XrayDataset, scope_policy
     from agcnn.data.tables import normalise_table, read_table
     from agcnn.data.transforms import transforms_from_config
 
@@ -206,7 +206,8 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
             views=d.views if "views" in set_keys else (), where=str(path),
         )
     has_ids = not _made_up_patients(table)
-    dataset = XrayDataset(table, cfg.labels, root=root, transform=transforms_from_config(d, train=False), name=path.name)
+    dataset = XrayDataset(table, cfg.labels, root=root, transform=transforms_from_config(d, train=False), name=path.name,
+                          scope=scope_policy(d))
     info = {
         "source": f"the table {path}",
         "patient_ids": has_ids,

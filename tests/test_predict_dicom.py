@@ -132,6 +132,8 @@ def test_mixed_folder_statuses_reasons_and_notes(scoped):
     assert "BodyPartExamined is 'HIP'" in rows["hip.dcm"]["reason"]
     assert "Anatomic Region Sequence is (85562004, SCT, 'Hand')" in rows["hand_region.dcm"]["reason"]
     assert "ViewPosition is 'LL' (left lateral)" in rows["chest_lateral.dcm"]["reason"]
+    assert rows["chest_lateral.dcm"]["reason"].endswith("(--any-view predicts it anyway)")
+    assert rows["hip.dcm"]["reason"].endswith("(--any-body-part predicts it anyway)")
     assert all(rows[p]["sop_instance_uid"] for p in ("hip.dcm", "hand_region.dcm", "chest_lateral.dcm"))
     assert not any(rows[p][LABELS[0]] for p in ("hip.dcm", "hand_region.dcm", "chest_lateral.dcm"))
     assert "not checked" not in rows["chest_pa.dcm"]["notes"]

@@ -98,13 +98,16 @@ def _read_index(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / "index.csv", dtype={"path": str, "size": np.int64, "mtime_ns": np.int64}, keep_default_na=False)
 
 
-def decode_resized(path: str | Path, size: int, dtype: str = "uint8") -> np.ndarray:
-    """Read one image and resize it to ``size`` x ``size`` integers (the cache's stored form)."""
+def decode_resized(path: str | Path, size: int, dtype: str = "uint8", scope=None) -> np.ndarray:
+    """Read one image and resize it to ``size`` x ``size`` integers (the cache's stored form).
+
+    ``scope``: an :class:`agcnn.data.scope.ScopePolicy`; a DICOM image outside it is unusable.
+    """
     import cv2
 
     from agcnn.data.readers import read_image
 
-    img = read_image(path)
+    img = read_image(path, scope=scope)
     # INTER_AREA averages when shrinking (no aliasing of rib edges); linear when enlarging.
     shrink = img.shape[0] >= size and img.shape[1] >= size
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -112,10 +115,10 @@ def decode_resized(path: str | Path, size: int, dtype: str = "uint8") -> np.ndar
     return np.clip(np.rint(img * top), 0, top).astype(DTYPES[dtype])
 
 
-def _decode_job(job: tuple[int, str, int, str]) -> tuple[int, np.ndarray | None, str]:
-    row, path, size, dtype = job
+def _decode_job(job: tuple) -> tuple[int, np.ndarray | None, str]:
+    row, path, size, dtype, scope = job
     try:
-        return row, decode_resized(path, size, dtype), ""
+        return row, decode_resized(path, size, dtype, scope), ""
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the other thousands
         # UnusableImageError carries a short code (.reason) and a human message (str).
         reason = f"{e.reason}: {e}" if getattr(e, "reason", None) else f"{type(e).__name__}: {e}"
@@ -132,8 +135,12 @@ def build_cache(
     workers: int = 2,
     max_images: int | None = None,
     progress_every: float = 10.0,
+    scope=None,
 ) -> CacheReport:
     """Write (or finish, or refresh) the cache for ``paths`` at ``out``.
+
+    ``scope`` (a :class:`agcnn.data.scope.ScopePolicy`) makes DICOM images of another body part
+    or view unusable, as in training without the cache.
 
     ``max_images`` stops after that many decodes and leaves a resumable ``<out>.partial``, as a
     killed run would. A complete cache for the same files is reused as it is.
@@ -149,6 +156,10 @@ def build_cache(
     if index["path"].duplicated().any():
         raise DataError(f"image {index['path'][index['path'].duplicated()].iloc[0]!r} appears twice in the data table; each image must be listed once")
     meta = {"version": FORMAT_VERSION, "size": size, "dtype": dtype, "count": len(index)}
+    if scope is not None and (scope.any_body_part or scope.any_view):
+        # Only when a check is off, so that caches written before the checks existed (of PNG
+        # sets, which they do not affect) stay valid.
+        meta["scope"] = {"any_body_part": scope.any_body_part, "any_view": scope.any_view}
     report = CacheReport(out, len(index))
 
     if (out / "meta.json").is_file():
@@ -180,7 +191,7 @@ def build_cache(
     report.reused = len(index) - len(todo)
     if max_images is not None:
         todo = todo[:max_images]
-    jobs = [(int(r), str(resolve(index["path"][r], root)), size, dtype) for r in todo]
+    jobs = [(int(r), str(resolve(index["path"][r], root)), size, dtype, scope) for r in todo]
     log.info("decoding %d images into %s (%d already done)", len(jobs), partial, report.reused)
 
     with open(partial / "unusable.csv", "a", newline="") as bad_file:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from agcnn.config import DATASETS
 from agcnn.data.cache import ImageCache, UnusableCachedImage, resolve
+from agcnn.data.scope import OVERRIDES, ScopePolicy
 from agcnn.data.tables import SPLITS
 from agcnn.errors import AgcnnError, ConfigError, DataError
 from agcnn.labels import LABELS
@@ -67,6 +68,7 @@ class XrayDataset(Dataset):
         cache_rows: Sequence[int] | None = None,
         name: str = "dataset",
         skip_unreadable: bool = False,
+        scope: ScopePolicy | None = None,
     ):
         missing = [c for c in ("path", *labels) if c not in table.columns]
         if missing:
@@ -81,6 +83,7 @@ class XrayDataset(Dataset):
         self.cache_rows = None if cache_rows is None else np.asarray(cache_rows, dtype=np.int64)
         self.name = name
         self.skip_unreadable = skip_unreadable
+        self.scope = scope
         # One contiguous array: indexing a DataFrame per item is slow in DataLoader workers.
         self.targets = self.table[self.labels].to_numpy(dtype=np.float32)
         self.paths = self.table["path"].astype(str).tolist()
@@ -96,9 +99,11 @@ class XrayDataset(Dataset):
         try:
             if self.cache is not None:
                 return self.cache.read(int(self.cache_rows[i]))
-            return read_image(resolve(path, self.root))
+            return read_image(resolve(path, self.root), scope=self.scope)
         except UnusableImageError as e:
             reason = f"{e.reason}: {e}"
+            if e.reason in OVERRIDES:
+                reason += f" (data.{OVERRIDES[e.reason]}: true trains on it anyway)"
         except UnusableCachedImage as e:
             reason = f"{e.reason} (recorded by agcnn prepare)"
         except (OSError, ValueError) as e:
@@ -114,7 +119,7 @@ class XrayDataset(Dataset):
         return XrayDataset(
             self.table.iloc[keep], self.labels, root=self.root, transform=self.transform, cache=self.cache,
             cache_rows=None if self.cache_rows is None else self.cache_rows[keep], name=self.name,
-            skip_unreadable=self.skip_unreadable,
+            skip_unreadable=self.skip_unreadable, scope=self.scope,
         )
 
     def __getitem__(self, i: int) -> dict:
@@ -128,6 +133,11 @@ class XrayDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "labels": torch.from_numpy(self.targets[i].copy()), "index": int(i)}
+
+
+def scope_policy(data_cfg) -> ScopePolicy:
+    """The scope checks of ``cfg.data`` (``any_body_part``, ``any_view``)."""
+    return ScopePolicy(any_body_part=data_cfg.any_body_part, any_view=data_cfg.any_view)
 
 
 def collate(batch: list) -> Any:
@@ -210,7 +220,7 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
         rows = cache.verify(part["path"].tolist(), cfg.data.root, size=cfg.data.cache_size) if cache is not None else None
         out[split] = XrayDataset(
             part, cfg.labels, root=cfg.data.root, cache=cache, cache_rows=rows, name=split,
-            skip_unreadable=cfg.data.skip_unreadable,
+            skip_unreadable=cfg.data.skip_unreadable, scope=scope_policy(cfg.data),
             transform=transforms_from_config(cfg.data, train=split == "train"),
         )
     return out

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from agcnn.config import Config, ConfigError
     from agcnn.data.cache import build_cache
-    from agcnn.data.datasets import load_dataframe
+    from agcnn.data.datasets import load_dataframe, scope_policy
 
     cfg = Config.load(args.config, args.overrides)
     if not cfg.data.cache:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     workers = cfg.data.num_workers if args.workers is None else args.workers
     workers = max(0, min(workers, os.cpu_count() or 1))
     report = build_cache(cfg.data.cache, table["path"].tolist(), cfg.data.root, size=cfg.data.cache_size,
-                         dtype=args.dtype, workers=workers, max_images=args.max_images)
+                         dtype=args.dtype, workers=workers, max_images=args.max_images, scope=scope_policy(cfg.data))
     rate = report.decoded / report.seconds if report.seconds else 0.0
     state = "complete" if report.complete else f"incomplete (rerun `agcnn prepare` to continue; {report.count - report.reused - report.decoded} left)"
     print(f"cache {report.path}: {report.count} images, {report.decoded} decoded now ({rate:.0f}/s), "

@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "SCOPE_REASONS",
+    "OVERRIDES",
     "CHEST_BODY_PARTS",
     "CHEST_REGION_CODES",
     "FRONTAL_VIEW_POSITIONS",
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 SCOPE_REASONS = ("out_of_scope", "not_frontal")
+# The ScopePolicy field that switches each check off (``--any-body-part`` in predict,
+# ``data.any_body_part`` for training): callers name it in their messages.
+OVERRIDES = {"out_of_scope": "any_body_part", "not_frontal": "any_view"}
 
 # ---- body part -------------------------------------------------------------------------
 # Body Part Examined values that are (or contain) the chest. CHEST, CHESTABDOMEN, NECKCHEST,
@@ -181,10 +185,7 @@ def _check_body_part(ds: Any, notes: list[str]) -> str | None:
     if part:
         if part in CHEST_BODY_PARTS:
             return None
-        return (
-            f"BodyPartExamined is {part!r}, not the chest; accepted: {', '.join(sorted(CHEST_BODY_PARTS))} "
-            f"(--any-body-part predicts it anyway)"
-        )
+        return f"BodyPartExamined is {part!r}, not the chest; accepted: {', '.join(sorted(CHEST_BODY_PARTS))}"
     code = _first_code(ds, "AnatomicRegionSequence")
     if code is None:
         notes.append("body part not checked: no BodyPartExamined or Anatomic Region Sequence")
@@ -194,10 +195,7 @@ def _check_body_part(ds: Any, notes: list[str]) -> str | None:
         return None
     if any(w in meaning.lower() for w in _CHEST_MEANINGS):
         return None  # a legacy or local code whose meaning names the chest
-    return (
-        f"Anatomic Region Sequence is {_code_text(code)}, not the chest "
-        f"(--any-body-part predicts it anyway)"
-    )
+    return f"Anatomic Region Sequence is {_code_text(code)}, not the chest"
 
 
 def _check_view(ds: Any, notes: list[str]) -> str | None:
@@ -212,7 +210,7 @@ def _check_view(ds: Any, notes: list[str]) -> str | None:
         words = view.replace("_", " ").split()
         if view in NOT_FRONTAL_VIEW_POSITIONS or _NOT_FRONTAL_WORDS.intersection(words):
             what = NOT_FRONTAL_VIEW_POSITIONS.get(view, "lateral, oblique or decubitus")
-            return f"ViewPosition is {view!r} ({what}), not a frontal view (--any-view predicts it anyway)"
+            return f"ViewPosition is {view!r} ({what}), not a frontal view"
         if words and words[0] in FRONTAL_VIEW_POSITIONS:
             if words[0] == "AP" and supine:
                 notes.append(frontal_note)
@@ -228,7 +226,7 @@ def _check_view(ds: Any, notes: list[str]) -> str | None:
     if key in NOT_FRONTAL_VIEW_CODES or (
         key not in FRONTAL_VIEW_CODES and ("lateral" in meaning or "oblique" in meaning or "decubitus" in meaning)
     ):
-        return f"View Code Sequence is {_code_text(code)}, not a frontal view (--any-view predicts it anyway)"
+        return f"View Code Sequence is {_code_text(code)}, not a frontal view"
     if key in FRONTAL_VIEW_CODES or meaning in ("antero-posterior", "postero-anterior", "frontal"):
         if (key == ("SCT", "399348003") or meaning == "antero-posterior") and supine:
             notes.append(frontal_note)

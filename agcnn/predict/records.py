@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from agcnn.data.scope import OVERRIDES
+
 # Reason codes by status (agcnn.data.readers.REASONS). "skipped": the file is not a usable
 # radiograph by its nature; "failed": it should have been one and could not be processed.
 # out_of_scope / not_frontal: another body part, a lateral view (agcnn.data.scope).
@@ -72,6 +74,8 @@ def load_record(full: str, rel: str, transform, *, identifiers: bool = False, pr
         code = e.reason
         rec["status"] = "skipped" if code in SKIP_REASONS else "failed"
         rec["reason"] = f"{code}: {e}"
+        if code in OVERRIDES:
+            rec["reason"] += f" (--{OVERRIDES[code].replace('_', '-')} predicts it anyway)"
         if code in ("no_pixel_data", "unsupported_modality", "out_of_scope", "not_frontal"):
             # A DICOM object that is not a radiograph: still give its UIDs, so it can be found.
             rec.update(_dicom_header(full, identifiers=identifiers))
