@@ -65,6 +65,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         if name != command:
             continue
+        # Also after the command (`agcnn train --debug ...`); SUPPRESS keeps a top-level --debug.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -7,7 +7,7 @@ import pytest
 
 from agcnn import __version__
 from agcnn.cli import main
-from agcnn.config import Config
+from agcnn.config import Config, ConfigError
 
 
 def test_version_and_help():
@@ -78,6 +78,8 @@ def test_user_errors_are_one_line_with_their_exit_status(tmp_path):
     out = subprocess.run([sys.executable, "-m", "agcnn", "--debug", "train", "--config", str(bad), "--out", str(run)],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+    with pytest.raises(ConfigError):  # the same after the command
+        main(["train", "--debug", "--config", str(bad), "--out", str(run)])
 
 
 @pytest.mark.parametrize(
