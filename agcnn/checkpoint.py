@@ -17,6 +17,7 @@ from agcnn.config import Config
 from agcnn.errors import CheckpointError
 from agcnn.fileio import atomic_write_bytes, sha256_file  # noqa: F401 - part of this module's API
 from agcnn.labels import check_labels
+from agcnn.stages import BRANCHES, STAGES, trained_by
 
 FORMAT = "agcnn-checkpoint"
 FORMAT_VERSION = 1
@@ -67,20 +68,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-BRANCHES = ("global", "local", "fusion")
-# What each training stage leaves trained; the other branches of its model hold random weights.
-TRAINED_BY_STAGE = {"global": ("global",), "local": ("global", "local"), "fusion": BRANCHES}
-
-
 def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
     """The branches the checkpoint's training stage has trained; the others hold random weights."""
     stage = ckpt.get("stage")
     if stage is None:
         # No stage recorded: the checkpoint is taken to be a complete (fusion) model.
         return BRANCHES
-    if stage not in TRAINED_BY_STAGE:
-        raise CheckpointError(f"checkpoint records stage {stage!r}; expected one of {list(TRAINED_BY_STAGE)}")
-    return TRAINED_BY_STAGE[stage]
+    if stage not in STAGES:
+        raise CheckpointError(f"checkpoint records stage {stage!r}; expected one of {list(STAGES)}")
+    return trained_by(stage)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], map_location: str | torch.device = "cpu"):

@@ -53,7 +53,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
 from agcnn.checkpoint import (
-    BRANCHES,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -64,12 +63,12 @@ from agcnn.config import Config, ConfigError, apply_override
 from agcnn.errors import UsageError
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
+from agcnn.stages import BRANCHES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "train")
 BOOTSTRAP_UNITS = ("patient", "image")
-# Which branches a checkpoint of each training stage has trained (stage table: global -> local -> fusion).
 # Data settings that fix the input the weights were trained on; changing them evaluates a different model.
 FIXED_DATA_KEYS = ("image_size", "highres_size", "resize")
 

@@ -7,9 +7,9 @@ II.  the local branch on the attended crops, the global branch fixed (it produce
 III. the fusion head on the concatenated pool5 features, both branches fixed -- or, with
      ``train.finetune_all``, everything fine-tuned together (Table II, "G L F*").
 
-Each stage is one row of :data:`STAGE_TABLE`: which modules train, which are frozen, which
-logits are scored, and which earlier stage's ``best.pt`` seeds it. The loop itself is the same
-for every row. Freezing is explicit -- ``requires_grad_(False)`` and ``.eval()`` so frozen
+Each stage is one row of :data:`agcnn.stages.STAGE_TABLE`: which modules train, which are
+frozen, which logits are scored, and which earlier stage's ``best.pt`` seeds it. The loop
+itself is the same for every row. Freezing is explicit -- ``requires_grad_(False)`` and ``.eval()`` so frozen
 batch-norm statistics do not drift -- never a tiny learning rate. A stage whose seed
 checkpoint is missing stops with an error that names the file and the stage to run first.
 
@@ -54,106 +54,9 @@ from agcnn.config import Config, ConfigError
 from agcnn.errors import MissingFileError
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+from agcnn.stages import STAGES, Stage, apply_freezing, set_train_mode, stage_plan
 
 log = logging.getLogger(__name__)
-
-MODULES = ("global_branch", "local_branch", "fusion")
-BRANCHES = ("global", "local", "fusion")
-
-
-# ---------------------------------------------------------------------- the stage table
-
-@dataclass(frozen=True)
-class Stage:
-    """One training stage: what trains, what is frozen, what is scored, what seeds it."""
-
-    name: str
-    # Modules of AGCNN whose weights the optimizer updates.
-    trains: tuple[str, ...]
-    # Modules used in the forward pass with fixed weights (requires_grad False, eval mode).
-    frozen: tuple[str, ...]
-    # The logits the loss and the best-checkpoint selection use.
-    scores: str
-    # Branches whose validation AUC is reported each epoch.
-    reports: tuple[str, ...]
-    # The ``stage`` argument of AGCNN.forward: how far the forward pass has to go.
-    forward: str
-    # The stage whose RUN_DIR/<stage>/best.pt initialises this one (None: start from scratch).
-    seed_from: str | None
-
-    @property
-    def idle(self) -> tuple[str, ...]:
-        """Modules this stage neither trains nor needs fixed for its loss; also frozen."""
-        return tuple(m for m in MODULES if m not in self.trains and m not in self.frozen)
-
-
-STAGE_TABLE: tuple[Stage, ...] = (
-    # Stage I (Sec. 3.5): the global branch alone on the whole image.
-    Stage("global", trains=("global_branch",), frozen=(), scores="global", reports=("global",),
-          forward="global", seed_from=None),
-    # Stage II: the local branch on crops; the global branch is fixed because its heatmap
-    # chooses the crop (Sec. 3.2).
-    Stage("local", trains=("local_branch",), frozen=("global_branch",), scores="local",
-          reports=("global", "local"), forward="local", seed_from="global"),
-    # Stage III: the fusion head on [global pool5, local pool5] (Sec. 3.4), both branches fixed.
-    Stage("fusion", trains=("fusion",), frozen=("global_branch", "local_branch"), scores="fusion",
-          reports=("global", "local", "fusion"), forward="fusion", seed_from="local"),
-)
-STAGES: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
-
-
-def stage_plan(name: str, finetune_all: bool = False) -> Stage:
-    """The stage table row for ``name``; ``finetune_all`` turns stage III into Table II's "G L F*"."""
-    if name not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(STAGES)} (or 'all')")
-    row = STAGES[name]
-    if name == "fusion" and finetune_all:
-        row = dataclasses.replace(row, trains=MODULES, frozen=())
-    return row
-
-
-_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
-
-
-def _stay_in_eval(module: nn.Module, _inputs: Any) -> None:
-    if module.training:
-        module.eval()
-
-
-def apply_freezing(model: nn.Module, plan: Stage) -> None:
-    """requires_grad only for the modules the stage trains; the others stay in eval mode.
-
-    Each batch-norm and dropout layer of a module the stage does not train gets a forward
-    pre-hook that puts it back into eval mode, so even a plain ``model.train()`` cannot make
-    frozen running statistics drift.
-    """
-    for handle in getattr(model, "_freeze_hooks", []):
-        handle.remove()
-    hooks = []
-    for name in MODULES:
-        module = getattr(model, name)
-        module.requires_grad_(name in plan.trains)
-        if name not in plan.trains:
-            module.eval()
-            hooks += [m.register_forward_pre_hook(_stay_in_eval) for m in module.modules() if isinstance(m, _MODE_DEPENDENT)]
-    if plan.scores == "fusion":
-        # The branch classifiers are not in the fusion loss: under G L F* they would get no
-        # gradient (which DistributedDataParallel rejects) while their backbones move on.
-        for branch in (model.global_branch, model.local_branch):
-            branch.classifier.requires_grad_(False)
-    model._freeze_hooks = hooks
-
-
-def set_train_mode(model: nn.Module, plan: Stage) -> None:
-    """``model.train()`` for the trained modules, eval mode for everything else.
-
-    Frozen batch-norm layers must keep using (and not update) their running statistics, or
-    the global heatmap that picks the crop would shift under the local branch.
-    """
-    model.train()
-    for name in MODULES:
-        if name not in plan.trains:
-            getattr(model, name).eval()
 
 
 # ---------------------------------------------------------------------- device, distribution
@@ -371,7 +274,7 @@ class ImageSource:
 
     def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
         x, y = _batch_xy(batch)
-        out = self.net(self.to_device(x), stage=self.plan.forward)
+        out = self.net(self.to_device(x), stage=self.plan.name)
         return out.logits(self.plan.scores), y.to(self.rt.device, non_blocking=True)
 
     @torch.no_grad()

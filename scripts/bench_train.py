@@ -32,7 +32,7 @@ import torchvision
 from agcnn.config import ModelConfig
 from agcnn.metrics import masked_bce_with_logits
 from agcnn.models import AGCNN
-from agcnn.train import apply_freezing, set_train_mode, stage_plan
+from agcnn.stages import apply_freezing, set_train_mode, stage_plan
 from benchutil import cpu_loop_region_step, device_name, measure, rate, versions
 
 K = 14

@@ -13,7 +13,8 @@ from agcnn.cli import main
 from agcnn.config import Config
 from agcnn.metrics import masked_bce_with_logits
 from agcnn.models import AGCNN
-from agcnn.train import MODULES, STAGE_TABLE, apply_freezing, set_train_mode, stage_plan, train
+from agcnn.stages import apply_freezing, set_train_mode, stage_plan
+from agcnn.train import train
 
 K = 14
 TINY = [
@@ -75,20 +76,7 @@ def tiny_model() -> AGCNN:
     return AGCNN.from_config(cfg.model, num_classes=K, image_size=cfg.data.image_size)
 
 
-# ---------------------------------------------------------------------- stage table
-
-def test_stage_table_rows():
-    rows = {s.name: s for s in STAGE_TABLE}
-    assert list(rows) == ["global", "local", "fusion"]
-    assert rows["global"].trains == ("global_branch",) and rows["global"].seed_from is None
-    assert rows["local"].frozen == ("global_branch",) and rows["local"].scores == "local" and rows["local"].seed_from == "global"
-    assert rows["fusion"].frozen == ("global_branch", "local_branch") and rows["fusion"].seed_from == "local"
-    # Table II "G L F*": stage III fine-tunes everything.
-    star = stage_plan("fusion", finetune_all=True)
-    assert star.trains == MODULES and star.frozen == ()
-    with pytest.raises(ValueError, match="unknown stage 'fusoin'"):
-        stage_plan("fusoin")
-
+# ---------------------------------------------------------------------- freezing
 
 def test_local_step_leaves_frozen_global_branch_untouched():
     model = tiny_model()

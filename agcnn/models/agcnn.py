@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from agcnn.config import POOLS, ModelConfig, check_choice
 from agcnn.models.backbones import create_backbone, load_pretrained
 from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, crop_regions
+from agcnn.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES = ("global", "local", "fusion")
 
 
 class Branch(nn.Module):
@@ -130,7 +130,7 @@ class AGCNN(nn.Module):
 
     def forward(self, x: Tensor, stage: str = "fusion") -> AGCNNOutput:
         """``stage``: ``global`` computes the global branch only; ``local`` and ``fusion`` all three."""
-        check_choice("stage", stage, STAGES)
+        check_choice("stage", stage, tuple(STAGES))
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a [B, 3, S, S] image batch, got shape {tuple(x.shape)}")
         g_map = self.global_branch.forward_features(self.global_input(x))
