@@ -17,6 +17,7 @@ from agcnn.config import Config
 from agcnn.errors import CheckpointError
 from agcnn.fileio import atomic_write_bytes, sha256_file  # noqa: F401 - part of this module's API
 from agcnn.labels import check_labels
+from agcnn.models import AGCNN
 from agcnn.stages import BRANCHES, STAGES, trained_by
 
 FORMAT = "agcnn-checkpoint"
@@ -81,8 +82,6 @@ def trained_branches(ckpt: dict[str, Any]) -> tuple[str, ...]:
 
 def model_from_checkpoint(ckpt: dict[str, Any], map_location: str | torch.device = "cpu"):
     """Rebuild the AG-CNN model of a loaded checkpoint; returns ``(model, config)``."""
-    from agcnn.models import AGCNN
-
     cfg = Config.from_dict(ckpt["config"])
     cfg.model.pretrained = None  # the checkpoint's own weights replace any ImageNet start
     model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
