@@ -19,32 +19,49 @@ the last layer):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agcnn.config import ATTENTION_KINDS, check_choice
 
-# Which kinds act on channels (inside every block) and which on space (last stage only).
-CHANNEL_KINDS = ("se",)
-SPATIAL_KINDS = ("self", "mhsa")
+
+class AttentionBlock(nn.Module):
+    """Base of every attention block: a backbone's weights that no ImageNet file holds."""
 
 
-def check_attention(kind: str) -> str:
-    return check_choice("attention kind", kind, ATTENTION_KINDS)
+@dataclass(frozen=True)
+class AttentionLayer:
+    """An attention kind: its constructor (``channels -> module``) and the attention point it fills.
+
+    ``site`` names the backbone constructor argument (and the residual block's attribute):
+    ``"channel_attn"`` on the residual branch of every block, before the addition, as in
+    SE-ResNet; ``"spatial_attn"`` after the 3x3 convolution of the last stage, as SASA and
+    BoTNet.
+    """
+
+    make: Callable[[int], AttentionBlock]
+    site: str
+
+
+def get_attention(kind: str) -> AttentionLayer | None:
+    """The attention layer named ``kind`` (None for ``"none"``); the one place a name becomes a
+    class. An unknown name raises a ConfigError listing the valid kinds."""
+    check_choice("attention kind", kind, ATTENTION_KINDS)
+    return None if kind == "none" else _LAYERS[kind]
 
 
 def create_attention(kind: str, channels: int) -> nn.Module:
-    """Return the attention module ``kind`` for a feature map with ``channels`` channels."""
-    check_attention(kind)
-    if kind == "none":
-        return nn.Identity()
-    if kind == "se":
-        return SqueezeExcite(channels)
-    return RelPosSelfAttention(channels, window=7 if kind == "self" else None)
+    """The attention module ``kind`` for a feature map with ``channels`` channels."""
+    layer = get_attention(kind)
+    return nn.Identity() if layer is None else layer.make(channels)
 
 
-class SqueezeExcite(nn.Module):
+class SqueezeExcite(AttentionBlock):
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(8, channels // reduction)
@@ -60,7 +77,7 @@ class SqueezeExcite(nn.Module):
         return x * gate
 
 
-class RelPosSelfAttention(nn.Module):
+class RelPosSelfAttention(AttentionBlock):
     """Multi-head self-attention with relative row/column embeddings, as a zero-start residual.
 
     ``window=k`` attends over the k x k neighbourhood of each pixel (SASA); ``window=None`` over
@@ -124,3 +141,9 @@ class RelPosSelfAttention(nn.Module):
         attn = logits.softmax(dim=-1)
         return torch.einsum("bhpq,bhdq->bhdp", attn, v)
 
+
+_LAYERS: dict[str, AttentionLayer] = {
+    "se": AttentionLayer(SqueezeExcite, "channel_attn"),
+    "self": AttentionLayer(partial(RelPosSelfAttention, window=7), "spatial_attn"),
+    "mhsa": AttentionLayer(partial(RelPosSelfAttention, window=None), "spatial_attn"),
+}

@@ -18,7 +18,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from agcnn.config import BACKBONES, check_choice
 from agcnn.errors import ConfigError, MissingFileError
 from agcnn.fileio import sha256_file
-from agcnn.models.attention import CHANNEL_KINDS, SPATIAL_KINDS, check_attention, create_attention
+from agcnn.models.attention import AttentionBlock, get_attention
+
+# An attention constructor: channels -> module (see agcnn.models.attention).
+AttentionMaker = Callable[[int], nn.Module]
 
 
 class _AttentionPoints(nn.Module):
@@ -58,7 +61,8 @@ class AttentiveBasicBlock(_AttentionPoints, BasicBlock):
 class ResNetFeatures(nn.Module):
     """ResNet up to ``layer4``: returns the last feature map [B, C, H/32, W/32]."""
 
-    def __init__(self, block: type[nn.Module], layers: list[int], attention: str, width: int = 64) -> None:
+    def __init__(self, block: type[nn.Module], layers: list[int], *, width: int = 64,
+                 channel_attn: AttentionMaker | None = None, spatial_attn: AttentionMaker | None = None) -> None:
         super().__init__()
         net = ResNet(block, layers)  # type: ignore[arg-type]
         if width != 64:
@@ -79,15 +83,15 @@ class ResNetFeatures(nn.Module):
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
         self.num_features = 8 * width * getattr(block, "expansion", 1)
-        if attention in CHANNEL_KINDS:
+        if channel_attn is not None:
             for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
                 for blk in layer:
                     out_ch = blk.bn3.num_features if hasattr(blk, "bn3") else blk.bn2.num_features
-                    blk.channel_attn = create_attention(attention, out_ch)
-        elif attention in SPATIAL_KINDS:
+                    blk.channel_attn = channel_attn(out_ch)
+        if spatial_attn is not None:
             # Last stage only: where SASA (Sec. 4.3) found attention helps most.
             for blk in self.layer4:
-                blk.spatial_attn = create_attention(attention, blk.conv2.out_channels)
+                blk.spatial_attn = spatial_attn(blk.conv2.out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -97,17 +101,17 @@ class ResNetFeatures(nn.Module):
 class DenseNetFeatures(nn.Module):
     """DenseNet-121 ``features`` plus the final ReLU torchvision applies in ``forward``."""
 
-    def __init__(self, attention: str) -> None:
+    def __init__(self, *, channel_attn: AttentionMaker | None = None, spatial_attn: AttentionMaker | None = None) -> None:
         super().__init__()
         net = DenseNet(32, (6, 12, 24, 16), 64)
         stages: list[tuple[str, nn.Module]] = []
         for name, module in net.features.named_children():
-            if name == "norm5" and attention in SPATIAL_KINDS:
-                stages.append(("attn4", create_attention(attention, 1024)))
+            if name == "norm5" and spatial_attn is not None:
+                stages.append(("attn4", spatial_attn(1024)))
             stages.append((name, module))
-            if name.startswith("denseblock") and attention in CHANNEL_KINDS:
+            if name.startswith("denseblock") and channel_attn is not None:
                 # Dense layers concatenate rather than add, so SE goes on each block's output.
-                stages.append((f"se{name[-1]}", create_attention(attention, module_out_channels(module))))
+                stages.append((f"se{name[-1]}", channel_attn(module_out_channels(module))))
         self.features = nn.Sequential(OrderedDict(stages))
         self.num_features = 1024
 
@@ -132,15 +136,26 @@ def create_backbone(name: str, attention: str = "none", width: int = 64) -> nn.M
     ``width``: channels of a ResNet's first stage (64: torchvision's); DenseNet has only 64.
     """
     check_backbone(name)
-    check_attention(attention)
+    layer = get_attention(attention)
     if width != 64 and not name.startswith("resnet"):
         raise ValueError(f"width={width} applies to the ResNet backbones only; use width 64 with {name}")
+    attn = {} if layer is None else {layer.site: layer.make}
     builders: dict[str, Callable[[], nn.Module]] = {
-        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], attention, width),
-        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], attention, width),
-        "densenet121": lambda: DenseNetFeatures(attention),
+        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], width=width, **attn),
+        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], width=width, **attn),
+        "densenet121": lambda: DenseNetFeatures(**attn),
     }
     return builders[name]()
+
+
+def attention_keys(features: nn.Module) -> set[str]:
+    """The state-dict keys of the attention blocks in ``features`` (no ImageNet file has them)."""
+    return {
+        f"{name}.{key}"
+        for name, module in features.named_modules()
+        if isinstance(module, AttentionBlock)
+        for key in module.state_dict()
+    }
 
 
 # ---------------------------------------------------------------------------- pretrained weights
@@ -190,8 +205,8 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
             f"Use a torchvision file for the same backbone."
         )
     result = features.load_state_dict(state, strict=False)
-    attn_tokens = ("channel_attn", "spatial_attn", "attn4", ".se", "features.se")
-    bad_missing = [k for k in result.missing_keys if not any(t in k for t in attn_tokens)]
+    new_keys = attention_keys(features)
+    bad_missing = [k for k in result.missing_keys if k not in new_keys]
     if bad_missing or result.unexpected_keys:
         raise ConfigError(
             f"pretrained weights {str(path)!r} do not match this backbone: missing {bad_missing[:5]}"

@@ -8,7 +8,7 @@ from torchvision.models import resnet18
 
 from agcnn.config import ModelConfig
 from agcnn.models import AGCNN, create_attention, create_backbone
-from agcnn.models.backbones import load_pretrained
+from agcnn.models.backbones import AttentiveBasicBlock, ResNetFeatures, attention_keys, load_pretrained
 
 
 @pytest.mark.parametrize(
@@ -45,10 +45,24 @@ def test_attention_leaves_pretrained_network_unchanged_at_step0(backbone, kind):
     attn = create_backbone(backbone, kind).eval()
     result = attn.load_state_dict(plain.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert result.missing_keys and all(("attn" in k or ".se" in k) for k in result.missing_keys)
+    assert result.missing_keys and set(result.missing_keys) == attention_keys(attn)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), plain(x))
+
+
+def test_a_backbone_takes_attention_as_constructors():
+    seen = []
+
+    def gate(channels: int) -> torch.nn.Module:
+        seen.append(channels)
+        return torch.nn.Identity()
+
+    ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], channel_attn=gate)
+    assert seen == [64, 64, 128, 128, 256, 256, 512, 512]  # every block's output
+    seen.clear()
+    ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], spatial_attn=gate)
+    assert seen == [512, 512]  # after the 3x3 convolutions of the last stage only
 
 
 def test_attention_blocks_learn_away_from_identity():
@@ -68,20 +82,40 @@ def test_unknown_names_suggest_the_nearest():
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
-def test_agcnn_outputs_for_each_stage(pool):
+@pytest.mark.parametrize("stage", ["global", "local", "fusion"])
+def test_agcnn_outputs_for_each_stage(pool, stage):
     model = AGCNN(14, backbone="resnet18", pool=pool, image_size=64, local_size=64).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         g = model(x, stage="global")
-        f = model(x, stage="fusion")
-    assert g.global_logits.shape == (3, 14) and g.local_logits is None and g.boxes is None
-    assert f.local_logits.shape == f.fusion_logits.shape == (3, 14)
-    assert f.boxes.shape == (3, 4) and f.heatmap.shape == (3, 2, 2)
-    torch.testing.assert_close(f.global_logits, g.global_logits)
-    # Logits, not probabilities: nothing squashes them into [0, 1].
-    assert f.fusion_logits.dtype == torch.float32
-    with pytest.raises(ValueError, match="not computed"):
-        g.logits("fusion")
+        out = model(x, stage=stage)
+    assert out.global_logits.shape == (3, 14)
+    torch.testing.assert_close(out.global_logits, g.global_logits)
+    if stage == "global":
+        assert out.local_logits is out.fusion_logits is out.boxes is out.heatmap is None
+        with pytest.raises(ValueError, match="not computed"):
+            out.logits("fusion")
+        return
+    assert out.local_logits.shape == out.fusion_logits.shape == (3, 14)
+    assert out.boxes.shape == (3, 4) and out.heatmap.shape == (3, 2, 2)
+    assert out.global_pooled.shape == out.local_pooled.shape == (3, 512)
+    assert [out.logits(b) is getattr(out, f"{b}_logits") for b in ("global", "local", "fusion")] == [True] * 3
+
+
+def test_the_model_returns_logits_not_probabilities():
+    torch.manual_seed(0)
+    model = AGCNN(14, backbone="resnet18", image_size=64, local_size=64).eval()
+    with torch.no_grad():
+        # Biases far from 0: a sigmoid anywhere would squash these into (0, 1).
+        model.global_branch.classifier.bias.fill_(20.0)
+        model.local_branch.classifier.bias.fill_(-20.0)
+        model.fusion.bias.fill_(-20.0)
+        out = model(torch.randn(3, 3, 64, 64))
+    assert (out.global_logits > 1).all() and (out.local_logits < 0).all() and (out.fusion_logits < 0).all()
+    # Each is the branch's linear head on its pool5 features, and nothing after it.
+    torch.testing.assert_close(out.global_logits, model.global_branch.classifier(out.global_pooled))
+    torch.testing.assert_close(out.local_logits, model.local_branch.classifier(out.local_pooled))
+    torch.testing.assert_close(out.fusion_logits, model.fusion(torch.cat([out.global_pooled, out.local_pooled], 1)))
 
 
 def test_highres_input_feeds_the_global_branch_downsampled():
@@ -131,7 +165,7 @@ def test_pretrained_weights_load_from_local_file(tmp_path):
     net = create_backbone("resnet18", "se").eval()
     info = load_pretrained(net, path)
     assert info["dropped"] == ["fc.bias", "fc.weight"]
-    assert info["missing"] and all("channel_attn" in k for k in info["missing"])
+    assert info["missing"] and set(info["missing"]) == attention_keys(net)
     assert len(info["sha256"][0]) == 64
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -154,6 +188,13 @@ def test_pretrained_errors(tmp_path):
     torch.save(create_backbone("resnet50").state_dict(), wrong)
     with pytest.raises(ValueError, match="do not match this backbone"):
         load_pretrained(net, wrong)
+    # A file without some of the backbone's own weights (not attention blocks) is refused.
+    _, path = _torchvision_resnet18_file(tmp_path)
+    partial = torch.load(path, weights_only=True)
+    del partial["layer4.1.bn2.running_mean"]
+    torch.save(partial, path)
+    with pytest.raises(ValueError, match=r"missing \['layer4.1.bn2.running_mean'\]"):
+        load_pretrained(create_backbone("resnet18", "se"), path)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
