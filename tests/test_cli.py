@@ -9,13 +9,29 @@ from agcnn import __version__
 from agcnn.cli import main
 from agcnn.config import Config, ConfigError
 
+# Every command the README documents; deleting or renaming one must fail here.
+COMMANDS = ("demo", "train", "evaluate", "predict", "merge", "prepare", "phantoms")
 
-def test_version_and_help():
+
+def test_version():
     out = subprocess.run([sys.executable, "-m", "agcnn", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"agcnn {__version__}"
-    out = subprocess.run([sys.executable, "-m", "agcnn", "--help"], capture_output=True, text=True, check=True)
-    for cmd in ("train", "evaluate", "predict", "demo", "prepare"):
-        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_its_own_parser(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    # The command's own usage line, not the top-level help that merely mentions its name.
+    assert capsys.readouterr().out.startswith(f"usage: agcnn {command} ")
+
+
+def test_an_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit"])
+    assert e.value.code == 2
+    assert "invalid choice: 'fit'" in capsys.readouterr().err
 
 
 def test_no_command_is_a_usage_error(capsys):
