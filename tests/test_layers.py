@@ -28,6 +28,7 @@ LAYERS = {
     "agcnn.runtime": 2,
     "agcnn.data": 2,
     "agcnn.overlays": 2,
+    "agcnn.dicom_out": 2,
     "agcnn.models": 3,
     "agcnn.checkpoint": 4,
     "agcnn.data.prepare": 5,  # `agcnn prepare`
@@ -44,7 +45,7 @@ LAYERS = {
 def layer(module: str) -> tuple[int, str]:
     """(layer, the LAYERS key that gave it) for a dotted module name."""
     parts = module.split(".")
-    for n in range(len(parts), 0, -1):
+    for n in range(len(parts), 1 if len(parts) > 1 else 0, -1):  # the root "agcnn" matches only itself
         key = ".".join(parts[:n])
         if key in LAYERS:
             return LAYERS[key], key
