@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from agcnn.config import Config
 from agcnn.labels import LabelMismatchError
 
 
-def _tiny_cfg() -> Config:
-    return Config.from_dict({"model": {"backbone": "resnet18", "local_size": 64}, "data": {"image_size": 64, "highres_size": 64}})
-
-
-def test_round_trip_rebuilds_model_from_checkpoint_alone(tmp_path):
+def test_round_trip_rebuilds_model_from_checkpoint_alone(tmp_path, small_config):
     from agcnn.models import AGCNN
 
-    cfg = _tiny_cfg()
+    cfg = small_config()
     model = AGCNN.from_config(cfg.model, 14, 64).eval()
     path = tmp_path / "m.pt"
     save_checkpoint(path, model_state=model.state_dict(), config=cfg, stage="fusion", epoch=3)
@@ -61,8 +56,8 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_label_mismatch_detected(tmp_path):
-    cfg = _tiny_cfg()
+def test_label_mismatch_detected(tmp_path, small_config):
+    cfg = small_config()
     path = tmp_path / "m.pt"
     save_checkpoint(path, model_state={}, config=cfg)
     ckpt = torch.load(path, weights_only=True)

@@ -9,21 +9,13 @@ import sys
 import pytest
 
 from agcnn.checkpoint import load_checkpoint
-from agcnn.config import Config
 from agcnn.data.synthetic import generate_phantoms
 
-TINY = [
-    "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
-    "data.num_workers=0", "data.synthetic_count=40", "data.synthetic_size=64", "train.device=cpu",
-    "train.channels_last=false", "train.global.batch_size=4", "train.global.epochs=1",
-]
-
-
 @pytest.mark.slow
-def test_two_process_gloo_run_trains_and_writes_once(tmp_path):
+def test_two_process_gloo_run_trains_and_writes_once(tmp_path, tiny_config):
     root = tmp_path / "phantoms"
     generate_phantoms(root, count=40, size=64, seed=0, workers=1)
-    cfg = Config.load(None, [*TINY, f"data.root={root}"])
+    cfg = tiny_config("data.synthetic_count=40", "data.synthetic_size=64", f"data.root={root}")
     cfg.dump(tmp_path / "c.yaml")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

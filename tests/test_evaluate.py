@@ -8,37 +8,26 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from agcnn.checkpoint import load_checkpoint, save_checkpoint
+from agcnn.checkpoint import load_checkpoint
 from agcnn.cli import main
-from agcnn.config import Config
 from agcnn.evaluate import evaluate_checkpoint
 from agcnn.labels import LABELS
 from agcnn.metrics import per_class_auc
-from agcnn.models import AGCNN
 
 SMALL = {"image_size": 64, "resize": 64, "highres_size": 64, "num_workers": 0}
 
 
-def _checkpoint(path, data: dict, stage: str = "fusion", seed: int = 0):
-    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 64}, "data": {**SMALL, **data}})
-    torch.manual_seed(seed)
-    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg, stage=stage)
-    return path
-
-
 @pytest.fixture(scope="module")
-def phantom_ckpt(tmp_path_factory):
+def phantom_ckpt(tmp_path_factory, untrained_checkpoint):
     root = tmp_path_factory.mktemp("phantoms")
     # Under 64 images the generator stays in this process.
     data = {"dataset": "synthetic", "root": str(root / "set"), "synthetic_count": 40, "synthetic_size": 64}
-    return _checkpoint(root / "fusion.pt", data)
+    return untrained_checkpoint(root / "fusion.pt", data={**SMALL, **data}, stage="fusion")
 
 
 @pytest.fixture(scope="module")
-def csv_set(tmp_path_factory):
+def csv_set(tmp_path_factory, untrained_checkpoint):
     """24 noise PNGs and one broken file; every label has both values, some are missing; two images a patient."""
     root = tmp_path_factory.mktemp("csvset")
     (root / "img").mkdir()
@@ -58,7 +47,8 @@ def csv_set(tmp_path_factory):
     rows.append({**rows[0], "path": "img/broken.png", "patient": "P99"})
     table = root / "table.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
-    ckpt = _checkpoint(root / "fusion.pt", {"dataset": "csv", "root": str(root / "not-here")})
+    ckpt = untrained_checkpoint(root / "fusion.pt", data={**SMALL, "dataset": "csv", "root": str(root / "not-here")},
+                                stage="fusion")
     return table, ckpt, labels
 
 
@@ -114,9 +104,9 @@ def test_csv_file_split_numbers_and_intervals(csv_set, tmp_path):
     assert not (tmp_path / "roc.png").exists()
 
 
-def test_global_stage_checkpoint_reports_untrained_branches(csv_set, tmp_path):
+def test_global_stage_checkpoint_reports_untrained_branches(csv_set, tmp_path, untrained_checkpoint):
     table, _, _ = csv_set
-    ckpt = _checkpoint(tmp_path / "global.pt", {"dataset": "csv", "root": "unused"}, stage="global")
+    ckpt = untrained_checkpoint(tmp_path / "global.pt", data={**SMALL, "dataset": "csv", "root": "unused"}, stage="global")
     report = evaluate_checkpoint(ckpt, split=str(table), out_dir=tmp_path / "eval", bootstrap=50, roc=False)
     assert report["branches"]["global"]["trained"]
     assert report["branches"]["local"] == {"trained": False} and report["branches"]["fusion"] == {"trained": False}

@@ -24,13 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from agcnn.checkpoint import save_checkpoint
 from agcnn.cli import main
-from agcnn.config import Config
 from agcnn.data import readers
 from agcnn.data.dicom_write import encodable_transfer_syntaxes, write_dicom
 from agcnn.labels import LABELS
-from agcnn.models import AGCNN
 from agcnn.predict import box_to_original, parse_shard, shard_of
 
 # Identifying values written into the test files; none may appear in an output folder.
@@ -105,17 +102,9 @@ def _write_png(path: Path, h: int, w: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    cfg = Config.from_dict({
-        "model": {"backbone": "resnet18", "local_size": 64},
-        "data": {"image_size": 64, "highres_size": 64, "resize": 72},
-    })
-    torch.manual_seed(0)
-    model = AGCNN.from_config(cfg.model, num_classes=len(LABELS), image_size=64)
-    path = d / "model.pt"
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg, operating_points={"fusion": [0.5] * len(LABELS)})
-    return path
+def checkpoint(tmp_path_factory, untrained_checkpoint) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", data={"resize": 72},
+                                operating_points={"fusion": [0.5] * len(LABELS)})
 
 
 @pytest.fixture(scope="module")

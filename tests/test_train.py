@@ -1,4 +1,4 @@
-"""The training loop: stage table, freezing, seeds, loss masking, best/last checkpoints, resume."""
+"""The training loop: seeds, loss masking, best/last checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ from agcnn.checkpoint import CheckpointError, load_checkpoint
 from agcnn.cli import main
 from agcnn.config import Config
 from agcnn.metrics import masked_bce_with_logits
-from agcnn.models import AGCNN
-from agcnn.stages import apply_freezing, set_train_mode, stage_plan
 from agcnn.train import train
 
 K = 14
-TINY = [
-    "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
-    "data.num_workers=0", "train.device=cpu", "train.channels_last=false",
-    "train.global.batch_size=4", "train.local.batch_size=4", "train.fusion.batch_size=4",
-    "train.global.epochs=1", "train.local.epochs=1", "train.fusion.epochs=1",
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(torch.utils.data.Dataset):
@@ -47,20 +40,6 @@ class Tiny(torch.utils.data.Dataset):
         return {"image": self.x[i] + 0.05 * torch.randn_like(self.x[i]), "labels": self.y[i], "index": i}
 
 
-def tiny_cfg(*extra: str) -> Config:
-    return Config.load(None, [*TINY, *extra])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine the OpenMP threads
-    # spin-wait for each other: one thread is several times faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data():
     return {"train": Tiny(12, 0), "val": Tiny(8, 1)}
@@ -68,57 +47,6 @@ def data():
 
 def quiet(_msg: str) -> None:
     pass
-
-
-def tiny_model() -> AGCNN:
-    torch.manual_seed(0)
-    cfg = tiny_cfg()
-    return AGCNN.from_config(cfg.model, num_classes=K, image_size=cfg.data.image_size)
-
-
-# ---------------------------------------------------------------------- freezing
-
-def test_local_step_leaves_frozen_global_branch_untouched():
-    model = tiny_model()
-    plan = stage_plan("local")
-    apply_freezing(model, plan)
-    set_train_mode(model, plan)
-    assert model.local_branch.training and not model.global_branch.training and not model.fusion.training
-    before = {k: v.clone() for k, v in model.global_branch.state_dict().items()}
-    local_before = {k: v.clone() for k, v in model.local_branch.state_dict().items()}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    x, y = torch.randn(4, 3, 48, 48), (torch.rand(4, K) < 0.5).float()
-    loss = masked_bce_with_logits(model(x, stage="local").local_logits, y)
-    loss.backward()
-    opt.step()
-    assert all(p.grad is None for p in model.global_branch.parameters())
-    # Weights and batch-norm running statistics of the frozen branch are unchanged.
-    after = model.global_branch.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert any(not torch.equal(local_before[k], v) for k, v in model.local_branch.state_dict().items())
-
-
-def test_fusion_stage_freezes_both_branches_even_after_model_train():
-    model = tiny_model()
-    plan = stage_plan("fusion")
-    apply_freezing(model, plan)
-    set_train_mode(model, plan)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fusion.weight", "fusion.bias"]
-    assert not model.global_branch.training and not model.local_branch.training
-    # Even a plain model.train() (as other code might call) leaves the frozen statistics alone.
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fusion.")}
-    with torch.no_grad():
-        model(torch.randn(4, 3, 48, 48), stage="fusion")
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())
-    bns = [m for m in model.global_branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and not any(m.training for m in bns)
-    # A later stage plan lifts the hooks it no longer needs.
-    apply_freezing(model, stage_plan("global"))
-    set_train_mode(model, stage_plan("global"))
-    model(torch.randn(4, 3, 48, 48), stage="global")
-    assert model.global_branch.training
 
 
 def test_masked_loss_ignores_missing_labels():
@@ -132,26 +60,26 @@ def test_masked_loss_ignores_missing_labels():
 
 # ---------------------------------------------------------------------- seeds and runs
 
-def test_missing_seed_checkpoint_is_an_error_naming_it(tmp_path, data):
+def test_missing_seed_checkpoint_is_an_error_naming_it(tmp_path, data, tiny_config):
     with pytest.raises(CheckpointError) as e:
-        train(tiny_cfg(), tmp_path / "run", ["local"], datasets=data, progress=False, say=quiet)
+        train(tiny_config(), tmp_path / "run", ["local"], datasets=data, progress=False, say=quiet)
     msg = str(e.value)
     assert str(tmp_path / "run" / "global" / "best.pt") in msg and "run the global stage first" in msg
     with pytest.raises(CheckpointError, match="nowhere.pt"):
-        train(tiny_cfg(), tmp_path / "run", ["fusion"], seed_from=tmp_path / "nowhere.pt", datasets=data, progress=False, say=quiet)
+        train(tiny_config(), tmp_path / "run", ["fusion"], seed_from=tmp_path / "nowhere.pt", datasets=data, progress=False, say=quiet)
 
 
-def test_cli_missing_seed_exits_before_loading_data(tmp_path, capsys):
+def test_cli_missing_seed_exits_before_loading_data(tmp_path, capsys, tiny_config):
     cfg_path = tmp_path / "c.yaml"
-    tiny_cfg("data.root=" + str(tmp_path / "no_data_here")).dump(cfg_path)
+    tiny_config("data.root=" + str(tmp_path / "no_data_here")).dump(cfg_path)
     assert main(["train", "--config", str(cfg_path), "--stage", "fusion", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "local" in err and "best.pt" in err and not (tmp_path / "no_data_here").exists()
 
 
-def test_three_stages_write_checkpoints_logs_and_config(tmp_path, data):
+def test_three_stages_write_checkpoints_logs_and_config(tmp_path, data, tiny_config):
     run = tmp_path / "run"
-    cfg = tiny_cfg("train.global.epochs=3")
+    cfg = tiny_config("train.global.epochs=3")
     res = train(cfg, run, datasets=data, progress=False, say=quiet)
     assert Config.load(run / "config.yaml").to_dict() == cfg.to_dict()
     for stage in ("global", "local", "fusion"):
@@ -185,13 +113,13 @@ def test_three_stages_write_checkpoints_logs_and_config(tmp_path, data):
         train(cfg, run, ["global"], datasets=data, progress=False, say=quiet)
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, data):
+def test_resume_matches_an_uninterrupted_run(tmp_path, data, tiny_config):
     full = tmp_path / "full"
-    train(tiny_cfg("train.global.epochs=2"), full, ["global"], datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=2"), full, ["global"], datasets=data, progress=False, say=quiet)
     part = tmp_path / "part"
-    train(tiny_cfg("train.global.epochs=1"), part, ["global"], datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=1"), part, ["global"], datasets=data, progress=False, say=quiet)
     torch.manual_seed(1234)  # disturb the RNG: resume has to restore it
-    train(tiny_cfg("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
     a, b = load_checkpoint(full / "global" / "last.pt"), load_checkpoint(part / "global" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     assert a["model"].keys() == b["model"].keys()
@@ -201,22 +129,22 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data):
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert len((part / "global" / "log.csv").read_text().splitlines()) == 3
     # Resuming a finished stage skips it.
-    res = train(tiny_cfg("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+    res = train(tiny_config("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
     assert res["global"].skipped
 
 
-def test_config_in_checkpoint_rebuilds_model(tmp_path, data):
+def test_config_in_checkpoint_rebuilds_model(tmp_path, data, tiny_config):
     from agcnn.checkpoint import model_from_checkpoint
 
     run = tmp_path / "run"
-    train(tiny_cfg(), run, ["global"], datasets=data, progress=False, say=quiet)
+    train(tiny_config(), run, ["global"], datasets=data, progress=False, say=quiet)
     model, cfg = model_from_checkpoint(load_checkpoint(run / "global" / "best.pt"))
     assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 32
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["backbone"] == "resnet18"
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, tiny_config):
     """A training process killed with SIGKILL after its first last.pt resumes to the same weights."""
     import os
     import signal
@@ -229,7 +157,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     root = tmp_path / "phantoms"
     generate_phantoms(root, count=40, size=64, seed=0, workers=1)
     cfg_path = tmp_path / "c.yaml"
-    tiny_cfg(f"data.root={root}", "data.synthetic_count=40", "data.synthetic_size=64", "train.global.epochs=4").dump(cfg_path)
+    tiny_config(f"data.root={root}", "data.synthetic_count=40", "data.synthetic_size=64", "train.global.epochs=4").dump(cfg_path)
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "agcnn", "train", "--config", str(cfg_path), "--stage", "global",
@@ -249,19 +177,19 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_with_another_model_or_input_size_is_refused(tmp_path, data):
+def test_resume_with_another_model_or_input_size_is_refused(tmp_path, data, tiny_config):
     from agcnn.config import ConfigError
 
     run = tmp_path / "run"
-    train(tiny_cfg("train.global.epochs=1"), run, ["global"], datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=1"), run, ["global"], datasets=data, progress=False, say=quiet)
     for change, key in (("model.pool=avg", "model.pool"), ("data.resize=40", "data.resize")):
         with pytest.raises(ConfigError, match=key):
-            train(tiny_cfg("train.global.epochs=2", change), run, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+            train(tiny_config("train.global.epochs=2", change), run, ["global"], resume=True, datasets=data, progress=False, say=quiet)
 
 
-def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data):
+def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data, tiny_config):
     run = tmp_path / "run"
-    cfg = tiny_cfg("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
+    cfg = tiny_config("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
     train(cfg, run, datasets=data, progress=False, say=quiet)
     fus = load_checkpoint(run / "fusion" / "last.pt")["model"]
     n = fus["global_branch.classifier.weight"].shape[1]
@@ -276,18 +204,7 @@ def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_p
     marked["model"]["fusion.weight"].fill_(0.5)
     seed = tmp_path / "seed.pt"
     save_checkpoint(seed, model_state=marked["model"], config=cfg, stage="fusion")
-    train(tiny_cfg("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0", "train.finetune_all=true"),
+    train(tiny_config("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0", "train.finetune_all=true"),
           tmp_path / "ft", ["fusion"], seed_from=seed, datasets=data, progress=False, say=quiet)
     ft = load_checkpoint(tmp_path / "ft" / "fusion" / "last.pt")["model"]
     assert torch.all(ft["fusion.weight"] == 0.5)
-
-
-def test_finetune_all_keeps_the_unscored_branch_classifiers_fixed():
-    model = tiny_model()
-    plan = stage_plan("fusion", finetune_all=True)
-    apply_freezing(model, plan)
-    assert model.global_branch.features.conv1.weight.requires_grad
-    assert model.local_branch.features.conv1.weight.requires_grad
-    assert not model.global_branch.classifier.weight.requires_grad
-    assert not model.local_branch.classifier.weight.requires_grad
-    assert model.fusion.weight.requires_grad
