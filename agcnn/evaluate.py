@@ -63,6 +63,7 @@ from agcnn.config import Config, ConfigError, apply_override
 from agcnn.errors import UsageError
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
+from agcnn.runtime import resolve_device
 from agcnn.stages import BRANCHES
 
 log = logging.getLogger(__name__)
@@ -215,18 +216,6 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
         "patient_wise": None,
     }
     return dataset, info
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise EvaluationError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device!r} asks for CUDA, but no CUDA device is available; use --device cpu")
-    return dev
 
 
 # ---------------------------------------------------------------------- inference

@@ -14,7 +14,7 @@ has trained (the others hold random weights).
 Freezing is explicit -- ``requires_grad_(False)`` and ``.eval()`` so frozen batch-norm
 statistics do not drift -- never a tiny learning rate.
 
-Imports: the standard library, ``torch.nn`` and :mod:`agcnn.config` only (the model classes
+Imports: the standard library, ``torch.nn`` and :mod:`agcnn.errors` only (the model classes
 are reached through their attribute names, so the models may import this module).
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from agcnn.config import ConfigError
+from agcnn.errors import ConfigError
 
 # The model's three parts, by branch name, and the AGCNN attribute that holds each.
 BRANCHES = ("global", "local", "fusion")

@@ -54,70 +54,13 @@ from agcnn.config import Config, ConfigError
 from agcnn.errors import MissingFileError
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+from agcnn.runtime import Runtime, all_gather, barrier, init_runtime, mean_over_ranks
 from agcnn.stages import STAGES, Stage, apply_freezing, set_train_mode, stage_plan
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------- device, distribution
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu or auto")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"train.device={name!r} is not valid; use auto, cpu, cuda or cuda:N")
-
-
-def init_runtime(device: str) -> Runtime:
-    """Single process, or one process of a ``torchrun`` job (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Runtime(resolve_device(device))
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank=rank, world=world, local_rank=local_rank, distributed=True)
-
-
-def _barrier(rt: Runtime) -> None:
-    if rt.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _all_gather(rt: Runtime, obj: Any) -> list[Any]:
-    if not rt.distributed:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * rt.world
-    dist.all_gather_object(out, obj)
-    return out
-
+# ---------------------------------------------------------------------- device
 
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA when train.amp; full precision on the CPU."""
@@ -242,7 +185,7 @@ def _gather_rows(rt: Runtime, idx: np.ndarray, arrays: dict[str, np.ndarray]) ->
     of this process's arrays (a row skipped as unreadable is in no process's)."""
     if not rt.distributed:
         return arrays
-    parts = _all_gather(rt, (idx, arrays))
+    parts = all_gather(rt, (idx, arrays))
     present = np.sort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
     out = {}
     for key in arrays:
@@ -620,7 +563,7 @@ def run_stage(
         _sync_buffers(model, rt)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        train_loss = _mean_over_ranks(rt, float(loss_sum), n_batches)
+        train_loss = mean_over_ranks(rt, float(loss_sum), n_batches)
 
         probs, val_labels = source.validate()
         aucs = {b: per_class_auc(probs[b], val_labels) for b in plan.reports}
@@ -637,7 +580,7 @@ def run_stage(
         }
         if cfg.data.skip_unreadable:
             # Images that failed to decode in this epoch's training and validation passes.
-            row["skipped_images"] = sum(_all_gather(rt, source.skips.count - skipped_so_far))
+            row["skipped_images"] = sum(all_gather(rt, source.skips.count - skipped_so_far))
             skipped_so_far = source.skips.count
         history.append(row)
         if rt.is_main:
@@ -664,7 +607,7 @@ def run_stage(
             shown = ", ".join(f"{b} {means[b]:.4f}" for b in plan.reports)
             say(f"{stage_name} epoch {epoch + 1}/{sc.epochs}: train loss {train_loss:.4f}, val mean AUC {shown}"
                 f"{' (best)' if improved else ''}; {row['images_per_s']:.1f} img/s, {seconds:.1f} s")
-        _barrier(rt)
+        barrier(rt)
     _check_replicas_agree(model, rt, stage_name)
     return StageResult(stage_name, sc.epochs, best_metric, best_epoch, best_path, last_path, history)
 
@@ -689,7 +632,7 @@ def _check_replicas_agree(model: nn.Module, rt: Runtime, stage_name: str) -> Non
         return
     with torch.no_grad():
         digest = [float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point()]
-    parts = _all_gather(rt, digest)
+    parts = all_gather(rt, digest)
     if any(p != parts[0] for p in parts[1:]):
         raise RuntimeError(f"the {stage_name} stage ended with different weights on different processes; "
                            f"the saved checkpoint holds rank 0's. Check that every process sees the same data")
@@ -697,12 +640,6 @@ def _check_replicas_agree(model: nn.Module, rt: Runtime, stage_name: str) -> Non
 
 def _use_feature_cache(cfg: Config, plan: Stage) -> bool:
     return plan.name == "fusion" and cfg.train.cache_fusion_features and plan.frozen == ("global_branch", "local_branch")
-
-
-def _mean_over_ranks(rt: Runtime, total: float, count: int) -> float:
-    parts = _all_gather(rt, (total, count))
-    n = sum(c for _, c in parts)
-    return sum(t for t, _ in parts) / n if n else float("nan")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -773,10 +710,10 @@ def train(
 
         # Rank 0 first: it may generate the phantom set or write a cache the others then read.
         if not rt.is_main:
-            _barrier(rt)
+            barrier(rt)
         datasets = build_datasets(cfg, splits=("train", "val"))
         if rt.is_main:
-            _barrier(rt)
+            barrier(rt)
     # Every row's file exists and starts like an image, or the run stops here listing them all
     # (hours before the loader would reach one); with data.skip_unreadable they are left out.
     from agcnn.data.precheck import check_datasets

@@ -9,8 +9,9 @@ from agcnn import __version__
 from agcnn.cli import main
 from agcnn.config import Config, ConfigError
 
-# Every command the README documents; deleting or renaming one must fail here.
-COMMANDS = ("demo", "train", "evaluate", "predict", "merge", "prepare", "phantoms")
+# Every command the README documents, and its module; deleting or renaming one must fail here.
+COMMAND_MODULES = {"demo": "agcnn.demo", "train": "agcnn.train", "evaluate": "agcnn.evaluate", "predict": "agcnn.predict.command",
+                   "merge": "agcnn.predict.merge", "prepare": "agcnn.data.prepare", "phantoms": "agcnn.data.synthetic"}
 
 
 def test_version():
@@ -18,7 +19,7 @@ def test_version():
     assert out.stdout.strip() == f"agcnn {__version__}"
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMAND_MODULES)
 def test_each_command_has_its_own_parser(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -52,10 +53,6 @@ def _imported_after(argv: list[str]) -> tuple[subprocess.CompletedProcess, set[s
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     line = next(x for x in out.stdout.splitlines() if x.startswith("MODULES"))
     return out, set(line.split()[1:])
-
-
-COMMAND_MODULES = {"demo": "agcnn.demo", "train": "agcnn.train", "evaluate": "agcnn.evaluate", "predict": "agcnn.predict.command",
-                   "merge": "agcnn.predict.merge", "prepare": "agcnn.data.prepare", "phantoms": "agcnn.data.synthetic"}
 
 
 def test_top_level_help_lists_every_command_and_imports_none():

@@ -19,26 +19,27 @@ PACKAGE = Path(__file__).resolve().parents[1] / "agcnn"
 
 # Module (or sub-package) -> layer. The longest matching prefix decides.
 LAYERS = {
-    "agcnn.labels": 0,
-    "agcnn.fileio": 0,
-    "agcnn.metrics": 0,
-    "agcnn": 1,  # the package itself: __version__, and the label list re-exported (any module may import it)
-    "agcnn.config": 1,
-    "agcnn.stages": 2,
-    "agcnn.runtime": 2,
-    "agcnn.data": 2,
-    "agcnn.overlays": 2,
-    "agcnn.dicom_out": 2,
-    "agcnn.models": 3,
-    "agcnn.checkpoint": 4,
-    "agcnn.data.prepare": 5,  # `agcnn prepare`
-    "agcnn.train": 5,
-    "agcnn.evaluate": 5,
-    "agcnn.report": 5,
-    "agcnn.predict": 5,
-    "agcnn.demo": 6,  # runs train, evaluate and predict
-    "agcnn.cli": 7,
-    "agcnn.__main__": 8,
+    "agcnn.errors": 0,  # imports nothing from agcnn: every module may raise its errors
+    "agcnn.labels": 1,
+    "agcnn.fileio": 1,
+    "agcnn.metrics": 1,
+    "agcnn": 2,  # the package itself: __version__, and the label list re-exported (any module may import it)
+    "agcnn.config": 2,
+    "agcnn.stages": 3,
+    "agcnn.runtime": 3,
+    "agcnn.data": 3,
+    "agcnn.overlays": 3,
+    "agcnn.dicom_out": 3,
+    "agcnn.models": 4,
+    "agcnn.checkpoint": 5,
+    "agcnn.data.prepare": 6,  # `agcnn prepare`
+    "agcnn.train": 6,
+    "agcnn.evaluate": 6,
+    "agcnn.report": 6,
+    "agcnn.predict": 6,
+    "agcnn.demo": 7,  # runs train, evaluate and predict
+    "agcnn.cli": 8,
+    "agcnn.__main__": 9,
 }
 
 

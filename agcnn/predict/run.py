@@ -35,6 +35,7 @@ from agcnn.predict.listing import Listing, list_files, shard_of
 from agcnn.predict.options import PredictOptions, UsageError
 from agcnn.predict.records import FileRecords, collate, quiet_pydicom, worker_init
 from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original, build_rows, columns_for
+from agcnn.runtime import cpu_count, resolve_device
 
 OVERLAYS = "overlays"
 # Batches each decoding worker prepares ahead of the model.
@@ -77,7 +78,7 @@ def predict(options: PredictOptions) -> Summary:
     started, t0 = utc_now(), time.perf_counter()
     options.check()
     loaded = load_model(options.checkpoint)
-    device = _resolve_device(options.device)
+    device = resolve_device(options.device)
 
     out_dir = options.out_dir()
     check_writable(out_dir)
@@ -146,19 +147,6 @@ def load_model(checkpoint: str | os.PathLike[str]) -> LoadedModel:
                        sha256=sha256_file(checkpoint))
 
 
-def _resolve_device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is visible to PyTorch; use --device cpu (or auto)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------- the batch loop
 
 def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, journal: Journal, columns: list[str],
@@ -210,7 +198,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         # Leave a core to each decoding worker: oversubscribed OpenMP threads spin at their
         # barriers and slow the model several-fold (measured: 5x with 2 threads + 2 workers on
         # 2 busy cores). OMP_NUM_THREADS, when set, is the user's choice and is kept.
-        torch.set_num_threads(max(1, _cpu_count() - options.workers))
+        torch.set_num_threads(max(1, cpu_count() - options.workers))
     manifest["torch_threads"] = torch.get_num_threads()
 
     infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None)
@@ -492,19 +480,12 @@ def _restore_threads(n: int):
         torch.set_num_threads(n)
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _device_name(device) -> str:
     import torch
 
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({_cpu_count()} cores)"
+    return f"cpu ({cpu_count()} cores)"
 
 
 def _library_versions() -> dict[str, str | None]:
