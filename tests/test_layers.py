@@ -99,3 +99,14 @@ def test_importing_the_models_imports_neither_checkpoints_nor_commands():
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert "agcnn.models.agcnn" in loaded  # the probe itself works
     assert not loaded & {"agcnn.checkpoint", "agcnn.train", "agcnn.evaluate", "agcnn.predict", "agcnn.cli"}, loaded
+
+
+@pytest.mark.parametrize("module", modules())
+def test_no_private_name_is_imported_from_another_module(module):
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agcnn"):
+            private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
+            assert not private, f"{module} imports {private} from {node.module}; make them public or keep them there"
