@@ -64,9 +64,29 @@ log = logging.getLogger(__name__)
 
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA when train.amp; full precision on the CPU."""
-    if cfg.train.amp and device.type == "cuda":
+    return amp_context(cfg.train.amp, device)
+
+
+def amp_context(amp: bool, device: torch.device):
+    """bf16 autocast on CUDA when ``amp``; full precision otherwise (and always on the CPU)."""
+    if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def train_step(compute: Callable[[], tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer, *,
+               device: torch.device, amp: bool) -> Tensor:
+    """One optimizer step of any stage: ``compute()`` gives (logits, labels) -- under bf16
+    autocast on CUDA when ``amp`` -- then the masked BCE (missing labels left out), backward and
+    the step. Returns the loss, detached and on the device (reading it would synchronise a GPU).
+    The benchmarks time this same function."""
+    with amp_context(amp, device):
+        logits, y = compute()
+    loss = masked_bce_with_logits(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 # ---------------------------------------------------------------------- RNG state
@@ -172,6 +192,11 @@ def _batch_xy(batch: Any) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
         return batch["image"], batch["labels"]
     return batch[0], batch[1]
+
+
+def _batch_len(batch: Any) -> int:
+    """Images in a batch: a dict of images, or a tuple whose last item is the labels."""
+    return len(batch["labels"] if isinstance(batch, dict) else batch[-1])
 
 
 def _shard(ds: Dataset, rt: Runtime) -> tuple[Dataset, np.ndarray]:
@@ -539,22 +564,17 @@ def run_stage(
         # DDP the other processes would then wait for this process's step; the pre-check has
         # already left out every file it can see is bad, so that takes a batch of damaged files.)
         for batch in source.skips.batches(loader):
-            with autocast(cfg, rt.device):
-                logits, y = source.logits(batch)
-            loss = masked_bce_with_logits(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(lambda: source.logits(batch), optimizer, device=rt.device, amp=cfg.train.amp)
             step += 1
             n_batches += 1
-            n_images += y.shape[0]
-            loss_sum += loss.detach()
+            n_images += _batch_len(batch)
+            loss_sum += loss
             if step % max(cfg.train.log_every, 1) == 0:
                 if bar is not None:
                     rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if writer is not None:
-                    writer.add_scalar(f"{stage_name}/train_loss_step", float(loss.detach()), step)
+                    writer.add_scalar(f"{stage_name}/train_loss_step", float(loss), step)
             if bar is not None:
                 bar.update()
         if bar is not None:

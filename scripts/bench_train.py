@@ -23,23 +23,18 @@ reports the peak memory of each. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 
 import torch
 import torchvision
 
 from agcnn.config import ModelConfig
-from agcnn.metrics import masked_bce_with_logits
 from agcnn.models import AGCNN
 from agcnn.stages import apply_freezing, set_train_mode, stage_plan
+from agcnn.train import train_step
 from benchutil import cpu_loop_region_step, device_name, measure, rate, versions
 
 K = 14
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else contextlib.nullcontext()
 
 
 def time_steps(step, device: torch.device, steps: int, warmup: int, batch: int) -> dict:
@@ -71,12 +66,7 @@ def bench(args: argparse.Namespace) -> dict:
     xg = torch.nn.functional.interpolate(x, size=(args.image_size,) * 2, mode="bilinear", antialias=True).contiguous(memory_format=fmt)
 
     def bare_step():
-        with _autocast(device, args.amp):
-            logits = bare(xg)
-        loss = masked_bce_with_logits(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(lambda: (bare(xg), y), opt, device=device, amp=args.amp)
 
     results["bare"] = time_steps(bare_step, device, args.steps, args.warmup, b)
     del bare, opt
@@ -90,12 +80,7 @@ def bench(args: argparse.Namespace) -> dict:
         o = sgd(model.parameters())
 
         def step():
-            with _autocast(device, args.amp):
-                logits = model(x, stage=forward).logits(branch)
-            loss = masked_bce_with_logits(logits.float(), y)
-            o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
+            train_step(lambda: (model(x, stage=forward).logits(branch), y), o, device=device, amp=args.amp)
 
         return step
 
@@ -107,16 +92,14 @@ def bench(args: argparse.Namespace) -> dict:
     set_train_mode(model, plan)
     o = sgd(model.parameters())
 
-    def loop_step():
-        with torch.no_grad(), _autocast(device, args.amp):
+    def loop_logits():
+        with torch.no_grad():
             g_map = model.global_branch.forward_features(model.global_input(x))
         crops = cpu_loop_region_step(g_map, x, model.image_size, model.local_size, model.threshold).contiguous(memory_format=fmt)
-        with _autocast(device, args.amp):
-            logits = model.local_branch(crops)
-        loss = masked_bce_with_logits(logits.float(), y)
-        o.zero_grad(set_to_none=True)
-        loss.backward()
-        o.step()
+        return model.local_branch(crops), y
+
+    def loop_step():
+        train_step(loop_logits, o, device=device, amp=args.amp)
 
     results["local_cpu_loop"] = time_steps(loop_step, device, args.steps, args.warmup, b)
     results["fusion"] = time_steps(stage_step("fusion", "fusion", "fusion"), device, args.steps, args.warmup, b)
@@ -126,10 +109,7 @@ def bench(args: argparse.Namespace) -> dict:
     o = sgd(model.fusion.parameters())
 
     def cached_step():
-        loss = masked_bce_with_logits(model.fuse(g, l).float(), y)
-        o.zero_grad(set_to_none=True)
-        loss.backward()
-        o.step()
+        train_step(lambda: (model.fuse(g, l), y), o, device=device, amp=False)
 
     results["fusion_cached"] = time_steps(cached_step, device, max(args.steps, 20), args.warmup, b)
 
