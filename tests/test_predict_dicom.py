@@ -354,3 +354,26 @@ def test_restart_right_after_kill_9_with_workers(checkpoint, tmp_path):
         ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
         by_sop.setdefault(ref.ReferencedSOPInstanceUID, []).append(r["path"])
     assert sorted(by_sop) == sorted(r["sop_instance_uid"] for r in rows)  # one SR per instance
+
+
+def test_leftover_temporary_objects_are_removed_for_this_share_only(tmp_path):
+    from agcnn.predict.listing import shard_of
+    from agcnn.predict.run import _prepare_dicom_out
+
+    folder = tmp_path / "dicom"
+    (folder / "sub").mkdir(parents=True)
+    names = [f"sub/IM{i}.dcm" for i in range(8)]
+    assert 0 < sum(shard_of(rel, 2) == 0 for rel in names) < len(names)  # both shares have some
+    for rel in names:
+        for suffix in (".sr.dcm", ".sc.dcm"):
+            (folder / "sub" / f".{rel.split('/')[1]}{suffix}.tmp").write_bytes(b"partial")
+    (folder / "sub" / "IM0.dcm.sr.dcm").write_bytes(b"kept")
+    _prepare_dicom_out(folder, (0, 2))
+    left = {p.name for p in (folder / "sub").iterdir()}
+    for rel in names:
+        mine = shard_of(rel, 2) == 0
+        base = rel.split("/")[1]
+        assert (f".{base}.sr.dcm.tmp" in left) != mine and (f".{base}.sc.dcm.tmp" in left) != mine
+    assert "IM0.dcm.sr.dcm" in left
+    _prepare_dicom_out(folder, None)
+    assert {p.name for p in (folder / "sub").iterdir()} == {"IM0.dcm.sr.dcm"}

@@ -164,7 +164,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     retried = journal.drop_failed() if options.retry_failed else []
     pending = [p for p in mine if p not in journal.done]
     if dicom_out is not None:
-        _prepare_dicom_out(dicom_out)
+        _prepare_dicom_out(dicom_out, shard)
 
     manifest = {
         "agcnn_version": agcnn.__version__,
@@ -337,8 +337,12 @@ def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[
         k += 1
 
 
-def _prepare_dicom_out(folder: Path) -> None:
-    """Create the DICOM results folder; remove temporary files a killed run left in it."""
+def _prepare_dicom_out(folder: Path, shard: tuple[int, int] | None) -> None:
+    """Create the DICOM results folder; remove temporary files a killed run left in it.
+
+    Only this share's: the other shares of a ``--shard`` run write to the same folder, and may
+    be writing right now.
+    """
     from agcnn.dicom_out import SC_SUFFIX, SR_SUFFIX
 
     try:
@@ -347,9 +351,14 @@ def _prepare_dicom_out(folder: Path) -> None:
         raise UsageError(f"--dicom-out {str(folder)!r} cannot be created ({e.strerror}); pass a folder this user can write to") from None
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            if name.startswith(".") and (name.endswith(SR_SUFFIX + ".tmp") or name.endswith(SC_SUFFIX + ".tmp")):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(dirpath, name))
+            for suffix in (SR_SUFFIX + ".tmp", SC_SUFFIX + ".tmp"):
+                if not (name.startswith(".") and name.endswith(suffix)):
+                    continue
+                rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+                source = name[1 : -len(suffix)] if rel_dir == "." else f"{rel_dir}/{name[1 : -len(suffix)]}"
+                if shard is None or shard_of(source, shard[1]) == shard[0]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
 
 
 # The map drawn into the Secondary Capture, with the name it is given there.
