@@ -4,7 +4,10 @@ Training on ChestX-ray14 reads 112,120 files per epoch; one HTML error page save
 would otherwise stop the run when the loader reaches its row, hours in. :func:`find_problems`
 reads the first few hundred bytes of every file (the PNG / JPEG signature, DICOM's "DICM" at
 byte 128 or a plausible preamble-less start; :func:`agcnn.data.readers.check_header`) with a
-pool of threads, and lists every problem at once. With ``data.cache`` set the images come from
+pool of threads, and lists every problem at once. A DICOM file's header is read too (not its
+pixels), for what the reader refuses before decoding: another modality, and another body part
+or a lateral view (``data.any_body_part`` / ``data.any_view``, :mod:`agcnn.data.scope`).
+With ``data.cache`` set the images come from
 the cache: the files there are checked by the cache itself, and the rows ``agcnn prepare`` could
 not decode are the problems.
 
@@ -63,17 +66,19 @@ class UnreadableImagesError(DataError):
         )
 
 
-def _check_files(paths: list[str]) -> list[tuple[str, str] | None]:
+def _check_files(paths: list[str], scope=None) -> list[tuple[str, str] | None]:
     """``(reason, message)`` for each file that is not usable, None for the others."""
     from agcnn.data.readers import UnusableImageError, check_header
+    from agcnn.data.scope import OVERRIDES
 
     out: list[tuple[str, str] | None] = []
     for path in paths:
         try:
-            check_header(path)
+            check_header(path, scope=scope)
             out.append(None)
         except UnusableImageError as e:
-            out.append((e.reason, str(e)))
+            hint = f" (data.{OVERRIDES[e.reason]}: true trains on it anyway)" if e.reason in OVERRIDES else ""
+            out.append((e.reason, f"{e}{hint}"))
     return out
 
 
@@ -89,7 +94,8 @@ def find_problems(dataset, *, threads: int = THREADS) -> list[Problem]:
     files = [os.path.join(root, p) for p in dataset.paths]
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        found = [r for part in pool.map(_check_files, chunks) for r in part]
+        scope = getattr(dataset, "scope", None)
+        found = [r for part in pool.map(lambda c: _check_files(c, scope), chunks) for r in part]
     return [Problem(dataset.name, i, p, *r) for i, (p, r) in enumerate(zip(dataset.paths, found)) if r is not None]
 
 

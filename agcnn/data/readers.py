@@ -184,16 +184,45 @@ def sniff_format(path: str | os.PathLike[str]) -> str | None:
     return _sniff_bytes(head)
 
 
-def check_header(path: str | os.PathLike[str]) -> str:
+def check_header(path: str | os.PathLike[str], *, scope: ScopePolicy | None = None) -> str:
     """ "dicom", "png" or "jpeg" from the first bytes, as :func:`sniff_format`; a file that is
     not one of them raises UnusableImageError("not_an_image") saying what it looks like (an
-    HTML page, an archive, ...). Reads a few hundred bytes: a check of a whole table before
-    training, not a promise that the pixels decode."""
+    HTML page, an archive, ...). A DICOM file's header (not its pixels) is also read for what
+    :func:`read_image` would refuse before decoding: another modality, and with ``scope`` another
+    body part or view. A check of a whole table before training, not a promise that the pixels
+    decode."""
     head = _read_bytes(path, limit=_SNIFF_BYTES)
     fmt = _sniff_bytes(head)
     if fmt is None:
         raise UnusableImageError("not_an_image", _describe_unknown(head, size=os.stat(path).st_size))
+    if fmt == "dicom":
+        _check_dicom_header(path, has_preamble=head[128:132] == b"DICM", scope=scope)
     return fmt
+
+
+# The attributes check_header needs: modality (_check_modality) and scope (agcnn.data.scope).
+_HEADER_TAGS = ("SOPClassUID", "Modality", "BodyPartExamined", "AnatomicRegionSequence", "ViewPosition",
+                "ViewCodeSequence", "PatientOrientationModifierCodeSequence")
+
+
+def _check_dicom_header(path: str | os.PathLike[str], *, has_preamble: bool, scope: ScopePolicy | None) -> None:
+    from pydicom import dcmread
+
+    with warnings.catch_warnings():
+        # Parser warnings can quote element values (identifiers); a damaged header is reported
+        # when the file is decoded, with the detail read_image gives.
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(path, stop_before_pixels=True, force=not has_preamble, specific_tags=list(_HEADER_TAGS))
+        except Exception:  # noqa: BLE001 - left to read_image, which says what is wrong
+            return
+    _check_modality(ds, [])
+    if scope is not None:
+        from agcnn.data.scope import decide
+
+        decision = decide(ds, scope)
+        if decision.reason:
+            raise UnusableImageError(decision.reason, decision.message)
 
 
 def read_image(path: str | os.PathLike[str], *, scope: ScopePolicy | None = None) -> np.ndarray:

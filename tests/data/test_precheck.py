@@ -171,3 +171,23 @@ def test_with_a_cache_the_rows_prepare_could_not_decode_are_the_problems(tmp_pat
     (problem,) = find_problems(cached)
     assert (problem.row, problem.path, problem.reason) == (1, "cut.png", "unusable_in_cache")
     assert "recorded by agcnn prepare" in problem.message
+
+
+def test_dicom_headers_are_checked_for_modality_and_scope(tmp_path):
+    from agcnn.data.dicom_write import write_dicom
+    from agcnn.data.scope import ScopePolicy
+
+    pixels = np.arange(48 * 40, dtype=np.uint16).reshape(48, 40)
+    write_dicom(tmp_path / "pa.dcm", pixels, modality="DX", BodyPartExamined="CHEST", ViewPosition="PA")
+    write_dicom(tmp_path / "lat.dcm", pixels, modality="DX", BodyPartExamined="CHEST", ViewPosition="LL")
+    write_dicom(tmp_path / "hip.dcm", pixels, modality="CR", BodyPartExamined="HIP", ViewPosition="AP")
+    write_dicom(tmp_path / "ct.dcm", pixels, modality="CT")
+    table = pd.DataFrame({"path": ["pa.dcm", "lat.dcm", "hip.dcm", "ct.dcm"], "Nodule": 0.0})
+    ds = XrayDataset(table, ["Nodule"], root=tmp_path, name="train", scope=ScopePolicy())
+    found = {p.path: (p.reason, p.message) for p in find_problems(ds)}
+    assert set(found) == {"lat.dcm", "hip.dcm", "ct.dcm"}
+    assert found["lat.dcm"][0] == "not_frontal" and "data.any_view: true trains on it anyway" in found["lat.dcm"][1]
+    assert found["hip.dcm"][0] == "out_of_scope" and found["ct.dcm"][0] == "unsupported_modality"
+    # Switched off, only the modality is left; without a scope policy the same.
+    ds.scope = ScopePolicy(any_body_part=True, any_view=True)
+    assert [p.path for p in find_problems(ds)] == ["ct.dcm"]
