@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("agcnn.train", "train the global, local and fusion stages"),
     "evaluate": ("agcnn.evaluate", "per-class AUC with confidence intervals for each branch"),
     "predict": ("agcnn.predict.command", "batch inference over a folder of DICOM / PNG / JPEG files"),
+    "localize": ("agcnn.localize", "score the attended box and each branch's CAM against ground-truth boxes"),
     "merge": ("agcnn.predict.merge", "merge the shares of a sharded predict run"),
     "prepare": ("agcnn.data.prepare", "decode and resize every image once into a training cache"),
     "phantoms": ("agcnn.data.synthetic", "write a generated phantom data set (PNG, DICOM, labels CSV)"),

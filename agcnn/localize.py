@@ -1,0 +1,585 @@
+"""``agcnn localize``: score the attended box and every branch's CAM against radiologists' boxes.
+
+For every ground-truth box (``BBox_List_2017.csv`` of ChestX-ray14, or the phantoms' ``boxes.csv``)
+the image goes through the checkpoint's own evaluation transform, and these predicted boxes are
+compared with the ground truth mapped onto the model's input grid:
+
+- ``attended``: the box the local branch crops (paper Sec. 3.2; the same box for every finding);
+- ``global_cam``, ``local_cam``, ``fusion_cam``: the largest region of the finding's class
+  activation map of that branch (:mod:`agcnn.explain`) above a threshold, found by the region
+  step of :mod:`agcnn.models.roi`.
+
+Scores, per finding and for all boxes together: accuracy at T(IoU) and T(IoBB) for T in
+{0.1, 0.25, 0.5, 0.75} (a box counts as found when its overlap is at least T), and the share of
+ground-truth boxes whose centre lies inside the predicted box, each with a percentile bootstrap
+interval over the boxes. IoBB is the intersection over the *predicted* box's area, as in Wang et
+al. 2017 (ChestX-ray8, Sec. 4.2), whose ResNet-50 numbers at T(IoBB) = 0.5 the report shows
+beside ours. Both ratios are invariant under the transform's scaling, so scoring on the input
+grid equals scoring in the original pixels within the field of view.
+
+Geometry: a box in the table's pixel space (NIH: 1024 x 1024; phantoms: the image's own pixels)
+is scaled to the image as read, then follows the evaluation transform exactly: square resize to
+``first``, centre crop ``highres_size`` at ``round((first - highres_size) / 2)`` (torchvision's
+offset), and the model's view at ``image_size``. A box that loses all of its area to the crop is
+counted as out of view and reported, one that loses part is scored on its visible part and
+counted as clipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agcnn.explain import cam_boxes, explain
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
+METHODS = ("attended", "global_cam", "local_cam", "fusion_cam")
+# Which trained branches each method needs.
+NEEDS = {"attended": "global", "global_cam": "global", "local_cam": "local", "fusion_cam": "fusion"}
+# ChestX-ray8 (Wang et al., CVPR 2017), ResNet-50, accuracy at T(IoBB) = 0.5.
+WANG2017_IOBB_05 = {
+    "Atelectasis": 0.28, "Cardiomegaly": 0.88, "Effusion": 0.33, "Infiltration": 0.42,
+    "Mass": 0.14, "Nodule": 0.01, "Pneumonia": 0.38, "Pneumothorax": 0.18,
+}
+# BBox_List_2017.csv spells one finding differently from Data_Entry_2017.
+LABEL_ALIASES = {"Infiltrate": "Infiltration"}
+NIH_BOX_SPACE = 1024
+
+
+class LocalizationError(ValueError):
+    """Input that ``agcnn localize`` cannot use; the message names it and the fix."""
+
+
+# ---------------------------------------------------------------------- box tables
+
+def read_box_table(path: str | os.PathLike[str], labels: Sequence[str], box_space: str | None = None) -> pd.DataFrame:
+    """Read a box table into ``path, label, x0, y0, x1, y1, space_w, space_h`` (floats, x1/y1 exclusive).
+
+    Two layouts are recognised by their header: NIH's ``Image Index, Finding Label, Bbox [x,y,w,h]``
+    (boxes as x, y, width, height in a 1024 x 1024 space) and the phantoms' ``path, label, x0, y0,
+    x1, y1`` (pixels of the image itself). ``box_space``: ``image`` (the image's own pixel size),
+    ``N`` or ``WxH`` overrides the layout's default. ``space_w`` / ``space_h`` are 0 for ``image``.
+    Rows whose finding is not in ``labels`` are dropped with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LocalizationError(f"box table {str(path)!r} does not exist; pass BBox_List_2017.csv(.gz) or a boxes.csv")
+    try:
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same to the user
+        raise LocalizationError(f"box table {str(path)!r} cannot be read as CSV: {e}") from e
+    if raw.empty:
+        raise LocalizationError(f"box table {str(path)!r} is empty")
+    header = [h.strip() for h in raw.iloc[0].tolist()]
+    body = raw.iloc[1:]
+    if header[:2] == ["Image Index", "Finding Label"]:
+        if raw.shape[1] < 6:
+            raise LocalizationError(f"box table {str(path)!r} has the NIH header but fewer than 6 columns (x, y, w, h)")
+        cols = body.iloc[:, :6]
+        table = pd.DataFrame({"path": cols.iloc[:, 0].str.strip(), "label": cols.iloc[:, 1].str.strip()})
+        xywh = cols.iloc[:, 2:6].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+        table["x0"], table["y0"] = xywh[:, 0], xywh[:, 1]
+        table["x1"], table["y1"] = xywh[:, 0] + xywh[:, 2], xywh[:, 1] + xywh[:, 3]
+        default_space = str(NIH_BOX_SPACE)
+    elif {"path", "label", "x0", "y0", "x1", "y1"} <= set(header):
+        cols = body.set_axis(header, axis=1)
+        table = pd.DataFrame({"path": cols["path"].str.strip(), "label": cols["label"].str.strip()})
+        for c in ("x0", "y0", "x1", "y1"):
+            table[c] = pd.to_numeric(cols[c], errors="coerce").to_numpy(float)
+        default_space = "image"
+    else:
+        raise LocalizationError(
+            f"box table {str(path)!r} has neither the NIH header (Image Index, Finding Label, Bbox [x,y,w,h]) nor the "
+            f"columns path, label, x0, y0, x1, y1; its header is {header[:6]}"
+        )
+    bad = table[["x0", "y0", "x1", "y1"]].isna().any(axis=1) | (table["x1"] <= table["x0"]) | (table["y1"] <= table["y0"])
+    if bad.any():
+        first = table[bad].iloc[0]
+        raise LocalizationError(
+            f"box table {str(path)!r}: {int(bad.sum())} rows have a missing or empty box (first: {first['path']}, "
+            f"{first['label']}); every box needs numbers with x1 > x0 and y1 > y0"
+        )
+    table["label"] = table["label"].replace(LABEL_ALIASES)
+    unknown = sorted(set(table["label"]) - set(labels))
+    if unknown:
+        log.warning("box table: %d boxes of findings the model does not predict are left out: %s",
+                    int(table["label"].isin(unknown).sum()), ", ".join(unknown))
+        table = table[~table["label"].isin(unknown)]
+    table["space_w"], table["space_h"] = _parse_space(box_space or default_space)
+    return table.reset_index(drop=True)
+
+
+def _parse_space(text: str) -> tuple[float, float]:
+    text = str(text).strip().lower()
+    if text == "image":
+        return 0.0, 0.0
+    try:
+        parts = [float(p) for p in text.split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise LocalizationError(f"--box-space {text!r} is not valid; use image, a side such as 1024, or WxH such as 2500x2048")
+    return parts[0], parts[1]
+
+
+# ---------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class Geometry:
+    """The evaluation transform's sizes (:func:`agcnn.data.transforms.build_transform`)."""
+
+    resize: int
+    image_size: int
+    highres_size: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Geometry":
+        return cls(cfg.data.resize, cfg.data.image_size, cfg.data.highres_size)
+
+
+def box_to_input(box: Sequence[float], *, height: int, width: int, geometry: Geometry) -> tuple[float, float, float, float]:
+    """Map a box in the original image's pixels (x1/y1 exclusive) onto the model's input grid.
+
+    Continuous coordinates: original pixel i covers [i, i + 1). The square resize scales x by
+    ``first / width`` and y by ``first / height``; the centre crop subtracts torchvision's offset
+    ``round((first - side) / 2)``; the model sees the crop at ``image_size``. Not clipped: see
+    :func:`clip_box`.
+    """
+    from agcnn.data.transforms import scaled_resize
+
+    g = geometry
+    first = scaled_resize(g.resize, g.image_size, g.highres_size)
+    offset = int(round((first - g.highres_size) / 2.0))
+    s = g.image_size / g.highres_size
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (
+        (x0 * first / width - offset) * s,
+        (y0 * first / height - offset) * s,
+        (x1 * first / width - offset) * s,
+        (y1 * first / height - offset) * s,
+    )
+
+
+def clip_box(box: Sequence[float], size: int) -> tuple[tuple[float, float, float, float], float]:
+    """Clip a box to ``[0, size]^2``; returns the clipped box and the share of its area kept."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    area = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    c = (min(max(x0, 0.0), size), min(max(y0, 0.0), size), min(max(x1, 0.0), size), min(max(y1, 0.0), size))
+    kept = max(0.0, c[2] - c[0]) * max(0.0, c[3] - c[1])
+    return c, (kept / area if area > 0 else 0.0)
+
+
+def overlaps(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """IoU, IoBB (intersection over the predicted box) and centre-in-box for [N, 4] box pairs."""
+    gt, pred = np.asarray(gt, float).reshape(-1, 4), np.asarray(pred, float).reshape(-1, 4)
+    iw = np.clip(np.minimum(gt[:, 2], pred[:, 2]) - np.maximum(gt[:, 0], pred[:, 0]), 0, None)
+    ih = np.clip(np.minimum(gt[:, 3], pred[:, 3]) - np.maximum(gt[:, 1], pred[:, 1]), 0, None)
+    inter = iw * ih
+    a_gt = (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])
+    a_pred = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    cx, cy = (gt[:, 0] + gt[:, 2]) / 2, (gt[:, 1] + gt[:, 3]) / 2
+    centre = (pred[:, 0] <= cx) & (cx < pred[:, 2]) & (pred[:, 1] <= cy) & (cy < pred[:, 3])
+    return {
+        "iou": inter / np.maximum(a_gt + a_pred - inter, 1e-12),
+        "iobb": inter / np.maximum(a_pred, 1e-12),
+        "centre": centre.astype(float),
+    }
+
+
+# ---------------------------------------------------------------------- scoring
+
+def _find_image(root: Path, rel: str, index: dict[str, str] | None) -> tuple[Path | None, dict[str, str] | None]:
+    direct = root / rel
+    if direct.is_file():
+        return direct, index
+    if index is None:
+        # NIH ships its images in images_001/images/ ... folders: look them up by file name.
+        index = {}
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                index.setdefault(f, os.path.join(dirpath, f))
+    found = index.get(Path(rel).name)
+    return (Path(found) if found else None), index
+
+
+def score_boxes(
+    model: torch.nn.Module,
+    cfg,
+    table: pd.DataFrame,
+    images: str | os.PathLike[str],
+    *,
+    methods: Sequence[str] = METHODS,
+    cam_threshold: float = 0.5,
+    explain_method: str = "cam",
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    keep_inputs: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score every box of ``table`` (from :func:`read_box_table`) for each of ``methods``.
+
+    Returns one row per (box, method) with ``iou``, ``iobb``, ``centre``, the predicted and
+    ground-truth boxes on the input grid and flags, and counts of boxes not scored (image
+    missing or unreadable, box out of the field of view). With ``keep_inputs`` the counts carry
+    ``inputs``: the model's view of each image (for the pictures of best and worst cases).
+    """
+    from agcnn.data import readers
+    from agcnn.data.transforms import transforms_from_config
+
+    geometry = Geometry.from_config(cfg)
+    labels = list(cfg.labels)
+    transform = transforms_from_config(cfg.data, train=False)
+    root = Path(images)
+    device = torch.device(device)
+    model = model.eval().to(device)
+    size = cfg.data.image_size
+    counts: dict[str, Any] = {"boxes": int(len(table)), "images": int(table["path"].nunique()), "missing_images": [],
+                              "unreadable_images": [], "out_of_view": Counter(), "clipped": Counter()}
+    rows: list[dict[str, Any]] = []
+    inputs: dict[str, np.ndarray] = {}
+    index: dict[str, str] | None = None
+    groups = list(table.groupby("path", sort=True))
+
+    def flush(batch: list[tuple[str, pd.DataFrame, torch.Tensor, int, int]]) -> None:
+        x = torch.stack([b[2] for b in batch]).to(device)
+        findings = [sorted({labels.index(lab) for lab in b[1]["label"]}) for b in batch]
+        k = max(len(f) for f in findings)
+        classes = torch.tensor([f + [f[0]] * (k - len(f)) for f in findings], device=device)
+        ex = explain(model, x, classes, method=explain_method)
+        pred: dict[str, np.ndarray] = {"attended": ex.boxes.cpu().numpy().astype(float)}
+        empty: dict[str, np.ndarray] = {"attended": np.zeros(len(batch), bool)}
+        for branch in ("global", "local", "fusion"):
+            if f"{branch}_cam" in methods:
+                bx, em = cam_boxes(ex.maps[branch], cam_threshold)
+                pred[f"{branch}_cam"], empty[f"{branch}_cam"] = bx.cpu().numpy().astype(float), em.cpu().numpy()
+        probs = torch.sigmoid(ex.logits["fusion" if "fusion_cam" in methods else "global"]).cpu().numpy()
+        if keep_inputs:
+            view = model.global_input(x)[:, 0] * 0.229 + 0.485  # channel 0 back to [0, 1] (ImageNet statistics)
+            for (rel, *_), v in zip(batch, view.clamp(0, 1).cpu().numpy()):
+                inputs[rel] = (v * 255).round().astype(np.uint8)
+        for i, (rel, boxes, _, h, w) in enumerate(batch):
+            for _, gt in boxes.iterrows():
+                sw, sh = (w, h) if gt["space_w"] == 0 else (gt["space_w"], gt["space_h"])
+                orig = (gt["x0"] * w / sw, gt["y0"] * h / sh, gt["x1"] * w / sw, gt["y1"] * h / sh)
+                gt_in, kept = clip_box(box_to_input(orig, height=h, width=w, geometry=geometry), size)
+                if kept <= 0:
+                    counts["out_of_view"][gt["label"]] += 1
+                    continue
+                if kept < 1 - 1e-9:
+                    counts["clipped"][gt["label"]] += 1
+                j = findings[i].index(labels.index(gt["label"]))
+                for method in methods:
+                    p = pred[method][i] if method == "attended" else pred[method][i, j]
+                    e = bool(empty[method][i] if method == "attended" else empty[method][i, j])
+                    sc = overlaps(np.array(gt_in), p)
+                    rows.append({
+                        "path": rel, "label": gt["label"], "method": method,
+                        "iou": float(sc["iou"][0]), "iobb": float(sc["iobb"][0]), "centre_in_box": bool(sc["centre"][0]),
+                        "empty_map": e, "probability": float(probs[i, labels.index(gt["label"])]),
+                        "visible_share": round(kept, 6),
+                        **{f"gt_{c}": round(v, 3) for c, v in zip(("x0", "y0", "x1", "y1"), gt_in)},
+                        **{f"pred_{c}": float(v) for c, v in zip(("x0", "y0", "x1", "y1"), p)},
+                    })
+
+    batch: list[tuple[str, pd.DataFrame, torch.Tensor, int, int]] = []
+    for rel, boxes in groups:
+        full, index = _find_image(root, rel, index)
+        if full is None:
+            counts["missing_images"].append(rel)
+            continue
+        try:
+            pixels = readers.read_image(full)
+        except readers.UnusableImageError as e:
+            counts["unreadable_images"].append(f"{rel}: {e.reason}")
+            continue
+        h, w = pixels.shape
+        batch.append((rel, boxes, transform(torch.from_numpy(np.ascontiguousarray(pixels))[None]), h, w))
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    counts["out_of_view"] = dict(counts["out_of_view"])
+    counts["clipped"] = dict(counts["clipped"])
+    if keep_inputs:
+        counts["inputs"] = inputs
+    return pd.DataFrame(rows), counts
+
+
+def bootstrap_share(values: np.ndarray, n_boot: int, rng: np.random.Generator, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of 0/1 ``values`` and its percentile bootstrap interval (NaN when empty or ``n_boot`` is 0)."""
+    values = np.asarray(values, float)
+    if values.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if n_boot <= 0:
+        return mean, math.nan, math.nan
+    # Resampling n values with replacement: the count of ones is binomial(n, mean).
+    draws = rng.binomial(values.size, mean, size=n_boot) / values.size
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(lo), float(hi)
+
+
+def summarise(scores: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy at each T(IoU) / T(IoBB) and the centre-in-box share, per method and finding ("all" pools them)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    if scores.empty:
+        return pd.DataFrame(columns=["method", "finding", "metric", "threshold", "n", "value", "ci_low", "ci_high"])
+    for method in [m for m in METHODS if m in set(scores["method"])]:
+        sm = scores[scores["method"] == method]
+        findings = sorted(set(sm["label"]))
+        for finding in [*findings, "all"]:
+            sub = sm if finding == "all" else sm[sm["label"] == finding]
+            tests = [(metric, t, sub[metric].to_numpy() >= t) for metric in ("iou", "iobb") for t in THRESHOLDS]
+            tests.append(("centre_in_box", math.nan, sub["centre_in_box"].to_numpy()))
+            for metric, t, hits in tests:
+                mean, lo, hi = bootstrap_share(hits, n_boot, rng)
+                out.append({"method": method, "finding": finding, "metric": metric, "threshold": t, "n": int(len(sub)),
+                            "value": mean, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------- report
+
+def _cell(r: pd.Series | None) -> str:
+    if r is None or pd.isna(r["value"]):
+        return "–"
+    if pd.isna(r["ci_low"]):
+        return f"{r['value']:.2f}"
+    return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+
+def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dict[str, Any]) -> str:
+    """Tables laid out like Wang et al. 2017 (Table 3): one row per T, one column per finding."""
+    lines = ["# Localisation against ground-truth boxes", ""]
+    lines.append(
+        f"Checkpoint `{settings['checkpoint']}`; boxes `{settings['boxes']}`; {counts['boxes']} boxes on "
+        f"{counts['images']} images. Maps: {settings['explain']}; CAM boxes: largest region above "
+        f"{settings['cam_threshold']} of each map's maximum; attended box: the model's threshold "
+        f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
+        f"({settings['bootstrap']} resamples)."
+    )
+    lines.append("")
+    missing, unreadable = counts["missing_images"], counts["unreadable_images"]
+    oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
+    lines.append(
+        f"Not scored: {len(missing)} images not found, {len(unreadable)} unreadable, {oov} boxes outside the "
+        f"field of view after the centre crop"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts['out_of_view'].items()))})" if oov else "")
+        + f". Scored on their visible part: {clipped} boxes partly cut by the crop."
+    )
+    lines.append("")
+    if summary.empty:
+        lines.append("No box could be scored.")
+        return "\n".join(lines) + "\n"
+    findings = [f for f in dict.fromkeys(summary["finding"]) if f != "all"]
+    order = [f for f in WANG2017_IOBB_05 if f in findings] + [f for f in findings if f not in WANG2017_IOBB_05]
+    cols = [*order, "all"]
+    names = {"attended": "Attended box (local branch crop)", "global_cam": "Global branch CAM",
+             "local_cam": "Local branch CAM", "fusion_cam": "Fusion CAM"}
+    for method in [m for m in METHODS if m in set(summary["method"])]:
+        sm = summary[summary["method"] == method]
+        lines += [f"## {names[method]}", "", "| T | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        n_row = {f: int(sm[sm["finding"] == f]["n"].iloc[0]) for f in cols}
+        lines.append("| boxes | " + " | ".join(str(n_row[f]) for f in cols) + " |")
+        for metric, label in (("iou", "T(IoU)"), ("iobb", "T(IoBB)")):
+            for t in THRESHOLDS:
+                cells = []
+                for f in cols:
+                    r = sm[(sm["finding"] == f) & (sm["metric"] == metric) & (sm["threshold"] == t)]
+                    cells.append(_cell(r.iloc[0] if len(r) else None))
+                lines.append(f"| {label}={t} Acc. | " + " | ".join(cells) + " |")
+        cells = [_cell(sm[(sm["finding"] == f) & (sm["metric"] == "centre_in_box")].iloc[0]) for f in cols]
+        lines.append("| centre in box | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Against Wang et al. 2017 (ChestX-ray8, ResNet-50), accuracy at T(IoBB)=0.5", ""]
+    wcols = list(WANG2017_IOBB_05)
+    lines += ["| | " + " | ".join(wcols) + " |", "|---" * (len(wcols) + 1) + "|"]
+    lines.append("| Wang et al. 2017 | " + " | ".join(f"{WANG2017_IOBB_05[f]:.2f}" for f in wcols) + " |")
+    for method in [m for m in METHODS if m in set(summary["method"])]:
+        sm = summary[(summary["method"] == method) & (summary["metric"] == "iobb") & (summary["threshold"] == 0.5)]
+        vals = {r["finding"]: r for _, r in sm.iterrows()}
+        lines.append(f"| {names[method]} | " + " | ".join(_cell(vals.get(f)) for f in wcols) + " |")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_cases(path: Path, scores: pd.DataFrame, inputs: dict[str, np.ndarray], *, method: str, n: int) -> bool:
+    """A picture grid: the ``n`` best and ``n`` worst boxes by IoU of ``method``. False if none."""
+    sm = scores[(scores["method"] == method) & scores["path"].isin(list(inputs))]
+    if sm.empty or n <= 0:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    ranked = sm.sort_values(["iou", "iobb"], ascending=False, kind="stable")
+    best, worst = ranked.head(n), ranked.tail(min(n, max(0, len(ranked) - n)))[::-1]
+    rows = [("best", best), ("worst", worst)] if len(worst) else [("best", best)]
+    fig = Figure(figsize=(2.4 * n, 2.7 * len(rows)), dpi=100)
+    attended = scores[scores["method"] == "attended"].drop_duplicates("path").set_index("path")
+    for r, (kind, part) in enumerate(rows):
+        for c, (_, row) in enumerate(part.iterrows()):
+            ax = fig.add_subplot(len(rows), n, r * n + c + 1)
+            img = inputs[row["path"]]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+            def box(prefix: str, colour: str, src=row) -> None:
+                x0, y0, x1, y1 = (float(src[f"{prefix}_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+                ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.3))
+            box("gt", "lime")
+            box("pred", "red")
+            if method != "attended" and row["path"] in attended.index:
+                box("pred", "cyan", attended.loc[row["path"]])
+            ax.set_title(f"{kind}: {row['label']}\nIoU {row['iou']:.2f} IoBB {row['iobb']:.2f}", fontsize=7)
+            ax.set_axis_off()
+    fig.suptitle(f"{method}: ground truth (green), predicted (red), attended box (cyan)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return True
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise LocalizationError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LocalizationError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def localize_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    boxes: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    box_space: str | None = None,
+    cam_threshold: float = 0.5,
+    explain_method: str = "cam",
+    bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "auto",
+    cases: int = 4,
+) -> dict[str, Any]:
+    """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
+    ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report."""
+    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
+    from agcnn.config import check_choice
+
+    check_choice("explanation method", explain_method, ("cam", "gradcam"))
+    if not 0.0 <= cam_threshold < 1.0:
+        raise LocalizationError(f"--cam-threshold {cam_threshold} must be in [0, 1); 0.5 is the half-maximum contour")
+    if not Path(images).is_dir():
+        raise LocalizationError(f"--images {str(images)!r} is not a folder; pass the folder that holds the box table's images")
+    dev = _device(device)
+    ckpt = load_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ckpt, map_location=dev)
+    trained = trained_branches(ckpt)
+    methods = [m for m in METHODS if NEEDS[m] in trained]
+    table = read_box_table(boxes, cfg.labels, box_space)
+    scores, counts = score_boxes(model, cfg, table, images, methods=methods, cam_threshold=cam_threshold,
+                                 explain_method=explain_method, batch_size=batch_size, device=dev, keep_inputs=cases > 0)
+    inputs = counts.pop("inputs", {})
+    if counts["missing_images"] and len(counts["missing_images"]) == counts["images"]:
+        raise LocalizationError(
+            f"none of the {counts['images']} images of {str(boxes)!r} was found under {str(images)!r} "
+            f"(first: {counts['missing_images'][0]}); pass the folder that holds them with --images"
+        )
+    summary = summarise(scores, n_boot=bootstrap, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "checkpoint": str(checkpoint), "boxes": str(boxes), "images": str(images), "box_space": box_space,
+        "explain": explain_method, "cam_threshold": cam_threshold, "attention_threshold": cfg.model.threshold,
+        "bootstrap": bootstrap, "seed": seed, "methods": methods, "trained_branches": list(trained),
+        "geometry": {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size},
+    }
+    summary.to_csv(out / "localization.csv", index=False)
+    scores.to_csv(out / "localization_boxes.csv", index=False)
+    report = {
+        "settings": settings,
+        "counts": counts,
+        "wang2017_resnet50_iobb_0.5": WANG2017_IOBB_05,
+        "summary": json.loads(summary.to_json(orient="records")),
+    }
+    (out / "localization.json").write_text(json.dumps(report, indent=2))
+    (out / "localization.md").write_text(markdown_report(summary, counts, settings))
+    method = "fusion_cam" if "fusion_cam" in methods else methods[-1]
+    report["cases"] = write_cases(out / "localization_cases.png", scores, inputs, method=method, n=cases) if cases else False
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by `agcnn train`")
+    parser.add_argument("--boxes", required=True,
+                        help="box table: NIH BBox_List_2017.csv(.gz) or a boxes.csv (path, label, x0, y0, x1, y1)")
+    parser.add_argument("--images", required=True, help="folder with the table's images (searched by file name if not at the table's path)")
+    parser.add_argument("--out", required=True, help="folder for localization.csv, .json, .md and the picture of cases")
+    parser.add_argument("--box-space", default=None, metavar="SPACE",
+                        help="pixel space of the table's boxes: image (the image's own size), N or WxH "
+                             "(default: 1024 for the NIH table, image for boxes.csv)")
+    parser.add_argument("--cam-threshold", type=float, default=0.5,
+                        help="a CAM box is the largest region above this fraction of the map's maximum (default 0.5)")
+    parser.add_argument("--explain", choices=("cam", "gradcam"), default="cam",
+                        help="class activation maps (default) or Grad-CAM from monai.visualize")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000; 0 = none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--cases", type=int, default=4, metavar="N",
+                        help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from agcnn.checkpoint import CheckpointError
+    from agcnn.config import ConfigError
+    from agcnn.labels import LabelMismatchError
+
+    try:
+        report = localize_checkpoint(
+            args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
+            explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
+            device=args.device, cases=args.cases,
+        )
+    except (LocalizationError, CheckpointError, ConfigError, LabelMismatchError) as e:
+        print(f"agcnn localize: {e}", file=sys.stderr)
+        return 2
+    s = pd.DataFrame(report["summary"])
+    n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0
+    c = report["counts"]
+    parts = []
+    if not s.empty:
+        for method in report["settings"]["methods"]:
+            r = s[(s["method"] == method) & (s["finding"] == "all") & (s["metric"] == "iobb") & (s["threshold"] == 0.5)]
+            if len(r):
+                parts.append(f"{method} {r['value'].iloc[0]:.2f}")
+    print(f"{n_scored} of {c['boxes']} boxes scored ({len(c['missing_images'])} images missing, "
+          f"{sum(c['out_of_view'].values())} boxes out of view); accuracy at T(IoBB)=0.5: {', '.join(parts) or '-'}; "
+          f"report in {args.out}/localization.md")
+    return 0
