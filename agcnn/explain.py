@@ -35,6 +35,8 @@ come from one einsum per feature map.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +51,10 @@ __all__ = [
     "METHODS",
     "Explanation",
     "cam_boxes",
+    "cam_from_features",
+    "check_classes",
     "explain",
+    "feature_maps",
     "paste_into_boxes",
 ]
 
@@ -77,7 +82,7 @@ class Explanation:
     native: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _check_classes(classes: Tensor | None, batch: int, num_classes: int, device: torch.device) -> Tensor:
+def check_classes(classes: Tensor | None, batch: int, num_classes: int, device: torch.device) -> Tensor:
     if classes is None:
         return torch.arange(num_classes, device=device).expand(batch, num_classes)
     classes = torch.as_tensor(classes, device=device).long()
@@ -125,23 +130,27 @@ def _fusion_in_image(model: nn.Module, g_part: Tensor, l_part: Tensor, boxes: Te
     return g_part + l_part * (s * s / area.clamp(min=1))[:, None, None, None]
 
 
-def _features_and_output(model: nn.Module, x: Tensor):
+@contextmanager
+def feature_maps(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Within the block, every forward of ``model`` leaves its two last feature maps in the
+    yielded dict (``global``, ``local``), so maps need no second forward pass."""
     feats: dict[str, Tensor] = {}
     hooks = [
         model.global_branch.features.register_forward_hook(lambda m, i, o: feats.__setitem__("global", o)),
         model.local_branch.features.register_forward_hook(lambda m, i, o: feats.__setitem__("local", o)),
     ]
     try:
-        out = model(x, stage="fusion")
+        yield feats
     finally:
         for h in hooks:
             h.remove()
-    return out, feats["global"], feats["local"]
 
 
 @torch.no_grad()
-def _cam(model: nn.Module, x: Tensor, classes: Tensor) -> Explanation:
-    out, g_map, l_map = _features_and_output(model, x)
+def cam_from_features(model: nn.Module, out, feats: dict[str, Tensor], classes: Tensor) -> Explanation:
+    """CAM of every branch from a forward pass already made (``out``, and ``feats`` from
+    :func:`feature_maps`) for the findings ``classes`` [B, k]."""
+    g_map, l_map = feats["global"], feats["local"]
     b, k = classes.shape
     n_g = model.global_branch.num_features
     w_fusion = model.fusion.weight.float()
@@ -162,6 +171,13 @@ def _cam(model: nn.Module, x: Tensor, classes: Tensor) -> Explanation:
     }
     return Explanation(classes=classes, maps=maps, logits=_logits(out), boxes=out.boxes, heatmap=out.heatmap,
                        method="cam", native=native)
+
+
+@torch.no_grad()
+def _cam(model: nn.Module, x: Tensor, classes: Tensor) -> Explanation:
+    with feature_maps(model) as feats:
+        out = model(x, stage="fusion")
+    return cam_from_features(model, out, feats, classes)
 
 
 def _logits(out) -> dict[str, Tensor]:
@@ -190,18 +206,20 @@ class _Tapped(nn.Module):
                 h.remove()
 
 
-def _gradcam(model: nn.Module, x: Tensor, classes: Tensor) -> Explanation:
+def _gradcam(model: nn.Module, x: Tensor, classes: Tensor, out=None, branches: tuple[str, ...] = BRANCHES) -> Explanation:
     from monai.visualize import GradCAM
 
-    with torch.no_grad():
-        out = model(x, stage="fusion")
+    if out is None:
+        with torch.no_grad():
+            out = model(x, stage="fusion")
     (b, k), s = classes.shape, model.image_size
-    maps = {br: torch.zeros(b, k, s, s, device=x.device) for br in BRANCHES}
+    maps = {br: torch.zeros(b, k, s, s, device=x.device) for br in branches}
     native: dict[str, Tensor] = {}
-    # Gradients must reach the taps even when every parameter is frozen.
-    xg = x.detach().clone().requires_grad_(True)
     with torch.inference_mode(False), torch.enable_grad():
-        for branch in BRANCHES:
+        # Gradients must reach the taps even when every parameter is frozen; the copy is made
+        # here so that it is an ordinary tensor even when the caller runs in inference mode.
+        xg = x.detach().clone().requires_grad_(True)
+        for branch in branches:
             layers = {"global": ["global_tap"], "local": ["local_tap"], "fusion": ["global_tap", "local_tap"]}[branch]
             # MONAI switches its module to eval() and back to *its* previous mode afterwards: the
             # wrapper must carry the model's mode, or a fresh (training-mode) wrapper would
@@ -227,17 +245,23 @@ def _gradcam(model: nn.Module, x: Tensor, classes: Tensor) -> Explanation:
                        method="gradcam", native=native)
 
 
-def explain(model: nn.Module, x: Tensor, classes: Tensor | None = None, method: str = "cam") -> Explanation:
+def explain(model: nn.Module, x: Tensor, classes: Tensor | None = None, method: str = "cam", *, out=None,
+            branches: tuple[str, ...] = BRANCHES) -> Explanation:
     """Per-finding maps of every branch for the normalised image batch ``x`` [B, 3, S', S'].
 
     ``classes`` [B, k] (or [B]) picks the findings to map for each image; ``None`` maps all.
     ``method``: ``cam`` (exact with average pooling, see the module docstring) or ``gradcam``
     (``monai.visualize.GradCAM``, one backward pass per distinct finding and branch).
-    The model is used as it is (call ``.eval()`` first); ``x`` must be on its device.
+    The model is used as it is (call ``.eval()`` first); ``x`` must be on its device. Grad-CAM
+    may be given the forward pass already made on ``x`` as ``out``; CAM from a forward pass
+    already made is :func:`cam_from_features`. ``branches`` limits Grad-CAM's backward passes to
+    the maps needed (CAM computes all three from the same two einsums).
     """
     check_choice("explanation method", method, METHODS)
-    classes = _check_classes(classes, x.shape[0], model.num_classes, x.device)
-    return _cam(model, x, classes) if method == "cam" else _gradcam(model, x, classes)
+    for branch in branches:
+        check_choice("branch", branch, BRANCHES)
+    classes = check_classes(classes, x.shape[0], model.num_classes, x.device)
+    return _cam(model, x, classes) if method == "cam" else _gradcam(model, x, classes, out, tuple(branches))
 
 
 def cam_boxes(maps: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:

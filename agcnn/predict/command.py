@@ -27,6 +27,7 @@ def _int_at_least(minimum: int, meaning: str = ""):
 
 _positive = _int_at_least(1)
 _non_negative = _int_at_least(0, " (0 decodes in the main process)")
+_non_negative_count = _int_at_least(0, " (0: the findings called positive)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=_non_negative, default=min(4, os.cpu_count() or 1),
         help="decoding processes (default min(4, CPUs)); 0 decodes in the main process",
     )
-    parser.add_argument("--overlays", action="store_true", help="write a heatmap / box / CAM picture per predicted image")
+    parser.add_argument("--overlays", action="store_true",
+                        help="write a picture per predicted image: attention heatmap and box, and the fusion CAM of each "
+                             "finding called positive at the checkpoint's operating points (or of the top findings)")
+    parser.add_argument("--explain", choices=("cam", "gradcam"), default="cam",
+                        help="overlay maps: class activation maps (default) or Grad-CAM from monai.visualize")
+    parser.add_argument("--overlay-top", type=_non_negative_count, default=None, metavar="K",
+                        help="overlays explain the K most probable findings instead of those called positive "
+                             "(default: called positive; the top 3 when the checkpoint has no operating points)")
     parser.add_argument(
         "--include-identifiers", action="store_true",
         help="add PatientID, AccessionNumber and StudyDate columns (read from the DICOM header; off by default)",
@@ -90,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         overlays=args.overlays,
+        explain=args.explain,
+        overlay_top=args.overlay_top,
         include_identifiers=args.include_identifiers,
         all_branches=args.all_branches,
         shard=args.shard,

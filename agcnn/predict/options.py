@@ -22,6 +22,10 @@ class PredictOptions:
     batch_size: int = 32
     workers: int = 0
     overlays: bool = False
+    # Overlay maps: "cam" or "gradcam" (agcnn.explain); which findings: the top k by probability,
+    # or None for those called positive at the checkpoint's operating points (see agcnn.overlays).
+    explain: str = "cam"
+    overlay_top: int | None = None
     include_identifiers: bool = False
     all_branches: bool = False
     shard: tuple[int, int] | None = None  # (K, N); None: all files, or RANK / WORLD_SIZE under torchrun
@@ -41,6 +45,10 @@ class PredictOptions:
         """Raise :class:`UsageError` for what needs nothing written; fill ``shard`` from torchrun."""
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.explain not in ("cam", "gradcam"):
+            raise UsageError(f"--explain {self.explain!r} is not a method; use cam or gradcam")
+        if self.overlay_top is not None and self.overlay_top < 0:
+            raise UsageError(f"--overlay-top {self.overlay_top} must be 0 (the findings called positive) or more")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers} must be 0 or more")
         in_dir = Path(self.input)

@@ -201,7 +201,8 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         torch.set_num_threads(max(1, cpu_count() - options.workers))
     manifest["torch_threads"] = torch.get_num_threads()
 
-    infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None)
+    infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None, cams=options.overlays,
+                       method=options.explain, top=options.overlay_top)
     make_loader = _loader_factory(options, listing, cfg, pin_memory=device.type == "cuda")
     geometry = {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size}
     thresholds = (torch.tensor([float("nan") if t is None else float(t) for t in loaded.thresholds])
@@ -239,25 +240,31 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
 
 
 class _Inference:
-    """The model on its device: a batch of usable images -> probabilities (and overlay maps)."""
+    """The model on its device: a batch of usable images -> probabilities (and maps).
 
-    def __init__(self, loaded: LoadedModel, device, *, maps: bool):
+    ``maps``: also the attention heatmap. ``cams``: also the fusion map of each finding an overlay
+    explains; for CAM the forward pass leaves the two feature maps (:func:`agcnn.explain.feature_maps`)
+    and the maps come from them without a second pass; Grad-CAM needs its own backward passes.
+    """
+
+    def __init__(self, loaded: LoadedModel, device, *, maps: bool, cams: bool = False, method: str = "cam",
+                 top: int | None = None):
         import torch
 
         self.model = loaded.model.eval().to(device).to(memory_format=torch.channels_last)
         self.device = device
-        self.maps = maps
-        self._fmap: dict[str, Any] = {}
-        # The global feature map for the class activation maps, without a second forward pass.
-        self._hook = (self.model.global_branch.features.register_forward_hook(lambda m, i, o: self._fmap.__setitem__("g", o))
-                      if maps else None)
+        self.maps, self.cams, self.method, self.top = maps or cams, cams, method, top
+        self.thresholds = loaded.thresholds
 
     def __call__(self, images) -> tuple[BatchProbabilities, dict[str, Any] | None]:
         import torch
 
+        from agcnn import explain, overlays
+
         cuda = self.device.type == "cuda"
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        taps = explain.feature_maps(self.model) if self.cams and self.method == "cam" else contextlib.nullcontext({})
+        with taps as feats, torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             out = self.model(x, stage="fusion")
         probs = BatchProbabilities(
             fusion=torch.sigmoid(out.fusion_logits.float()).cpu(),
@@ -267,15 +274,21 @@ class _Inference:
         )
         if not self.maps:
             return probs, None
-        top = probs.fusion.argmax(dim=1)
-        # CAM (Zhou et al. 2016): the top class's global classifier weights over the global feature map.
-        w = self.model.global_branch.classifier.weight.float()[top.to(self.device)]
-        cams = torch.relu(torch.einsum("bc,bchw->bhw", w, self._fmap["g"].float())).cpu()
-        return probs, {"heatmap": out.heatmap.float().cpu(), "cam": cams}
+        if not self.cams:
+            return probs, {"heatmap": out.heatmap.float().cpu()}
+        chosen, left_out = overlays.choose_findings(probs.fusion.numpy(), self.thresholds, self.top)
+        k = max(1, max(len(c) for c in chosen))
+        # Pad every image's list to k (an image with none still needs a row); only chosen maps are drawn.
+        classes = torch.tensor([(c + [c[0] if c else 0] * k)[:k] for c in chosen], device=self.device)
+        if self.method == "cam":
+            ex = explain.cam_from_features(self.model, out, feats, classes)
+        else:
+            ex = explain.explain(self.model, x, classes, method=self.method, out=out, branches=("fusion",))
+        return probs, {"heatmap": out.heatmap.float().cpu(), "fusion": ex.maps["fusion"].float().cpu(),
+                       "chosen": chosen, "left_out": left_out, "method": self.method}
 
     def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
+        pass
 
 
 class _BatchWriter:
@@ -315,6 +328,7 @@ def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[
     """One picture per ``ok`` record; a picture that cannot be written becomes a note in its row."""
     from agcnn import overlays
 
+    name = "fusion CAM" if maps["method"] == "cam" else "fusion Grad-CAM"
     k = 0
     for rec, row in zip(records, rows):
         if rec["status"] != "ok":
@@ -322,13 +336,14 @@ def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[
         p = probs.fusion[k]
         crop = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
                                height=rec["height"], width=rec["width"], **geometry)
-        j = int(p.argmax())
+        findings = [overlays.FindingMap(labels[j], float(p[j]), maps["fusion"][k, i].numpy())
+                    for i, j in enumerate(maps["chosen"][k])]
         try:
             overlays.write_overlay(
                 folder / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
                 height=rec["height"], width=rec["width"], box=tuple(row[c] for c in BOX_COLUMNS),
-                field=crop, heatmap=maps["heatmap"][k].numpy(), cam=maps["cam"][k].numpy(), finding=labels[j],
-                probability=float(p[j]),
+                field=crop, heatmap=maps["heatmap"][k].numpy(), findings=findings, left_out=maps["left_out"][k],
+                map_name=name,
             )
         except OSError as e:
             # A picture that cannot be written (name too long, disk full) must not cost the
