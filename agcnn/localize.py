@@ -240,7 +240,7 @@ def score_boxes(
     ``inputs``: the model's view of each image (for the pictures of best and worst cases).
     """
     from agcnn.data import readers
-    from agcnn.data.transforms import transforms_from_config
+    from agcnn.data.transforms import denormalize, transforms_from_config
 
     geometry = Geometry.from_config(cfg)
     labels = list(cfg.labels)
@@ -270,8 +270,8 @@ def score_boxes(
                 pred[f"{branch}_cam"], empty[f"{branch}_cam"] = bx.cpu().numpy().astype(float), em.cpu().numpy()
         probs = torch.sigmoid(ex.logits["fusion" if "fusion_cam" in methods else "global"]).cpu().numpy()
         if keep_inputs:
-            view = model.global_input(x)[:, 0] * 0.229 + 0.485  # channel 0 back to [0, 1] (ImageNet statistics)
-            for (rel, *_), v in zip(batch, view.clamp(0, 1).cpu().numpy()):
+            view = denormalize(model.global_input(x))[:, 0]  # what the global branch saw, in [0, 1]
+            for (rel, *_), v in zip(batch, view.cpu().numpy()):
                 inputs[rel] = (v * 255).round().astype(np.uint8)
         for i, (rel, boxes, _, h, w) in enumerate(batch):
             for _, gt in boxes.iterrows():
