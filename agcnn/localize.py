@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from agcnn.errors import DataError, UsageError
 from agcnn.explain import cam_boxes, explain
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 NIH_BOX_SPACE = 1024
 
 
-class LocalizationError(ValueError):
-    """Input that ``agcnn localize`` cannot use; the message names it and the fix."""
+class LocalizationError(DataError):
+    """A box table or image folder that ``agcnn localize`` cannot use; the message names it and the fix."""
 
 
 # ---------------------------------------------------------------------- box tables
@@ -135,7 +135,7 @@ def _parse_space(text: str) -> tuple[float, float]:
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise LocalizationError(f"--box-space {text!r} is not valid; use image, a side such as 1024, or WxH such as 2500x2048")
+        raise UsageError(f"--box-space {text!r} is not valid; use image, a side such as 1024, or WxH such as 2500x2048")
     return parts[0], parts[1]
 
 
@@ -460,18 +460,6 @@ def write_cases(path: Path, scores: pd.DataFrame, inputs: dict[str, np.ndarray],
     return True
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise LocalizationError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LocalizationError(f"--device {name!r}: CUDA is not available here; use --device cpu")
-    return dev
-
-
 def localize_checkpoint(
     checkpoint: str | os.PathLike[str],
     boxes: str | os.PathLike[str],
@@ -490,14 +478,17 @@ def localize_checkpoint(
     """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
     ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report."""
     from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
-    from agcnn.config import check_choice
+    from agcnn.runtime import resolve_device
 
-    check_choice("explanation method", explain_method, ("cam", "gradcam"))
+    if explain_method not in ("cam", "gradcam"):
+        raise UsageError(f"--explain {explain_method!r} is not a method; use cam or gradcam")
     if not 0.0 <= cam_threshold < 1.0:
-        raise LocalizationError(f"--cam-threshold {cam_threshold} must be in [0, 1); 0.5 is the half-maximum contour")
+        raise UsageError(f"--cam-threshold {cam_threshold} must be in [0, 1); 0.5 is the half-maximum contour")
+    if bootstrap < 0 or batch_size < 1 or cases < 0:
+        raise UsageError(f"--bootstrap ({bootstrap}) and --cases ({cases}) must be 0 or more, --batch-size ({batch_size}) at least 1")
     if not Path(images).is_dir():
-        raise LocalizationError(f"--images {str(images)!r} is not a folder; pass the folder that holds the box table's images")
-    dev = _device(device)
+        raise UsageError(f"--images {str(images)!r} is not a folder; pass the folder that holds the box table's images")
+    dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt, map_location=dev)
     trained = trained_branches(ckpt)
@@ -557,19 +548,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agcnn.checkpoint import CheckpointError
-    from agcnn.config import ConfigError
-    from agcnn.labels import LabelMismatchError
-
-    try:
-        report = localize_checkpoint(
-            args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
-            explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
-            device=args.device, cases=args.cases,
-        )
-    except (LocalizationError, CheckpointError, ConfigError, LabelMismatchError) as e:
-        print(f"agcnn localize: {e}", file=sys.stderr)
-        return 2
+    report = localize_checkpoint(
+        args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
+        explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, cases=args.cases,
+    )
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0
     c = report["counts"]

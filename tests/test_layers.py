@@ -32,11 +32,13 @@ LAYERS = {
     "agcnn.dicom_out": 3,
     "agcnn.models": 4,
     "agcnn.checkpoint": 5,
+    "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
     "agcnn.data.prepare": 6,  # `agcnn prepare`
     "agcnn.train": 6,
     "agcnn.evaluate": 6,
     "agcnn.report": 6,
     "agcnn.predict": 6,
+    "agcnn.localize": 6,  # `agcnn localize`
     "agcnn.demo": 7,  # runs train, evaluate and predict
     "agcnn.cli": 8,
     "agcnn.__main__": 9,

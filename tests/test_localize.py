@@ -18,6 +18,7 @@ from agcnn.checkpoint import save_checkpoint
 from agcnn.cli import main
 from agcnn.config import Config
 from agcnn.data.transforms import transforms_from_config
+from agcnn.errors import UsageError
 from agcnn.labels import LABELS
 from agcnn.localize import (
     Geometry,
@@ -155,7 +156,7 @@ def test_bad_tables_are_refused_with_the_reason(tmp_path, text, match):
 def test_bad_box_space_and_missing_table(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("path,label,x0,y0,x1,y1\na.png,Mass,1,1,9,9\n")
-    with pytest.raises(LocalizationError, match="WxH"):
+    with pytest.raises(UsageError, match="WxH"):
         read_box_table(p, LABELS, "big")
     with pytest.raises(LocalizationError, match="does not exist"):
         read_box_table(tmp_path / "none.csv", LABELS)
