@@ -143,10 +143,11 @@ def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], label
 
 
 def _overlay(path: Path, model, dataset, row: int, box: np.ndarray, heatmap: np.ndarray, cfg: Config, finding: str, prob: float) -> None:
-    """The overlay picture (agcnn.overlays) of one test image, the global CAM of ``finding``."""
+    """The overlay picture (agcnn.overlays) of one test image, the fusion CAM of ``finding``."""
     import torch
 
-    from agcnn.overlays import write_overlay
+    from agcnn.explain import explain
+    from agcnn.overlays import FindingMap, write_overlay
     from agcnn.data.transforms import scaled_resize
 
     image = dataset.load(row)
@@ -158,13 +159,11 @@ def _overlay(path: Path, model, dataset, row: int, box: np.ndarray, heatmap: np.
     to_orig = lambda v: (np.asarray(v, dtype=np.float64) * d.highres_size / d.image_size + offset) * w / first  # noqa: E731
     field = tuple(int(round(v)) for v in to_orig([0, 0, d.image_size, d.image_size]))
     x = dataset[row]["image"][None]
-    with torch.no_grad():
-        fmap = model.global_branch.forward_features(model.global_input(x))[0]
-        weight = model.global_branch.classifier.weight[list(cfg.labels).index(finding)]
-        cam = torch.einsum("c,chw->hw", weight, fmap).numpy()
+    # The fusion map: the call was changed by the local branch, whose evidence only this map shows.
+    cam = explain(model.eval(), x, torch.tensor([[list(cfg.labels).index(finding)]])).maps["fusion"][0, 0].numpy()
     write_overlay(path, preview=(image * 255).astype(np.uint8), height=h, width=w,
-                  box=tuple(int(round(v)) for v in to_orig(box)), field=field, heatmap=heatmap, cam=cam,
-                  finding=finding, probability=prob)
+                  box=tuple(int(round(v)) for v in to_orig(box)), field=field, heatmap=heatmap,
+                  findings=[FindingMap(finding, prob, cam)])
 
 
 def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report: dict[str, Any]) -> dict[str, Any]:
