@@ -42,7 +42,7 @@ QUICK = [
     "train.bootstrap=0",
 ]
 
-# The long variant (about 45 minutes on a 2-core CPU): the first two stages trained twice as
+# The long variant (about twice the time): the first two stages trained twice as
 # long, every other value as in the demo config.
 LONG = [
     "train.global.epochs=40", "train.global.lr_step=28", "train.local.epochs=32", "train.local.lr_step=22",
@@ -342,7 +342,7 @@ def _print_summary(r: dict[str, Any], quick: bool, say: Callable[[str], None]) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="agcnn_demo", help="folder for phantoms, run, evaluation, predictions (default ./agcnn_demo)")
     parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute) that checks the installation")
-    parser.add_argument("--long", action="store_true", help="the first two stages trained twice as long (about 45 minutes)")
+    parser.add_argument("--long", action="store_true", help="the first two stages trained twice as long (about twice the time)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the demo config, e.g. --set train.device=cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
