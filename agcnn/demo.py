@@ -83,16 +83,13 @@ def _dicom_samples(cfg: Config, dest: Path, n: int) -> list[Path]:
 # ---------------------------------------------------------------------- the evidence
 
 def to_global_pixels(xy: np.ndarray, original: int, data) -> np.ndarray:
-    """Points in pixels of an ``original`` x ``original`` image -> pixels of the global input.
+    """Points in pixels of an ``original`` x ``original`` image -> pixels of the global input
+    (the evaluation transform's geometry, as :func:`agcnn.localize.box_to_input` maps boxes)."""
+    from agcnn.localize import Geometry, box_to_input
 
-    The evaluation transform resizes to ``scaled_resize(...)``, centre-crops ``highres_size``,
-    and the model downsamples that to ``image_size`` (agcnn.data.transforms).
-    """
-    from agcnn.data.transforms import scaled_resize
-
-    first = scaled_resize(data.resize, data.image_size, data.highres_size)
-    offset = (first - data.highres_size) // 2  # torchvision's CenterCrop rounds the same way for even sizes
-    return (np.asarray(xy, dtype=np.float64) * first / original - offset) * data.image_size / data.highres_size
+    g = Geometry(data.resize, data.image_size, data.highres_size)
+    pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    return np.array([box_to_input((x, y, x, y), height=original, width=original, geometry=g)[:2] for x, y in pts]).reshape(-1, 2)
 
 
 def centres_in_boxes(centres: np.ndarray, boxes: np.ndarray) -> np.ndarray:
