@@ -13,8 +13,9 @@ For each predicted DICOM instance, two objects written with highdicom:
     (Algorithm Identification, TID 4019), and the source SOP Instance as evidence and as the
     region's source image.
 
-* ``<relpath>.sc.dcm`` -- a Secondary Capture (RGB) of the image with the map and the box drawn
-  over it, marked DERIVED \\ SECONDARY, Burned In Annotation YES, and "not for diagnosis" in
+* ``<relpath>.sc.dcm`` -- a Secondary Capture (RGB) of the image with a map (predict draws the
+  fusion CAM of the first finding its overlays explain, see :mod:`agcnn.explain`) and the box
+  drawn over it, marked DERIVED \\ SECONDARY, Burned In Annotation YES, and "not for diagnosis" in
   Image Comments, the Series Description and the picture itself; it references the source
   image in Source Image Sequence.
 
@@ -127,12 +128,14 @@ def render_overlay(
     box: tuple[int, int, int, int],
     field: tuple[int, int, int, int],
     heat: np.ndarray,
+    caption: str = "",
 ) -> np.ndarray:
     """RGB uint8 picture at the preview's size: the image, ``heat`` over ``field``, the box.
 
     ``preview`` is the original image as uint8 (any size, same aspect), ``box`` and ``field``
     boxes in original pixels (exclusive ends), ``heat`` a map over ``field``, scaled to [0, 1]
-    here. A "not for diagnosis" line is burned in at the bottom.
+    here. A "not for diagnosis" line is burned in at the bottom, ``caption`` (e.g. the finding
+    whose map is drawn) at the top; nothing from the file's header is drawn.
     """
     import cv2
 
@@ -159,6 +162,9 @@ def render_overlay(
     scale = max(0.3, min(ph, pw) / 1000)
     cv2.putText(out, "NOT FOR DIAGNOSTIC USE", (4, ph - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1,
                 cv2.LINE_AA)
+    if caption:
+        cv2.putText(out, caption, (4, int(14 * scale / 0.4)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1,
+                    cv2.LINE_AA)
     return out
 
 

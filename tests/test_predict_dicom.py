@@ -193,6 +193,12 @@ def test_dicom_out_objects_read_back_against_predictions_csv(scoped, mixed):
         sc = pydicom.dcmread(sc_path)
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == row["sop_instance_uid"]
         assert list(sc.ImageType) == ["DERIVED", "SECONDARY"] and "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
+        # The map drawn is the fusion CAM of the most probable finding called positive.
+        called = [(float(row[lab]), lab) for lab in LABELS if row[f"call_{lab}"] == "1"]
+        if called:
+            assert f"fusion CAM of {max(called)[1]} (probability" in sc.ImageComments, sc.ImageComments
+        else:
+            assert "attention heatmap (paper Eq. 3); no finding called positive" in sc.ImageComments
         assert len({sr.SOPInstanceUID, sc.SOPInstanceUID, src.SOPInstanceUID}) == 3
     # The identifiers are in the DICOM objects only, never in the tables.
     for table in ("predictions.csv", "predictions.jsonl", "manifest.json"):

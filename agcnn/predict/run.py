@@ -201,7 +201,8 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         torch.set_num_threads(max(1, cpu_count() - options.workers))
     manifest["torch_threads"] = torch.get_num_threads()
 
-    infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None, cams=options.overlays,
+    infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None,
+                       cams=options.overlays or dicom_out is not None,
                        method=options.explain, top=options.overlay_top)
     make_loader = _loader_factory(options, listing, cfg, pin_memory=device.type == "cuda")
     geometry = {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size}
@@ -376,10 +377,6 @@ def _prepare_dicom_out(folder: Path, shard: tuple[int, int] | None) -> None:
                         os.unlink(os.path.join(dirpath, name))
 
 
-# The map drawn into the Secondary Capture, with the name it is given there.
-DICOM_MAP = ("heatmap", "attention heatmap (paper Eq. 3)")
-
-
 def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]],
                          maps: dict[str, Any], *, loaded: LoadedModel, labels: Sequence[str],
                          geometry: dict[str, int]) -> None:
@@ -387,7 +384,7 @@ def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: 
     import agcnn
     from agcnn.dicom_out import DicomResult, SourceError, render_overlay, write_dicom_results
 
-    key, map_name = DICOM_MAP
+    method = "CAM" if maps.get("method") == "cam" else "Grad-CAM"
     k = -1
     for rec, row in zip(records, rows):
         if rec["status"] != "ok":
@@ -402,8 +399,20 @@ def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: 
             box = tuple(int(row[c]) for c in BOX_COLUMNS)
             field = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
                                     height=rec["height"], width=rec["width"], **geometry)
+            # The fusion map (agcnn.explain) of the first finding the overlays would explain (the
+            # most probable one called positive, or --overlay-top); with none, the attention heatmap.
+            chosen = maps["chosen"][k]
+            if chosen:
+                j = chosen[0]
+                heat = maps["fusion"][k, 0].numpy()
+                map_name = f"fusion {method} of {labels[j]} (probability {row[labels[j]]:.2f})"
+                caption = f"{labels[j]} {row[labels[j]]:.2f} ({method})"
+            else:
+                heat = maps["heatmap"][k].numpy()
+                map_name = "attention heatmap (paper Eq. 3); no finding called positive"
+                caption = "no finding called positive (attention map)"
             picture = render_overlay(rec["preview"].numpy(), height=rec["height"], width=rec["width"], box=box,
-                                     field=field, heat=maps[key][k].numpy())
+                                     field=field, heat=heat, caption=caption)
             result = DicomResult(labels=labels, probabilities=[row[lab] for lab in labels],
                                  thresholds=loaded.thresholds, box=box, algorithm_version=agcnn.__version__,
                                  checkpoint_sha256=loaded.sha256)
