@@ -39,6 +39,8 @@ BACKBONES = ("resnet50", "densenet121", "resnet18")
 ATTENTION_KINDS = ("none", "se", "self", "mhsa")
 POOLS = ("max", "avg")
 DATASETS = ("synthetic", "chestxray14", "csv")
+# Where the training and evaluation transforms run (data.augment_on).
+AUGMENT_PLACES = ("auto", "device", "loader")
 
 
 class Check:
@@ -202,7 +204,8 @@ class DataConfig:
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
     # image the global branch saw (the paper). Larger: same field of view at higher resolution.
     highres_size: int = setting(224, AT_LEAST_1)
-    # Preprocessed cache written by `agcnn prepare` (None = decode the originals every epoch).
+    # Preprocessed cache written by `agcnn prepare`. None: decode the originals every epoch, except
+    # ChestX-ray14 training, which reads <root>/agcnn-cache-<cache_size> (agcnn.data.cache.cache_folder).
     cache: str | None = setting(None, NOT_EMPTY)
     cache_size: int = setting(512, Range(8))
     # An image that cannot be used: false (default) stops -- before training when its header is
@@ -210,6 +213,12 @@ class DataConfig:
     # decode. true leaves such rows out, lists them in the log, and counts them per epoch in
     # log.csv and the checkpoint (skipped_images).
     skip_unreadable: bool = False
+    # ChestX-ray14 training without a cache: decode the 1024 px PNGs every epoch (~34 images/s per core).
+    decode_originals: bool = False
+    # Where resize / crop / flip / normalise run (AUGMENT_PLACES): "device" = per batch on the
+    # training device from uint8 (agcnn.data.device_transforms; the loader only decodes),
+    # "loader" = per image in the DataLoader workers, "auto" = device on CUDA, loader otherwise.
+    augment_on: str = setting("auto", OneOf(AUGMENT_PLACES))
     num_workers: int = setting(2, AT_LEAST_0)
     # Phantom set (dataset: synthetic); the generator draws anatomy at 64 px or more.
     synthetic_count: int = setting(600, AT_LEAST_1)

@@ -140,8 +140,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 # ---------------------------------------------------------------------- data
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: Config, rt: Runtime,
-                num_workers: int | None = None) -> DataLoader:
-    """Training: shuffled per (seed, epoch), sharded across processes; evaluation: in order."""
+                num_workers: int | None = None, persistent: bool = False) -> DataLoader:
+    """Training: shuffled per (seed, epoch), sharded across processes; evaluation: in order.
+
+    ``persistent``: the workers stay alive for the next epoch (only for datasets whose workers
+    draw nothing at random, i.e. transforms on the device); the sampler then has a generator of
+    its own, which :func:`set_loader_epoch` reseeds, so epoch N draws the same order whether the
+    loader is new or reused.
+    """
     workers = cfg.data.num_workers if num_workers is None else num_workers
     g = epoch_generator(cfg.train.seed, epoch)
     sampler = None
@@ -152,7 +158,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
         sampler.set_epoch(epoch)
         n_local = len(sampler)
     elif train:
-        sampler = RandomSampler(ds, generator=g)
+        sampler = RandomSampler(ds, generator=epoch_generator(cfg.train.seed, epoch) if persistent else g)
         n_local = len(ds)
     else:
         n_local = len(ds)
@@ -162,7 +168,40 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
 
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
                       collate_fn=collate, num_workers=workers, worker_init_fn=seed_worker if workers else None, generator=g,
-                      pin_memory=rt.device.type == "cuda", persistent_workers=False)
+                      pin_memory=rt.device.type == "cuda", persistent_workers=persistent and workers > 0)
+
+
+def set_loader_epoch(loader: DataLoader, cfg: Config, epoch: int) -> None:
+    """Reseed a reused (persistent) training loader's sampler for ``epoch``."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator.manual_seed(cfg.train.seed + epoch)
+
+
+def batch_transform(ds: Dataset):
+    """The dataset's transform for whole batches on the device (agcnn.data.device_transforms), if any."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return getattr(ds, "batch_transform", None)
+
+
+def augment_on_device(cfg: Config, device: torch.device) -> bool:
+    """data.augment_on: per batch on the training device, or per image in the loader workers."""
+    return cfg.data.augment_on == "device" or (cfg.data.augment_on == "auto" and device.type == "cuda")
+
+
+def model_input(x: Tensor, ds: Dataset, cfg: Config, rt: Runtime) -> Tensor:
+    """A loader batch of ``ds`` as the model's input on the device: copied (from pinned memory,
+    without waiting), then, for datasets that yield stored uint8 images, resized / cropped /
+    flipped / normalised there by the dataset's batch transform."""
+    fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+    tf = batch_transform(ds)
+    if tf is None:
+        return x.to(rt.device, non_blocking=True, memory_format=fmt)
+    return tf.to(rt.device)(x.to(rt.device, non_blocking=True)).contiguous(memory_format=fmt)
 
 
 class Skips:
@@ -232,17 +271,25 @@ class ImageSource:
         self.model, self.net, self.plan, self.cfg, self.rt = model, net, plan, cfg, rt
         self.train_ds, self.val_ds, self.batch_size = train_ds, val_ds, batch_size
         self.skips = Skips()
+        # With the transforms on the device the workers draw nothing at random: keep them.
+        self.persistent = batch_transform(train_ds) is not None
+        self._loaders: dict[str, DataLoader] = {}
 
     def loader(self, epoch: int) -> DataLoader:
-        return make_loader(self.train_ds, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt)
-
-    def to_device(self, x: Tensor) -> Tensor:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
-        return x.to(self.rt.device, non_blocking=True, memory_format=fmt)
+        tf = batch_transform(self.train_ds)
+        if tf is None:
+            return make_loader(self.train_ds, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt)
+        # Crops and flips of epoch N depend on (seed, epoch, rank) only, as the order does.
+        tf.reseed((self.cfg.train.seed * 100_003 + epoch) * 1_009 + self.rt.rank)
+        if "train" not in self._loaders:
+            self._loaders["train"] = make_loader(self.train_ds, self.batch_size, train=True, epoch=epoch, cfg=self.cfg,
+                                                 rt=self.rt, persistent=True)
+        set_loader_epoch(self._loaders["train"], self.cfg, epoch)
+        return self._loaders["train"]
 
     def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
         x, y = _batch_xy(batch)
-        out = self.net(self.to_device(x), stage=self.plan.name)
+        out = self.net(model_input(x, self.train_ds, self.cfg, self.rt), stage=self.plan.name)
         return out.logits(self.plan.scores), y.to(self.rt.device, non_blocking=True)
 
     @torch.no_grad()
@@ -252,7 +299,13 @@ class ImageSource:
         was_training = model.training
         model.eval()
         shard, idx = _shard(self.val_ds, self.rt)
-        loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
+        if "val" in self._loaders:
+            loader = self._loaders["val"]
+        else:
+            loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt,
+                                 persistent=self.persistent)
+            if self.persistent:
+                self._loaders["val"] = loader
         probs: dict[str, list[np.ndarray]] = {b: [] for b in self.plan.reports}
         labels: list[np.ndarray] = []
         fwd = "global" if self.plan.reports == ("global",) else "fusion"
@@ -261,7 +314,7 @@ class ImageSource:
             rows.append(_rows_of(batch, idx))
             x, y = _batch_xy(batch)
             with autocast(self.cfg, self.rt.device):
-                out = model(self.to_device(x), stage=fwd)
+                out = model(model_input(x, self.val_ds, self.cfg, self.rt), stage=fwd)
             for b in self.plan.reports:
                 probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
             labels.append(y.float().numpy())
@@ -324,7 +377,6 @@ class CachedFusionSource:
         model.eval()
         shard, idx = _shard(ds, self.rt)
         loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.preserve_format
         g, l, y = [], [], []
         rows: list[np.ndarray] = []
         before = self.skips.count
@@ -332,7 +384,7 @@ class CachedFusionSource:
             rows.append(_rows_of(batch, idx))
             x, lab = _batch_xy(batch)
             with autocast(self.cfg, self.rt.device):
-                out = model(x.to(self.rt.device, memory_format=fmt), stage="fusion")
+                out = model(model_input(x, ds, self.cfg, self.rt), stage="fusion")
             g.append(out.global_pooled.float().cpu().numpy())
             l.append(out.local_pooled.float().cpu().numpy())
             y.append(lab.float().numpy())
@@ -731,7 +783,7 @@ def train(
         # Rank 0 first: it may generate the phantom set or write a cache the others then read.
         if not rt.is_main:
             barrier(rt)
-        datasets = build_datasets(cfg, splits=("train", "val"))
+        datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device))
         if rt.is_main:
             barrier(rt)
     # Every row's file exists and starts like an image, or the run stops here listing them all
@@ -768,6 +820,14 @@ def train(
 
 def _without_augmentation(cfg: Config, ds: Dataset) -> Dataset:
     """The training set with evaluation transforms, for cached fusion features."""
+    if batch_transform(ds) is not None:
+        import copy
+
+        from agcnn.data.device_transforms import DeviceTransform
+
+        ds = copy.copy(ds)
+        ds.batch_transform = DeviceTransform.from_config(cfg.data, train=False)
+        return ds
     if hasattr(ds, "transform") and getattr(ds, "transform", None) is not None:
         import copy
 

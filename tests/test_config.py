@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("data.crop_scale=[0.5, 0.2]", r"data.crop_scale=\[0.5, 0.2\] must be two area fractions"),
     ("data.crop_scale=[0.5]", r"data.crop_scale=\[0.5\] must be two area fractions"),
     ("data.cache_size=4", r"data.cache_size=4 .*>= 8"),
+    ("data.augment_on=gpu", r"data.augment_on='gpu' .*valid: auto, device, loader"),
     ("data.num_workers=-1", r"data.num_workers=-1 .*>= 0"),
     ("data.synthetic_count=0", r"data.synthetic_count=0"),
     ("data.synthetic_size=32", r"data.synthetic_size=32 .*>= 64"),

@@ -77,6 +77,35 @@ def resolve(path: str, root: str | Path) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
+def cache_folder(data_cfg) -> Path | None:
+    """The cache images are read from: ``data.cache``; unset, for ChestX-ray14 (unless
+    ``data.decode_originals``) ``<data.root>/agcnn-cache-<data.cache_size>``, where ``agcnn prepare``
+    writes by default. Decoding the 1024 px PNGs gives ~34 images/s per CPU core against the
+    1-2 thousand a GPU trains on; the cache is read at ~1,300 (``docs/benchmarks.md``)."""
+    if data_cfg.cache:
+        return Path(data_cfg.cache)
+    if data_cfg.dataset == "chestxray14" and not data_cfg.decode_originals:
+        return Path(data_cfg.root) / f"agcnn-cache-{data_cfg.cache_size}"
+    return None
+
+
+def require_cache(data_cfg, config_path: str | None = None) -> Path | None:
+    """:func:`cache_folder`, with a message naming the command that builds it when it is absent."""
+    from agcnn.config import ConfigError
+
+    folder = cache_folder(data_cfg)
+    if folder is None or (folder / "meta.json").is_file() or data_cfg.cache:
+        return folder  # an explicit data.cache that is absent: ImageCache says so
+    cfg_arg = f"--config {config_path}" if config_path else "--config <your config>"
+    raise ConfigError(
+        f"ChestX-ray14 training reads its images from the preprocessing cache, and there is none at {str(folder)!r}. "
+        f"Build it once (every image decoded and resized to {data_cfg.cache_size} px): `agcnn prepare {cfg_arg}`; "
+        f"to keep it elsewhere add `--set data.cache=/fast/disk/nih{data_cfg.cache_size}` to both prepare and train. "
+        f"Or decode the PNGs every epoch (about 34 images/s per CPU core, far below what a GPU trains on): "
+        f"--set data.decode_originals=true"
+    )
+
+
 def source_index(paths: Sequence[str], root: str | Path) -> pd.DataFrame:
     """``path, size, mtime_ns`` of every source file; a missing file is an error that names it."""
     sizes, mtimes = [], []
@@ -293,12 +322,16 @@ class ImageCache:
 
     def read(self, row: int) -> np.ndarray:
         """One cached image as float32 ``[S, S]`` in [0, 1]."""
+        return np.asarray(self.read_stored(row), dtype=np.float32) / self._top
+
+    def read_stored(self, row: int) -> np.ndarray:
+        """One cached image as stored: ``[S, S]`` uint8 or uint16 (a copy out of the memory map)."""
         if self._images is None:
             self._images = np.load(self.folder / "images.npy", mmap_mode="r")
         path = self.index["path"][row]
         if path in self.unusable:
             raise UnusableCachedImage(path, self.unusable[path])
-        return np.asarray(self._images[row], dtype=np.float32) / self._top
+        return np.array(self._images[row])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -10,6 +10,11 @@ An item is a dict::
      "labels": FloatTensor[K],        # 0 / 1, NaN = missing (masked out of loss and metrics)
      "index": int}                    # row in the dataset's table (dataset.table)
 
+or, with ``stored_size=C`` (transforms on the device, :mod:`agcnn.data.device_transforms`), the
+image as the cache stores it: ``[1, C, C]`` uint8 (uint16 from a 16-bit cache), read from the
+cache or decoded and resized the way ``agcnn prepare`` does; the loader then only decodes.
+
+
 A file that cannot be decoded raises :class:`ImageLoadError` naming it and its row: training data
 is curated, and a silently skipped image would change the data without anyone noticing. With
 ``skip_unreadable`` (``data.skip_unreadable``) the item is ``{"unreadable": message, "index": i}``
@@ -69,6 +74,7 @@ class XrayDataset(Dataset):
         name: str = "dataset",
         skip_unreadable: bool = False,
         scope: ScopePolicy | None = None,
+        stored_size: int | None = None,
     ):
         missing = [c for c in ("path", *labels) if c not in table.columns]
         if missing:
@@ -84,6 +90,9 @@ class XrayDataset(Dataset):
         self.name = name
         self.skip_unreadable = skip_unreadable
         self.scope = scope
+        self.stored_size = stored_size
+        if stored_size is not None and transform is not None:
+            raise ValueError("a dataset with stored_size yields integer images for the device transforms; give it no transform")
         # One contiguous array: indexing a DataFrame per item is slow in DataLoader workers.
         self.targets = self.table[self.labels].to_numpy(dtype=np.float32)
         self.paths = self.table["path"].astype(str).tolist()
@@ -91,12 +100,24 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> np.ndarray:
-        """The decoded image ``i`` as float32 ``[H, W]`` in [0, 1], bright = dense."""
+    def __getstate__(self) -> dict:
+        # Workers never apply the batch transform (the training loop does, on the device).
+        state = self.__dict__.copy()
+        state.pop("batch_transform", None)
+        return state
+
+    def load(self, i: int, stored: bool = False) -> np.ndarray:
+        """The decoded image ``i`` as float32 ``[H, W]`` in [0, 1], bright = dense; ``stored``:
+        as the cache holds it, integer ``[C, C]`` with ``C = stored_size``."""
+        from agcnn.data.cache import decode_resized
         from agcnn.data.readers import UnusableImageError, read_image
 
         path = self.paths[i]
         try:
+            if stored:
+                if self.cache is not None and self.cache.size == self.stored_size:
+                    return self.cache.read_stored(int(self.cache_rows[i]))
+                return decode_resized(resolve(path, self.root), self.stored_size, scope=self.scope)
             if self.cache is not None:
                 return self.cache.read(int(self.cache_rows[i]))
             return read_image(resolve(path, self.root), scope=self.scope)
@@ -116,15 +137,18 @@ class XrayDataset(Dataset):
     def without_rows(self, rows: set[int] | Sequence[int]) -> "XrayDataset":
         """The same dataset less ``rows`` (positions in this dataset); row numbers shift."""
         keep = np.setdiff1d(np.arange(len(self)), np.fromiter(rows, dtype=np.int64))
-        return XrayDataset(
+        out = XrayDataset(
             self.table.iloc[keep], self.labels, root=self.root, transform=self.transform, cache=self.cache,
             cache_rows=None if self.cache_rows is None else self.cache_rows[keep], name=self.name,
-            skip_unreadable=self.skip_unreadable, scope=self.scope,
+            skip_unreadable=self.skip_unreadable, scope=self.scope, stored_size=self.stored_size,
         )
+        if hasattr(self, "batch_transform"):
+            out.batch_transform = self.batch_transform
+        return out
 
     def __getitem__(self, i: int) -> dict:
         try:
-            pixels = self.load(i)
+            pixels = self.load(i, stored=self.stored_size is not None)
         except ImageLoadError as e:
             if not self.skip_unreadable:
                 raise
@@ -197,21 +221,27 @@ def load_dataframe(cfg) -> pd.DataFrame:
                       views=d.views, val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed)
 
 
-def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame | None = None) -> dict[str, XrayDataset]:
+def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame | None = None,
+                   training: bool = False, stored: bool = False, config_path: str | None = None) -> dict[str, XrayDataset]:
     """Datasets for ``splits`` from ``cfg``; training transforms on "train" only.
 
-    With ``data.cache`` set, images come from the preprocessing cache, which is first checked
-    against the table (see :mod:`agcnn.data.cache`).
+    Images come from the preprocessing cache (first checked against the table, see
+    :mod:`agcnn.data.cache`) when ``data.cache`` is set, and for ChestX-ray14 from its default
+    cache: required when ``training`` (an error names the ``agcnn prepare`` command), used
+    when present otherwise. ``stored``: items hold the image as stored (uint8 squares of
+    ``data.cache_size``, see :class:`XrayDataset`), for :mod:`agcnn.data.device_transforms`.
     """
+    from agcnn.data.cache import cache_folder, require_cache
     from agcnn.data.transforms import transforms_from_config
 
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown splits {bad}; use some of {list(SPLITS)}")
+    folder = require_cache(cfg.data, config_path) if training else cache_folder(cfg.data)
+    if folder is not None and not cfg.data.cache and not (folder / "meta.json").is_file():
+        folder = None  # the default ChestX-ray14 cache, absent: outside training, decode the originals
     table = load_dataframe(cfg) if table is None else table
-    cache = None
-    if cfg.data.cache:
-        cache = ImageCache(cfg.data.cache)
+    cache = ImageCache(folder) if folder is not None else None
     out = {}
     for split in splits:
         part = table[table["split"] == split].reset_index(drop=True)
@@ -221,6 +251,12 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
         out[split] = XrayDataset(
             part, cfg.labels, root=cfg.data.root, cache=cache, cache_rows=rows, name=split,
             skip_unreadable=cfg.data.skip_unreadable, scope=scope_policy(cfg.data),
-            transform=transforms_from_config(cfg.data, train=split == "train"),
+            transform=None if stored else transforms_from_config(cfg.data, train=split == "train"),
+            stored_size=cfg.data.cache_size if stored else None,
         )
+        if stored:
+            from agcnn.data.device_transforms import DeviceTransform
+
+            # Applied by the training loop to each batch on its device (agcnn.train.model_input).
+            out[split].batch_transform = DeviceTransform.from_config(cfg.data, train=split == "train")
     return out

@@ -2,6 +2,9 @@
 
     agcnn prepare --config configs/nih.yaml [--set data.cache=/fast/disk/nih512] [--workers 8]
 
+For ChestX-ray14 without ``data.cache`` the cache goes to ``<data.root>/agcnn-cache-<cache_size>``,
+where training looks for it by default.
+
 Rerunning continues an interrupted run, leaves an up-to-date cache alone and rebuilds one that
 no longer matches the table. Files that cannot be decoded are listed (and kept in
 ``unusable.csv`` in the cache); the exit status is 1 when there are any, so a pipeline notices.
@@ -28,16 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agcnn.config import Config, ConfigError
-    from agcnn.data.cache import build_cache
+    from agcnn.data.cache import build_cache, cache_folder
     from agcnn.data.datasets import load_dataframe, scope_policy
 
     cfg = Config.load(args.config, args.overrides)
-    if not cfg.data.cache:
+    folder = cache_folder(cfg.data)
+    if folder is None:
         raise ConfigError("data.cache is not set; give the cache folder in the config or with --set data.cache=PATH")
     table = load_dataframe(cfg)
     workers = cfg.data.num_workers if args.workers is None else args.workers
     workers = max(0, min(workers, os.cpu_count() or 1))
-    report = build_cache(cfg.data.cache, table["path"].tolist(), cfg.data.root, size=cfg.data.cache_size,
+    report = build_cache(folder, table["path"].tolist(), cfg.data.root, size=cfg.data.cache_size,
                          dtype=args.dtype, workers=workers, max_images=args.max_images, scope=scope_policy(cfg.data))
     rate = report.decoded / report.seconds if report.seconds else 0.0
     state = "complete" if report.complete else f"incomplete (rerun `agcnn prepare` to continue; {report.count - report.reused - report.decoded} left)"
