@@ -6,15 +6,21 @@ Uses the 621-image NIH sample (512 px PNGs) and its two untouched 1024 px origin
 repeatedly). Prints one JSON object. Rates are images per second: "per_core" rates are images per CPU-second
 of one process (one torch / OpenCV thread), so they hold on a busy machine; "wall" rates are
 elapsed time and depend on what else runs.
+
+Two loader paths: "train224" applies the training transform per image in the workers (float32
+resize, crop, flip, normalise); "stored" only reads the cache and collates uint8 squares, the
+transform then runs per batch on the training device (``data.augment_on``). ``workers_per_gpu``
+divides a GPU's training step rate -- from ``--step-json`` (a ``bench_train.py`` result), else
+the reference H100 figure, labelled as such -- by each path's per-core rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,29 +31,26 @@ import torch
 
 from agcnn.data.cache import ImageCache, build_cache
 from agcnn.data.datasets import XrayDataset
+from agcnn.data.device_transforms import DeviceTransform
 from agcnn.data.readers import read_image
 from agcnn.data.transforms import build_transform
 from agcnn.labels import LABELS
-from benchutil import cpu_model
+from benchutil import cpu_model, cpu_seconds, measure
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+# Reference H100 training step (issue figures, torch 2.11): bare ResNet-50, bf16 + channels_last,
+# batch 128. Used only when no measured --step-json is given, and labelled so.
+REFERENCE_STEP = 3721.0
 
 
 def rate(n: int, seconds: float) -> float:
     return round(n / seconds, 1)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children: immune to other jobs on the machine."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def timed(fn, n: int) -> float:
     """Images per CPU-second of one process (torch and OpenCV limited to one thread)."""
-    start = cpu_seconds()
-    fn()
-    return rate(n, cpu_seconds() - start)
+    return rate(n, measure(fn, CPU, iters=1, warmup=0, clock="cpu")["seconds"])
 
 
 def main() -> None:
@@ -57,6 +60,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=12, help="batches timed per DataLoader setting")
     parser.add_argument("--repeat-1024", type=int, default=15, help="decodes of each 1024 px original")
+    parser.add_argument("--step-json", type=Path, default=None,
+                        help="bench_train.py JSON from the training GPU: its bare / stage step rates set the workers needed")
     args = parser.parse_args()
     if not (args.sample / "labels.csv").is_file():
         raise SystemExit(f"NIH sample not found at {args.sample}; pass --sample DIR (with labels.csv, images/, originals_1024/)")
@@ -101,6 +106,30 @@ def main() -> None:
         hr = build_transform(train=True, resize=256, image_size=224, highres_size=448)
         out["train_transform_448_per_core"] = timed(lambda: [hr(x) for _ in range(100)], 100)
 
+        dev_t = DeviceTransform(train=True, resize=256, image_size=224)
+        stored = torch.from_numpy(cache.read_stored(0))[None, None].expand(args.batch_size, 1, 512, 512).contiguous()
+        out["device_transform_224_on_cpu_per_core"] = timed(lambda: [dev_t(stored) for _ in range(3)], 3 * args.batch_size)
+
+        stored_ds = XrayDataset(table, LABELS, root=images, name="train", cache=cache, cache_rows=rows, stored_size=512)
+        for w in args.workers:
+            loader = torch.utils.data.DataLoader(stored_ds, batch_size=args.batch_size, shuffle=True, num_workers=w,
+                                                 persistent_workers=w > 0, drop_last=True)
+            it = iter(loader)
+            next(it)
+            start, cpu0 = time.perf_counter(), cpu_seconds()
+            n = 0
+            for _ in range(args.batches):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    it = iter(loader)
+                    batch = next(it)
+                n += batch["image"].shape[0]
+            out[f"loader_stored_cache_{w}workers_wall"] = rate(n, time.perf_counter() - start)
+            del it, loader
+            if w == 0:
+                out["loader_stored_cache_per_core"] = rate(n, cpu_seconds() - cpu0)
+
         for source in ("cache", "png"):
             ds = XrayDataset(table, LABELS, root=images, transform=train_t, name="train",
                              cache=cache if source == "cache" else None, cache_rows=rows if source == "cache" else None)
@@ -123,7 +152,27 @@ def main() -> None:
                 del it, loader
                 if w == 0:
                     out[f"loader_train224_{source}_per_core"] = rate(n, cpu_seconds() - cpu0)
+    out["workers_per_gpu"] = workers_per_gpu(out, args.step_json)
     print(json.dumps(out, indent=1))
+
+
+def workers_per_gpu(out: dict, step_json: Path | None) -> dict:
+    """Loader workers one GPU needs on each input path: its step rate / the path's per-core rate."""
+    if step_json is not None:
+        train = json.loads(step_json.read_text())
+        stages = train["stages"]
+        step = max(v["images_per_s"] for k, v in stages.items() if k in ("bare", "global", "local", "fusion"))
+        source = f"measured: fastest image stage of {step_json.name} on {train.get('device')}"
+    else:
+        step, source = REFERENCE_STEP, "reference H100 figure (bare ResNet-50 train step, bf16, batch 128), not measured here"
+    paths = {
+        "stored_cache_transform_on_gpu": out.get("loader_stored_cache_per_core"),
+        "cache_transform_in_workers": out.get("loader_train224_cache_per_core"),
+        "png_512_transform_in_workers": out.get("loader_train224_png_per_core"),
+        "png_1024_decode_only": out.get("decode_png_1024_per_core"),
+    }
+    return {"gpu_step_images_per_s": step, "step_source": source,
+            **{k: math.ceil(step / v) for k, v in paths.items() if v}}
 
 
 if __name__ == "__main__":
