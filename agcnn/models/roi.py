@@ -178,8 +178,10 @@ def largest_component_boxes(mask: Tensor, backend: str = "auto") -> Tensor:
     b, h, w = mask.shape
     n = h * w
     labels = connected_components(mask).reshape(b, n)
-    offsets = torch.arange(b, device=mask.device)[:, None] * (n + 1)
-    counts = torch.bincount((labels + offsets).reshape(-1), minlength=b * (n + 1)).reshape(b, n + 1)
+    # Component sizes by scatter-add into a row per image: torch.bincount would read the largest
+    # label back to the host to size its output (a sync on CUDA), whatever minlength says.
+    counts = torch.zeros(b, n + 1, dtype=torch.int32, device=mask.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels, dtype=torch.int32))
     counts[:, n] = 0  # background
     best = counts.argmax(dim=1)  # first maximum = lowest label
     chosen = (labels == best[:, None]).reshape(b, h, w) & mask
