@@ -42,8 +42,8 @@ if ((DRY)); then
   MODEL_ARGS=(--device cpu --backbone resnet18 --batch-size 2 --image-size 64 --dtype fp32 --iters 1 --warmup 0
               --threads 1 --compile --compile-backend aot_eager)
   TRAIN_ARGS=(--device cpu --backbone resnet18 --batch-size 2 --image-size 64 --steps 1 --warmup 0)
-  PREDICT_ARGS=(--device cpu --backbone resnet18 --image-size 32 --files 2 --workers 1 --batch-size 2 --rss-counts)
-  LIMITS=(60 150 150 150)
+  PREDICT_ARGS=(--device cpu --backbone resnet18 --image-size 32 --files 2 --workers 0 --batch-size 2 --rss-counts)
+  LIMITS=(90 240 240 240)
 else
   DEVICE=cuda
   if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
