@@ -93,9 +93,14 @@ def test_training_with_device_transforms_resumes_to_the_same_weights(phantoms, t
 
 
 def test_chestxray14_training_without_its_cache_names_the_prepare_command(tmp_path):
+    import pandas as pd
+
+    from agcnn.labels import LABELS
+
     cfg = Config.from_dict({"data": {"dataset": "chestxray14", "root": str(tmp_path / "nih")}})
+    table = pd.DataFrame({"path": ["00000001_000.png"], "patient": ["1"], "split": ["train"], **{k: [0.0] for k in LABELS}})
     with pytest.raises(ConfigError, match=r"agcnn-cache-512.*agcnn prepare --config cfg.yaml.*data.decode_originals=true"):
-        build_datasets(cfg, splits=("train",), training=True, config_path="cfg.yaml")
+        build_datasets(cfg, splits=("train",), table=table, training=True, config_path="cfg.yaml")
     # Outside training, and with the originals chosen explicitly, nothing requires the cache.
     from agcnn.data.cache import cache_folder, require_cache
 

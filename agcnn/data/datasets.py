@@ -237,10 +237,11 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown splits {bad}; use some of {list(SPLITS)}")
+    # The table first: a missing label file or split list is the more basic problem.
+    table = load_dataframe(cfg) if table is None else table
     folder = require_cache(cfg.data, config_path) if training else cache_folder(cfg.data)
     if folder is not None and not cfg.data.cache and not (folder / "meta.json").is_file():
         folder = None  # the default ChestX-ray14 cache, absent: outside training, decode the originals
-    table = load_dataframe(cfg) if table is None else table
     cache = ImageCache(folder) if folder is not None else None
     out = {}
     for split in splits:
