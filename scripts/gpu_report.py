@@ -135,6 +135,9 @@ def main() -> int:
         if t:
             lines.append(f"\n{n}: {t['tests']} tests, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
                          + (f" ({', '.join(t['failed'])})" if t["failed"] else ""))
+    compile_error = dig(results, ("bench_model", "compiled", "error"))
+    if compile_error:
+        lines.append(f"\ntorch.compile: {compile_error.splitlines()[0]}")
     if failed:
         lines.append(f"\nFailed steps: {', '.join(failed)} (see gpu_check.log).")
     md = "\n".join(lines) + "\n"
