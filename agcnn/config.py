@@ -41,6 +41,10 @@ POOLS = ("max", "avg")
 DATASETS = ("synthetic", "chestxray14", "csv")
 # Where the training and evaluation transforms run (data.augment_on).
 AUGMENT_PLACES = ("auto", "device", "loader")
+# Training augmentations (agcnn.data.transforms): the paper's plain random crop, or zoom.
+AUGMENTS = ("paper", "resized_crop")
+# Inference precisions (agcnn.precision).
+PRECISIONS = ("fp32", "bf16")
 
 
 class Check:
@@ -160,6 +164,10 @@ class ModelConfig:
     # Channels of a ResNet's first stage (the later stages have 2, 4, 8 times as many). 64 is
     # torchvision's and the only width ImageNet weights fit; fewer train faster from scratch.
     width: int = setting(64, AT_LEAST_1)
+    # The paper's label vector has 15 entries: the 14 findings and "No Finding" (Sec. 4.1). True
+    # adds that 15th output to every classifier, trained on "no finding is positive"; it is only
+    # a training target: AUC, operating points and every output file keep the 14 findings.
+    no_finding: bool = False
 
 
 @dataclass
@@ -196,9 +204,13 @@ class DataConfig:
     # Global input: resize to `resize`, crop `image_size` (paper: 256 / 224).
     resize: int = setting(256, AT_LEAST_1)
     image_size: int = setting(224, Range(32))
-    # Training crop: RandomResizedCrop keeping this range of the image's area (torchvision's
-    # default 8-100 %). Small training sets with small findings want a narrower range, since a
-    # crop can cut the finding out while its label stays on.
+    # Training augmentation (AUGMENTS, see agcnn.data.transforms): "paper" = resize, random
+    # image_size crop, horizontal flip (Sec. 4.2); "resized_crop" = RandomResizedCrop keeping
+    # crop_scale of the area, then flip.
+    augment: str = setting("resized_crop", OneOf(AUGMENTS))
+    # resized_crop: the range of the image's area a training crop keeps (torchvision's default
+    # 8-100 %). Small training sets with small findings want a narrower range, since a crop can
+    # cut the finding out while its label stays on.
     crop_scale: list[float] = setting(factory=lambda: [0.08, 1.0], check=Rule(
         _crop_scale_ok, "must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]"))
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
@@ -247,14 +259,21 @@ def _stage(batch_size: int) -> Any:
 class TrainConfig:
     seed: int = setting(0, AT_LEAST_0)
     device: str = setting("auto", Rule(_valid_device, "is not a device; use auto, cpu, cuda or cuda:N"))
-    # bf16 autocast on CUDA; ignored on the CPU.
+    # bf16 autocast of the training steps on CUDA; ignored on the CPU.
     amp: bool = True
+    # Precision of every score the model gives: training validation (which picks best.pt and its
+    # operating points), evaluate and predict, on the CPU and CUDA alike: fp32 | bf16
+    # (agcnn.precision). Stored with the checkpoint's config, so the three always agree.
+    inference_precision: str = setting("fp32", OneOf(PRECISIONS))
     channels_last: bool = True
     compile: bool = False
     # Paper batch sizes: 128 (global), 64 (local), 64 (fusion).
     global_: StageConfig = _stage(128)
     local: StageConfig = _stage(64)
     fusion: StageConfig = _stage(64)
+    # Under torchrun: batch norm of the trained branches as SyncBatchNorm (statistics over the
+    # whole batch rather than each GPU's share; CUDA only).
+    sync_batchnorm: bool = False
     # The paper's Table II "G L F*": fine-tune both branches in stage III instead of freezing them.
     finetune_all: bool = False
     # Stage III starts its fusion head as the global classifier (zero weight on local features),

@@ -2,6 +2,11 @@
 
 This is the only place the list is written down. Every checkpoint and every output file
 carries the list it was made with, and :func:`check_labels` refuses a mismatch.
+
+The paper's label vector has 15 entries: these 14 and "No Finding" (Guan et al., Sec. 4.1). With
+``model.no_finding`` the classifiers get that 15th output as an extra training target (see
+:func:`agcnn.metrics.with_no_finding`); it is not a finding and not part of this list, so
+checkpoints, AUC tables, operating points and prediction files keep exactly these 14 columns.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ LABELS: tuple[str, ...] = (
 )
 
 NUM_CLASSES = len(LABELS)
+
+# Name of the optional 15th output (model.no_finding); never a column of an output file.
+NO_FINDING = "No Finding"
 
 
 class LabelMismatchError(AgcnnError, ValueError):

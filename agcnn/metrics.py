@@ -28,6 +28,7 @@ __all__ = [
     "paired_bootstrap_mean_auc_difference",
     "youden_thresholds",
     "masked_bce_with_logits",
+    "with_no_finding",
 ]
 
 # Bootstrap weights are processed in blocks of at most this many cells (resamples x images), so a
@@ -271,3 +272,16 @@ def masked_bce_with_logits(logits: Tensor, labels: Tensor, pos_weight: Tensor | 
     loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
     mask = observed.to(loss.dtype)
     return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def with_no_finding(labels: Tensor) -> Tensor:
+    """``[N, K]`` finding labels -> ``[N, K + 1]`` with the paper's "No Finding" target appended.
+
+    No Finding is 1 when every finding is observed negative, 0 when any is positive, and missing
+    (NaN) when none is positive but some are missing: the image may hold the missing one.
+    """
+    positive = (labels == 1).any(dim=1)
+    all_negative = (labels == 0).all(dim=1)
+    nf = torch.where(positive, torch.zeros_like(labels[:, 0]), torch.full_like(labels[:, 0], float("nan")))
+    nf = torch.where(all_negative, torch.ones_like(nf), nf)
+    return torch.cat([labels, nf[:, None]], dim=1)

@@ -39,3 +39,22 @@ def test_paper_config_matches_section_4():
 
 def test_shipped_demo_config_equals_the_repository_copy():
     assert (ROOT / "configs" / "demo.yaml").read_text() == (ROOT / "agcnn" / "configs" / "demo.yaml").read_text()
+
+
+@pytest.mark.parametrize("name", ["agcnn_r50.yaml", "agcnn_densenet121.yaml", "agcnn_r50_se.yaml", "agcnn_r50_self.yaml"])
+def test_paper_configs_train_the_paper_recipe(name):
+    cfg = Config.load(ROOT / "configs" / name)
+    # Sec. 4.2: resize 256, random 224 crop, flip; the local input from the same 224 image.
+    assert (cfg.data.augment, cfg.data.resize, cfg.data.image_size, cfg.data.highres_size) == ("paper", 256, 224, 224)
+    # The 15-entry label vector (14 findings + No Finding); the label list itself stays 14.
+    assert cfg.model.no_finding and len(cfg.labels) == 14
+    # Stage III: a randomly started fusion layer on augmented images through the frozen branches.
+    assert not cfg.train.fusion_from_global and not cfg.train.cache_fusion_features and not cfg.train.finetune_all
+
+
+def test_project_config_differs_from_the_paper_only_where_it_says():
+    paper = Config.load(ROOT / "configs" / "agcnn_r50.yaml").to_dict()
+    ours = Config.load(ROOT / "configs" / "agcnn_r50_highres.yaml").to_dict()
+    diff = {f"{s}.{k}" for s in paper if isinstance(paper[s], dict) for k in paper[s] if paper[s][k] != ours[s][k]}
+    assert diff == {"data.augment", "data.crop_scale", "data.highres_size", "train.fusion_from_global",
+                    "train.cache_fusion_features"}

@@ -193,3 +193,14 @@ def test_paired_interval_is_narrower_than_either_branch_interval():
     assert same == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="groups"):
         paired_bootstrap_mean_auc_difference(probs, probs, labels, groups=np.arange(3))
+
+
+def test_no_finding_target():
+    from agcnn.metrics import with_no_finding
+
+    nan = float("nan")
+    y = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, nan], [0.0, nan, 0.0], [nan, 1.0, 1.0]])
+    out = with_no_finding(y)
+    assert torch.equal(out[:, :3].nan_to_num(-1), y.nan_to_num(-1))
+    # All negative -> 1; any positive -> 0; no positive but something missing -> missing.
+    assert out[:, 3].nan_to_num(-1).tolist() == [1.0, 0.0, -1.0, 0.0]

@@ -30,13 +30,22 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from agcnn.config import AUGMENTS, check_choice
+
 # torchvision's ImageNet statistics: the pretrained backbones expect inputs normalised with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# torchvision's RandomResizedCrop defaults (area 8-100 %, aspect 3/4-4/3), as in the CheXNet /
-# AG-CNN training code.
+# torchvision's RandomResizedCrop defaults (area 8-100 %, aspect 3/4-4/3), as in the CheXNet
+# training code.
 TRAIN_CROP_SCALE = (0.08, 1.0)
+
+# Training augmentations (data.augment, one of agcnn.config.AUGMENTS):
+#   paper         resize to `resize`, a random `image_size` crop, horizontal flip (Sec. 4.2):
+#                 every training crop is a window of the evaluation image's resize, at its zoom;
+#   resized_crop  resize, then RandomResizedCrop keeping `crop_scale` of the area at aspect
+#                 3/4-4/3, then flip: stronger zoom augmentation, with the risk that a small
+#                 crop cuts a finding out while its label stays on.
 
 
 def scaled_resize(resize: int, image_size: int, highres_size: int) -> int:
@@ -55,15 +64,25 @@ def build_transform(
     image_size: int = 224,
     highres_size: int | None = None,
     crop_scale: tuple[float, float] = TRAIN_CROP_SCALE,
+    augment: str = "resized_crop",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training or evaluation transform: ``[1, H, W]`` in [0, 1] -> ``[3, S, S]`` normalised."""
+    """The training or evaluation transform: ``[1, H, W]`` in [0, 1] -> ``[3, S, S]`` normalised.
+
+    ``augment`` (training only) is one of :data:`AUGMENTS`; evaluation always resizes and takes
+    the centre crop.
+    """
+    check_choice("data.augment", augment, AUGMENTS)
     side = image_size if highres_size is None else highres_size
     first = scaled_resize(resize, image_size, side)
     ops: list[Callable] = [v2.ToDtype(torch.float32, scale=True), v2.Resize((first, first), antialias=True)]
     if train:
         # Horizontal flip as in the paper, although it mirrors the heart to the right side;
         # the findings themselves are not side-specific labels.
-        ops += [v2.RandomResizedCrop(side, scale=crop_scale, antialias=True), v2.RandomHorizontalFlip()]
+        if augment == "paper":
+            ops.append(v2.RandomCrop(side))
+        else:
+            ops.append(v2.RandomResizedCrop(side, scale=crop_scale, antialias=True))
+        ops.append(v2.RandomHorizontalFlip())
     else:
         ops.append(v2.CenterCrop(side))
     # Gray -> 3 identical channels after the geometric steps, so those touch one channel only.
@@ -77,7 +96,8 @@ def transforms_from_config(data_cfg, *, train: bool) -> Callable[[torch.Tensor],
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"data.crop_scale={list(scale)} must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]")
     return build_transform(
-        train=train, resize=data_cfg.resize, image_size=data_cfg.image_size, highres_size=data_cfg.highres_size, crop_scale=scale
+        train=train, resize=data_cfg.resize, image_size=data_cfg.image_size, highres_size=data_cfg.highres_size, crop_scale=scale,
+        augment=data_cfg.augment,
     )
 
 

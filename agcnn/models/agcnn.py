@@ -58,11 +58,17 @@ class AGCNNOutput:
     heatmap: Tensor | None = None
     global_pooled: Tensor | None = None
     local_pooled: Tensor | None = None
+    # With model.no_finding: each branch's "No Finding" logit [B], kept apart from the findings'.
+    no_finding: dict[str, Tensor] | None = None
 
-    def logits(self, branch: str) -> Tensor:
+    def logits(self, branch: str, *, with_no_finding: bool = False) -> Tensor:
+        """The branch's logits of the findings [B, K]; ``with_no_finding`` appends the "No
+        Finding" logit as column K when the model has one (the training target of the paper)."""
         out = {"global": self.global_logits, "local": self.local_logits, "fusion": self.fusion_logits}[branch]
         if out is None:
             raise ValueError(f"the {branch} logits were not computed in this forward pass")
+        if with_no_finding and self.no_finding is not None:
+            out = torch.cat([out, self.no_finding[branch][:, None]], dim=1)
         return out
 
 
@@ -86,6 +92,7 @@ class AGCNN(nn.Module):
         local_size: int = 224,
         dropout: float = 0.0,
         width: int = 64,
+        no_finding: bool = False,
     ) -> None:
         super().__init__()
         check_choice("pool", pool, POOLS)
@@ -95,11 +102,15 @@ class AGCNN(nn.Module):
             raise ValueError(f"image_size ({image_size}) and local_size ({local_size}) must be at least 32 pixels")
         self.num_classes, self.threshold = num_classes, threshold
         self.image_size, self.local_size = image_size, local_size
+        # num_classes counts the findings; the paper's "No Finding" output (model.no_finding) is
+        # one more row of every classifier, after them, so rows 0..K-1 stay the label list.
+        self.no_finding = no_finding
+        outputs = num_classes + int(no_finding)
         # Same architecture, no weight sharing (Sec. 3.3).
-        self.global_branch = Branch(backbone, attention, pool, num_classes, dropout, width)
-        self.local_branch = Branch(backbone, attention, pool, num_classes, dropout, width)
+        self.global_branch = Branch(backbone, attention, pool, outputs, dropout, width)
+        self.local_branch = Branch(backbone, attention, pool, outputs, dropout, width)
         self.fusion_dropout = nn.Dropout(dropout)
-        self.fusion = nn.Linear(self.global_branch.num_features + self.local_branch.num_features, num_classes)
+        self.fusion = nn.Linear(self.global_branch.num_features + self.local_branch.num_features, outputs)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int, image_size: int) -> "AGCNN":
@@ -113,6 +124,7 @@ class AGCNN(nn.Module):
             local_size=cfg.local_size,
             dropout=cfg.dropout,
             width=cfg.width,
+            no_finding=cfg.no_finding,
         )
         if cfg.pretrained:
             for name, branch in (("global", model.global_branch), ("local", model.local_branch)):
@@ -137,7 +149,7 @@ class AGCNN(nn.Module):
         g_pooled = self.global_branch.pool_features(g_map)
         out = AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
         if stage == "global":
-            return out
+            return self._split_no_finding(out)
         out.heatmap = attention_heatmap(g_map)
         out.boxes = boxes_from_heatmap(out.heatmap, self.image_size, self.threshold)
         crops = crop_regions(x, out.boxes, self.image_size, self.local_size)
@@ -147,6 +159,23 @@ class AGCNN(nn.Module):
         out.local_pooled = self.local_branch.pool_features(l_map)
         out.local_logits = self.local_branch.forward_head(out.local_pooled)
         out.fusion_logits = self.fuse(g_pooled, out.local_pooled)
+        return self._split_no_finding(out)
+
+    def findings(self, logits: Tensor) -> Tensor:
+        """The findings' columns of a classifier's output (without the "No Finding" one)."""
+        return logits[:, : self.num_classes]
+
+    def _split_no_finding(self, out: AGCNNOutput) -> AGCNNOutput:
+        """Move the "No Finding" column out of the logits, so ``global_logits`` & co. always hold
+        exactly the label list's findings (what evaluate, predict and their files use)."""
+        if not self.no_finding:
+            return out
+        out.no_finding = {}
+        for b in ("global", "local", "fusion"):
+            full = getattr(out, f"{b}_logits")
+            if full is not None:
+                setattr(out, f"{b}_logits", full[:, : self.num_classes])
+                out.no_finding[b] = full[:, self.num_classes]
         return out
 
     @torch.no_grad()
@@ -163,5 +192,6 @@ class AGCNN(nn.Module):
         self.fusion.bias.copy_(self.global_branch.classifier.bias)
 
     def fuse(self, global_pooled: Tensor, local_pooled: Tensor) -> Tensor:
-        """Fusion head on the concatenated pool5 features (Sec. 3.4)."""
+        """Fusion head on the concatenated pool5 features (Sec. 3.4): every output, "No Finding"
+        included (:meth:`findings` keeps the label list's columns)."""
         return self.fusion(self.fusion_dropout(torch.cat([global_pooled, local_pooled], dim=1)))

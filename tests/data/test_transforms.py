@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from agcnn.data.transforms import IMAGENET_MEAN, build_transform, denormalize, scaled_resize
 
@@ -78,3 +79,58 @@ def test_crop_scale_comes_from_config_and_is_checked():
     assert torch.allclose(train_out, eval_out, atol=1e-5) or torch.allclose(train_out, eval_out.flip(-1), atol=1e-5)
     with pytest.raises(ValueError, match=r"data.crop_scale=\[0.5, 0.2\]"):
         transforms_from_config(DataConfig(crop_scale=[0.5, 0.2]), train=True)
+
+
+def _windows_of(resized: torch.Tensor, crop: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Every (top, left, flipped) window of ``resized`` [H, W] that equals ``crop`` [S, S]."""
+    s = crop.shape[-1]
+    tops, lefts = torch.meshgrid(torch.arange(resized.shape[0] - s + 1), torch.arange(resized.shape[1] - s + 1), indexing="ij")
+    tops, lefts = tops.flatten(), lefts.flatten()
+    # A few pixels first rule out almost every window; the survivors are compared in full.
+    ys, xs = torch.tensor([0, 3, s // 2, s - 1, 7, s - 5]), torch.tensor([0, s - 1, s // 3, 5, s // 2, s - 2])
+    samples = resized[tops[:, None] + ys, lefts[:, None] + xs]
+    found = []
+    for flipped, target in ((False, crop), (True, crop.flip(-1))):
+        close = (samples - target[ys, xs]).abs().amax(dim=1) < 1e-5
+        for t, l in zip(tops[close].tolist(), lefts[close].tolist()):
+            if torch.allclose(resized[t:t + s, l:l + s], target, atol=1e-5):
+                found.append((t, l, flipped))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("config", ["agcnn_r50.yaml", "agcnn_densenet121.yaml"])
+def test_paper_training_crop_is_a_window_of_the_256_resize(config):
+    from pathlib import Path
+
+    from agcnn.config import Config
+    from agcnn.data.transforms import transforms_from_config
+
+    cfg = Config.load(Path(__file__).resolve().parents[2] / "configs" / config)
+    d = cfg.data
+    assert (d.augment, d.resize, d.image_size, d.highres_size) == ("paper", 256, 224, 224)
+    img = torch.rand(1, 300, 280)
+    # The evaluation transform's first step, before its centre crop (Sec. 4.2: resize to 256).
+    resized = v2.Resize((d.resize, d.resize), antialias=True)(img)[0]
+    train_t = transforms_from_config(d, train=True)
+    torch.manual_seed(0)
+    seen = []
+    for _ in range(6):
+        crop = denormalize(train_t(img))[0]
+        hits = _windows_of(resized.clamp(0, 1), crop)
+        assert len(hits) == 1, "a paper training crop is exactly one window of the 256 px resize, no zoom"
+        seen.append(hits[0])
+    assert {f for _, _, f in seen} == {False, True}  # flipped and not
+    assert len({(t, l) for t, l, _ in seen}) > 1  # the window moves
+    # Evaluation: the centre window, unflipped.
+    centre = denormalize(transforms_from_config(d, train=False)(img))[0]
+    assert _windows_of(resized.clamp(0, 1), centre) == [(16, 16, False)]
+
+
+def test_resized_crop_zooms_and_unknown_augment_is_refused():
+    img = torch.rand(1, 64, 64)
+    torch.manual_seed(0)
+    zoomed = build_transform(train=True, resize=64, image_size=56, crop_scale=(0.3, 0.5), augment="resized_crop")(img)
+    resized = v2.Resize((64, 64), antialias=True)(img)[0]
+    assert _windows_of(resized.clamp(0, 1), denormalize(zoomed)[0]) == []
+    with pytest.raises(ValueError, match=r"unknown data.augment 'paperr'.*Did you mean 'paper'"):
+        build_transform(train=True, augment="paperr")

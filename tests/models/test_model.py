@@ -231,3 +231,25 @@ def test_resnet_width_scales_every_stage(backbone, width, channels):
     assert model.fusion.in_features == 2 * 128
     with pytest.raises(ValueError, match="width"):
         create_backbone("densenet121", width=32)
+
+
+def test_no_finding_output_is_kept_apart_from_the_findings():
+    cfg = ModelConfig(backbone="resnet18", local_size=64, no_finding=True)
+    torch.manual_seed(0)
+    model = AGCNN.from_config(cfg, num_classes=14, image_size=64).eval()
+    assert model.fusion.out_features == model.global_branch.classifier.out_features == 15
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+        pooled = model.global_branch.pool_features(model.global_branch.forward_features(torch.randn(1, 3, 64, 64)))
+    for b in ("global", "local", "fusion"):
+        # The 14 findings in the label order everywhere outputs are read; the 15th apart.
+        assert out.logits(b).shape == (2, 14)
+        full = out.logits(b, with_no_finding=True)
+        assert full.shape == (2, 15) and torch.equal(full[:, :14], out.logits(b)) and torch.equal(full[:, 14], out.no_finding[b])
+    torch.testing.assert_close(out.logits("fusion", with_no_finding=True), model.fuse(out.global_pooled, out.local_pooled))
+    assert model.findings(model.global_branch.forward_head(pooled)).shape == (1, 14)
+    # Without the option nothing changes: 14 outputs, with_no_finding is a no-op.
+    plain = AGCNN.from_config(ModelConfig(backbone="resnet18", local_size=64), num_classes=14, image_size=64).eval()
+    with torch.no_grad():
+        out = plain(torch.randn(1, 3, 64, 64))
+    assert out.no_finding is None and out.logits("fusion", with_no_finding=True).shape == (1, 14)
