@@ -23,8 +23,11 @@ Every image, whatever its source, comes out with the same contract:
     the JPEG 2000 codec undoes YBR_ICT/RCT), gray = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601
     luma), divided by 2**BitsStored - 1 (palette: by the max of the palette's output type).
   - PNG / JPEG: gray, RGB or RGBA (alpha dropped) at 8 or 16 bits; colour -> BT.601 luma;
-    divided by the maximum of the type (255 or 65535). No windowing: these files are already
-    rendered for display.
+    8-bit: divided by 255. 16-bit PNG: divided by ``2**bits - 1`` where ``bits`` is the number
+    of significant bits, from the ``sBIT`` chunk when present, else the highest set bit of the
+    image (with a note), so 12-bit data exported unscaled into a 16-bit PNG is not shown
+    near-black; data that fills the upper bits (scaled up as the PNG standard asks) is divided
+    by 65535. No windowing: these files are already rendered for display.
 
 A file that cannot be used raises `UnusableImageError` and nothing else: its ``.reason`` is
 one of `REASONS` (stable codes for a batch report) and ``str(e)`` says what was found and
@@ -434,6 +437,47 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
+def _png_significant_bits(data: bytes) -> int | None:
+    """The largest significant-bit count of the colour channels in the ``sBIT`` chunk, or None.
+
+    ``sBIT`` precedes the image data, so only the chunks before the first IDAT are walked.
+    """
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT" or kind == b"IEND":
+            return None
+        if kind == b"sBIT":
+            body = data[pos + 8 : pos + 8 + length]
+            color_type = data[25] if len(data) > 25 else 0
+            # Gray (0) and gray+alpha (4) give the gray channel first; RGB (2), palette (3) and
+            # RGBA (6) give R, G, B first; a trailing alpha byte is not about the image.
+            channels = body[:1] if color_type in (0, 4) else body[:3]
+            bits = max(channels, default=0)
+            return int(bits) if 0 < bits <= 16 else None
+        pos += 12 + length
+    return None
+
+
+def _png16_scale(data: bytes, peak: int, notes: list[str]) -> float:
+    """The divisor that maps a 16-bit PNG onto [0, 1] (see the module docstring)."""
+    sbit = _png_significant_bits(data)
+    if sbit is not None and sbit < 16:
+        if peak < 2**sbit:
+            notes.append(f"16-bit PNG with {sbit} significant bits (sBIT): scaled by {2**sbit - 1}")
+            return float(2**sbit - 1)
+        # The samples were scaled up to 16 bits, as the PNG standard asks of an encoder.
+        return 65535.0
+    if sbit is None and 0 < peak < 2**15:
+        bits = max(int(peak).bit_length(), 8)
+        notes.append(
+            f"16-bit PNG without an sBIT chunk whose highest set bit is bit {bits}: taken as {bits}-bit data and "
+            f"scaled by {2**bits - 1}, not 65535"
+        )
+        return float(2**bits - 1)
+    return 65535.0
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int]:
     # Walk the marker segments to the first SOFn frame header (height, width are big endian).
     pos, n = 2, len(data)
@@ -516,10 +560,9 @@ def _read_raster(data: bytes, fmt: str) -> tuple[np.ndarray, ImageInfo]:
             "decode_error", f"{fmt.upper()} decoded to unexpected shape {arr.shape}"
         )
 
-    if arr.dtype == np.uint16 and gray.max() < 4096:
-        notes.append(
-            "16-bit file uses 12 bits or fewer: the image will look dark (scaled by 65535)"
-        )
+    if arr.dtype == np.uint16 and fmt == "png":
+        color = arr[..., :3] if arr.ndim == 3 and arr.shape[2] >= 3 else (arr[..., :1] if arr.ndim == 3 else arr)
+        scale = _png16_scale(data, int(color.max()), notes)
     out = _finish(gray / scale)
     info = ImageInfo(
         format=fmt, height=out.shape[0], width=out.shape[1], photometric=photometric, notes=notes

@@ -405,10 +405,37 @@ def test_png_16bit_gray(tmp_path):
     assert not any("12 bits" in n for n in info.notes)
 
 
-def test_png_16bit_with_12bit_values_is_flagged(tmp_path):
-    out, info = read_image_with_info(_imwrite(tmp_path / "g12.png", _pattern()))
-    assert out.max() < 0.07
-    assert any("12 bits or fewer" in n for n in info.notes)
+def _with_sbit(path, bits: int):
+    """Insert an sBIT chunk (gray: one byte) right after the IHDR chunk of a PNG file."""
+    import struct
+    import zlib
+    from pathlib import Path
+
+    path = Path(path)
+    data = path.read_bytes()
+    body = b"sBIT" + bytes([bits])
+    chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+    path.write_bytes(data[:33] + chunk + data[33:])
+    return path
+
+
+def test_png_16bit_holding_12bit_data_is_scaled_by_its_highest_bit(tmp_path):
+    a = _pattern()
+    assert int(a.max()).bit_length() == 12
+    out, info = read_image_with_info(_imwrite(tmp_path / "g12.png", a))
+    np.testing.assert_allclose(out, a / 4095.0, atol=1e-7)
+    assert any("without an sBIT chunk whose highest set bit is bit 12" in n and "4095" in n for n in info.notes)
+
+
+def test_png_16bit_scaled_by_its_sbit_chunk(tmp_path):
+    a = (_pattern() // 2).astype(np.uint16)  # 11 bits used, 12 declared
+    out, info = read_image_with_info(_with_sbit(_imwrite(tmp_path / "s12.png", a), 12))
+    np.testing.assert_allclose(out, a / 4095.0, atol=1e-7)
+    assert any("12 significant bits (sBIT)" in n for n in info.notes)
+    # Samples scaled up to 16 bits, as the PNG standard asks: sBIT only says the low bits are filler.
+    shifted = (_pattern() * 16).astype(np.uint16)
+    out = read_image(_with_sbit(_imwrite(tmp_path / "s12up.png", shifted), 12))
+    np.testing.assert_allclose(out, shifted / 65535.0, atol=1e-7)
 
 
 def test_png_rgb_and_rgba(tmp_path):
