@@ -31,11 +31,10 @@ import numpy as np
 import pandas as pd
 
 from agcnn.errors import DataError, MissingFileError
-from agcnn.labels import LABELS
+from agcnn.labels import LABELS, NO_FINDING
 
 log = logging.getLogger(__name__)
 
-NO_FINDING = "No Finding"
 DATA_ENTRY_NAMES = ("Data_Entry_2017_v2020.csv.gz", "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv.gz", "Data_Entry_2017.csv")
 
 # Data_Entry header name -> our column name. Only these are kept; the pixel sizes and spacings
@@ -262,8 +261,13 @@ def load_chestxray14(
 
     leaked = set(table.loc[table["split"] == "train", "patient"]) & set(table.loc[table["split"] != "train", "patient"])
     if leaked:
-        log.warning("%d patients have images in both the training list and the validation/test list; "
-                    "scores will be optimistic. The official NIH lists are patient-wise.", len(leaked))
+        # As for a CSV table: a patient on both sides makes every validation and test number
+        # optimistic, and the operating points would be chosen on training patients.
+        raise DataError(
+            f"{len(leaked)} patients have images in both the training list and the validation/test list (e.g. patient "
+            f"{sorted(leaked)[0]!r}); the split must be patient-wise. Use the official NIH lists (train_val_list.txt, "
+            f"test_list.txt), or move every image of those patients to one side"
+        )
     if "val" not in lists and val_fraction > 0:
         train = table["split"] == "train"
         table.loc[train, "split"] = split_patientwise(table.loc[train], val_fraction, split_seed, "patient")

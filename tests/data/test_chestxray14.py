@@ -116,6 +116,16 @@ def test_views_filter_and_missing_images(tmp_path):
         load_chestxray14(root)
 
 
+def test_a_patient_in_both_the_train_and_test_lists_is_an_error(tmp_path):
+    root = make_nih_folder(tmp_path)
+    # Patient 1's second image moves to the test list: patient 1 is then on both sides.
+    (root / "train_val_list.txt").write_text("\n".join(r.split(",")[0] for r in ROWS_2020[:1] + ROWS_2020[2:4]))
+    (root / "test_list.txt").write_text("\n".join(r.split(",")[0] for r in ROWS_2020[1:2] + ROWS_2020[4:]))
+    with pytest.raises(ValueError, match=r"1 patients have images in both the training list and the validation/test list "
+                                         r"\(e.g. patient '1'\); the split must be patient-wise"):
+        load_chestxray14(root)
+
+
 def test_chexnet_lists_with_own_labels(tmp_path):
     for split, names in {"train": ["00000001_000.png", "00000001_001.png"], "val": ["00000002_000.png"], "test": ["00000003_000.png"]}.items():
         (tmp_path / f"{split}_list.txt").write_text("".join(f"{n} " + " ".join(["0"] * 13 + ["1"]) + "\n" for n in names))
