@@ -30,6 +30,13 @@ taken from the test split. On any split, operating points already in the checkpo
 The AG-CNN paper's mean AUC of 0.868 (Table I) was measured on a random image-level split of
 ChestX-ray14, on which one patient's images fall on both sides; on the official patient-wise split
 comparable methods score about 0.80-0.83. The report says which kind of split it used.
+
+What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance). A
+split that differs from the one the weights were trained and validated on, or an evaluated set
+that holds training patients, is refused before anything is written, unless
+``--allow-other-split`` (then every report says so). The model runs at the checkpoint's
+``train.inference_precision``, as training validation did, so ``--split val`` reproduces the
+validation AUC and operating points that training recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -63,6 +71,7 @@ from agcnn.config import Config, ConfigError, apply_override
 from agcnn.errors import UsageError
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
+from agcnn.precision import inference_precision
 from agcnn.runtime import resolve_device
 from agcnn.stages import BRANCHES
 
@@ -173,7 +182,34 @@ def _named_split(cfg: Config, split: str):
         "patients_also_in_train": overlap if split != "train" and has_ids else None,
         "patient_wise": (overlap == 0) if split != "train" and has_ids else None,
     }
-    return dataset, info
+    return dataset, info, table
+
+
+def _check_training_split(ckpt: dict[str, Any], cfg: Config, whole: pd.DataFrame | None, dataset, info: dict[str, Any],
+                          allow: bool) -> dict[str, Any]:
+    """Compare the split built here with the one the checkpoint was trained on (its ``split``
+    record, agcnn.data.provenance); refuse a changed split or training patients in the evaluated
+    set unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
+    from agcnn.data.provenance import hashed_patients, split_problems
+
+    record = ckpt.get("split")
+    if not record:
+        return {"recorded": False, "problems": [], "allowed_other_split": allow}
+    problems = split_problems(record, cfg.data, whole, dataset.table, info["name"], patient_ids=info["patient_ids"])
+    if problems and not allow:
+        raise EvaluationError(
+            f"refusing to evaluate: {'; and '.join(problems)}. The numbers would not be a held-out evaluation of this "
+            f"checkpoint (and operating points chosen here could be fitted to training patients). Evaluate with the "
+            f"training run's split settings, or pass --allow-other-split to evaluate anyway (every report then says so)"
+        )
+    if info["patient_ids"] and info["name"] != "train":
+        # Overlap with the patients the weights were trained on, not with a rebuilt train split.
+        mine = hashed_patients(dataset.table["patient"].astype(str), record["salt"])
+        overlap = len(mine & set(record["train_patients"]))
+        info["patients_also_in_train"], info["patient_wise"] = overlap, overlap == 0
+    return {"recorded": True, "problems": problems, "allowed_other_split": allow, "rebuilt": whole is not None,
+            "train": {k: record["train"][k] for k in ("images", "patients")},
+            "val": {k: record["val"][k] for k in ("images", "patients")}}
 
 
 def _made_up_patients(table: pd.DataFrame) -> bool:
@@ -215,15 +251,21 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
         "patients_also_in_train": None,
         "patient_wise": None,
     }
-    return dataset, info
+    return dataset, info, None
 
 
 # ---------------------------------------------------------------------- inference
 
 @torch.inference_mode()
-def predict_split(model, dataset, branches: Sequence[str], *, device: torch.device, batch_size: int, num_workers: int):
-    """Sigmoid probabilities ``{branch: [N, K]}``, labels ``[N, K]``, table rows and errors."""
+def predict_split(model, dataset, branches: Sequence[str], *, device: torch.device, batch_size: int, num_workers: int,
+                  precision: str = "fp32", channels_last: bool = False):
+    """Sigmoid probabilities ``{branch: [N, K]}``, labels ``[N, K]``, table rows and errors.
+
+    ``precision`` and ``channels_last``: as the training run validated (the checkpoint's
+    ``train.inference_precision`` and ``train.channels_last``), so validation numbers reproduce.
+    """
     model.eval().to(device)
+    fmt = torch.channels_last if channels_last else torch.preserve_format
     # A global-stage checkpoint needs no region step or local branch.
     stage = "global" if tuple(branches) == ("global",) else "fusion"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -232,7 +274,8 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
     labels, rows, errors = [], [], []
     started, n_done = time.monotonic(), 0
     for step, batch in enumerate(loader):
-        out = model(batch["image"].to(device, non_blocking=True), stage=stage)
+        with inference_precision(precision, device):
+            out = model(batch["image"].to(device, non_blocking=True, memory_format=fmt), stage=stage)
         for b in branches:
             # Sigmoid only here, when reporting: the model returns logits.
             probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
@@ -345,7 +388,8 @@ def _markdown(report: dict, names: Sequence[str]) -> str:
         f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:16]}...`, stage "
         f"{report['stage'] or 'fusion'}), agcnn {report['agcnn_version']}. "
         f"{report['n_images']} images" + (f" of {split['patients']} patients" if split.get("patients") else "")
-        + f" from {split['source']}.",
+        + f" from {split['source']}. Scored at {report['inference_precision']} on {report['device']}, the "
+        f"precision training validated at.",
         "",
         "| Finding | Positives | Global | Local | Fusion |",
         "|---|---:|---:|---:|---:|",
@@ -355,6 +399,16 @@ def _markdown(report: dict, names: Sequence[str]) -> str:
     lines.append(f"| **Mean** ({n_in_mean} of {len(names)} findings) | | " + " | ".join(cell(b, None) for b in BRANCHES) + " |")
     lines.append("")
     notes = []
+    check = split.get("training_split") or {}
+    if check.get("problems"):
+        notes.append(f"**Evaluated with --allow-other-split although {'; and '.join(check['problems'])}: these numbers are "
+                     f"not a held-out evaluation of this checkpoint.**")
+    elif check.get("recorded") and check.get("rebuilt"):
+        notes.append(f"The split matches the one the checkpoint was trained on ({check['train']['patients']} training, "
+                     f"{check['val']['patients']} validation patients).")
+    elif check and not check.get("recorded"):
+        notes.append("The checkpoint records no training split (written before agcnn recorded it, or trained on data "
+                     "passed in directly), so the split was not checked against it.")
     if has_ci:
         bs = report["bootstrap"]
         notes.append(
@@ -381,7 +435,8 @@ def _markdown(report: dict, names: Sequence[str]) -> str:
             "the scores optimistic, and the interval resamples images, which makes it too narrow."
         )
     elif split["name"] != "train":
-        notes.append("Patient overlap with the training data was not checked (a table given by file).")
+        notes.append("Patient overlap with the training data was not checked (a table given by file, and a checkpoint "
+                     "without a training split record).")
     if split["name"] == "val":
         notes.append("These are validation numbers, used to choose checkpoints and operating points; report the test split.")
     if split["name"] == "train":
@@ -467,6 +522,7 @@ def evaluate_checkpoint(
     write_operating_points: bool = False,
     roc: bool = True,
     include_identifiers: bool = False,
+    allow_other_split: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
 
@@ -474,6 +530,8 @@ def evaluate_checkpoint(
     config; 0: no intervals). ``bootstrap_unit``: resample whole ``patient`` s (images of one
     patient are correlated; the default) or single ``image`` s. ``data_overrides``: ``data.key=value``
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
+    ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
+    trained with, or holds its training patients (refused otherwise, before anything is written).
     """
     t0 = time.monotonic()
     checkpoint = Path(checkpoint)
@@ -509,7 +567,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, _ = model_from_checkpoint(ckpt, map_location=dev)
     try:
-        dataset, split_info = _named_split(cfg, split) if split in SPLITS else _file_split(cfg, split_path, set_keys)
+        dataset, split_info, whole = _named_split(cfg, split) if split in SPLITS else _file_split(cfg, split_path, set_keys)
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, (ConfigError, LabelMismatchError)):
             raise
@@ -521,6 +579,7 @@ def evaluate_checkpoint(
     if len(dataset) == 0:
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
+    split_info["training_split"] = _check_training_split(ckpt, cfg, whole, dataset, split_info, allow_other_split)
     # Files that are missing or not images, listed before the model runs; like every file that
     # fails to decode they are left out of the numbers and listed in skipped.csv.
     from agcnn.data.precheck import find_problems, listing
@@ -535,6 +594,7 @@ def evaluate_checkpoint(
     probs, labels, rows, errors = predict_split(
         model, _Skipping(dataset, cfg.data.highres_size), branches, device=dev, batch_size=batch_size,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        precision=cfg.train.inference_precision, channels_last=cfg.train.channels_last,
     )
     ok = np.array([not e for e in errors], dtype=bool)
     table = dataset.table.iloc[rows].reset_index(drop=True)
@@ -569,6 +629,7 @@ def evaluate_checkpoint(
         "bootstrap": {"n": n_boot, "seed": seed, "alpha": alpha, "unit": "patient" if groups is not None else "image"},
         "data": cfg.to_dict()["data"],
         "device": str(dev),
+        "inference_precision": cfg.train.inference_precision,
         "branches": {},
     }
     aucs = {}
@@ -609,11 +670,15 @@ def evaluate_checkpoint(
         (out / "skipped.csv").unlink(missing_ok=True)
     if roc:
         write_roc_figure(out / "roc.png", probs, labels, names, aucs,
-                         title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}", points=youden)
+                         title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}"
+                         + (" [--allow-other-split: not the training run's split]" if split_info["training_split"]["problems"] else ""),
+                         points=youden)
     (out / "auc.md").write_text(_markdown(report, names))
 
     if write_operating_points:
-        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__}
+        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
+                "inference_precision": cfg.train.inference_precision,
+                "other_split_problems": split_info["training_split"]["problems"]}
         store_operating_points(checkpoint, youden, info)
         report["operating_points_written"] = True
         log.info("stored the validation Youden operating points in %s", checkpoint)
@@ -643,6 +708,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-identifiers", action="store_true",
                         help="add the table's patient column to predictions.csv (left out by default)")
     parser.add_argument("--no-roc", dest="roc", action="store_false", help="skip roc.png (drawing it takes a few seconds)")
+    parser.add_argument("--allow-other-split", action="store_true",
+                        help="evaluate even when the split differs from the checkpoint's training split or holds its "
+                             "training patients (refused otherwise); every report then says so")
     parser.add_argument("--write-operating-points", action="store_true",
                         help="with --split val: store the per-class Youden thresholds in the checkpoint for `agcnn predict`")
 
@@ -652,10 +720,13 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
-        include_identifiers=args.include_identifiers,
+        include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split,
     )
     means = ", ".join(
         f"{b} {_fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )
     print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md")
+    problems = report["split"]["training_split"]["problems"]
+    if problems:
+        print(f"agcnn evaluate: --allow-other-split: {'; and '.join(problems)}; not a held-out evaluation", file=sys.stderr)
     return 0

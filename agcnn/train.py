@@ -53,7 +53,8 @@ from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoin
 from agcnn.config import Config, ConfigError
 from agcnn.errors import MissingFileError
 from agcnn.labels import check_labels
-from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, youden_thresholds
+from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, with_no_finding, youden_thresholds
+from agcnn.precision import inference_precision
 from agcnn.runtime import Runtime, all_gather, barrier, init_runtime, mean_over_ranks
 from agcnn.stages import STAGES, Stage, apply_freezing, set_train_mode, stage_plan
 
@@ -63,7 +64,9 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------- device
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when train.amp; full precision on the CPU."""
+    """bf16 autocast of training steps on CUDA when train.amp; full precision on the CPU.
+
+    Validation does not use it: every score runs at train.inference_precision (agcnn.precision)."""
     return amp_context(cfg.train.amp, device)
 
 
@@ -72,6 +75,13 @@ def amp_context(amp: bool, device: torch.device):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _with_targets(pair: tuple[Tensor, Tensor], model: nn.Module) -> tuple[Tensor, Tensor]:
+    """(logits, labels) of a source, with the "No Finding" target appended when the model has
+    that 15th output (model.no_finding; agcnn.metrics.with_no_finding)."""
+    logits, y = pair
+    return logits, (with_no_finding(y) if getattr(model, "no_finding", False) else y)
 
 
 def train_step(compute: Callable[[], tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer, *,
@@ -129,6 +139,14 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The augmentation seed of one process: ``train.seed`` on rank 0 (so a single process draws
+    as before) and a different one on every other rank. The DistributedSampler keeps the shared
+    ``train.seed``, so the partition of the data is the same; only the random crops and flips
+    differ, as they would on one GPU that saw the whole batch."""
+    return seed + 1_000_003 * rank
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The sampler order and worker seeds of one epoch depend on (seed, epoch) only, so a resumed
     run draws the same batches as an uninterrupted one."""
@@ -149,7 +167,8 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
     loader is new or reused.
     """
     workers = cfg.data.num_workers if num_workers is None else num_workers
-    g = epoch_generator(cfg.train.seed, epoch)
+    # Worker seeds (the augmentation in DataLoader workers) differ per rank; see rank_seed.
+    g = epoch_generator(rank_seed(cfg.train.seed, rt.rank), epoch)
     sampler = None
     if train and rt.distributed:
         from torch.utils.data.distributed import DistributedSampler
@@ -246,17 +265,37 @@ def _shard(ds: Dataset, rt: Runtime) -> tuple[Dataset, np.ndarray]:
 
 def _gather_rows(rt: Runtime, idx: np.ndarray, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Reassemble per-process rows (in dataset order) on every process; ``idx``: the dataset rows
-    of this process's arrays (a row skipped as unreadable is in no process's)."""
+    of this process's arrays (a row skipped as unreadable is in no process's).
+
+    The shares travel as tensors (``all_gather``, padded to the longest), not as pickled objects.
+    """
     if not rt.distributed:
         return arrays
-    parts = all_gather(rt, (idx, arrays))
-    present = np.sort(np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in parts]))
+    import torch.distributed as dist
+
+    # nccl gathers CUDA tensors only; gloo gathers CPU tensors.
+    dev = rt.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([len(idx)], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(mine) for _ in range(rt.world)]
+    dist.all_gather(counts, mine)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+
+    def gather(a: np.ndarray) -> list[np.ndarray]:
+        local = torch.zeros((max(longest, 1), *a.shape[1:]), dtype=torch.from_numpy(a[:0]).dtype, device=dev)
+        local[: len(a)] = torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+        parts = [torch.empty_like(local) for _ in range(rt.world)]
+        dist.all_gather(parts, local)
+        return [part[:c].cpu().numpy() for part, c in zip(parts, counts)]
+
+    idxs = gather(np.asarray(idx, dtype=np.int64))
+    present = np.sort(np.concatenate(idxs))
+    where = [np.searchsorted(present, i) for i in idxs]
     out = {}
-    for key in arrays:
-        first = parts[0][1][key]
-        full = np.empty((len(present), *first.shape[1:]), dtype=first.dtype)
-        for i, a in parts:
-            full[np.searchsorted(present, i)] = a[key]
+    for key, a in arrays.items():
+        full = np.empty((len(present), *a.shape[1:]), dtype=a.dtype)
+        for w, part in zip(where, gather(a)):
+            full[w] = part
         out[key] = full
     return out
 
@@ -274,6 +313,9 @@ class ImageSource:
         # With the transforms on the device the workers draw nothing at random: keep them.
         self.persistent = batch_transform(train_ds) is not None
         self._loaders: dict[str, DataLoader] = {}
+        # Stage III with both branches frozen (the paper's): the branches run without a graph and
+        # only the fusion head is trained -- and, under torchrun, wrapped in DDP.
+        self.head = _wrap_ddp(_FuseHead(model), rt) if _fusion_head_only(plan) else None
 
     def loader(self, epoch: int) -> DataLoader:
         tf = batch_transform(self.train_ds)
@@ -289,8 +331,14 @@ class ImageSource:
 
     def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
         x, y = _batch_xy(batch)
-        out = self.net(model_input(x, self.train_ds, self.cfg, self.rt), stage=self.plan.name)
-        return out.logits(self.plan.scores), y.to(self.rt.device, non_blocking=True)
+        y = y.to(self.rt.device, non_blocking=True)
+        x = model_input(x, self.train_ds, self.cfg, self.rt)
+        if self.head is not None:
+            with torch.no_grad():
+                out = self.model(x, stage="fusion")
+            return self.head(out.global_pooled, out.local_pooled), y
+        out = self.net(x, stage=self.plan.name)
+        return out.logits(self.plan.scores, with_no_finding=True), y
 
     @torch.no_grad()
     def validate(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -313,7 +361,7 @@ class ImageSource:
         for batch in self.skips.batches(loader):
             rows.append(_rows_of(batch, idx))
             x, y = _batch_xy(batch)
-            with autocast(self.cfg, self.rt.device):
+            with inference_precision(self.cfg.train.inference_precision, self.rt.device):
                 out = model(model_input(x, self.val_ds, self.cfg, self.rt), stage=fwd)
             for b in self.plan.reports:
                 probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
@@ -328,15 +376,47 @@ class ImageSource:
         return full, lab
 
 
+def convert_sync_batchnorm(model: nn.Module, plan: Stage, rt: Runtime) -> None:
+    """Batch norm of the modules the stage trains -> SyncBatchNorm (``train.sync_batchnorm``).
+
+    The paper's batch of 64 over 8 GPUs leaves 8 images per batch-norm; synchronised, the
+    statistics are those of the whole batch. Frozen modules stay in eval mode and need none.
+    The parameter and buffer names do not change, so checkpoints load into plain batch norm.
+    """
+    if rt.device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm=true needs CUDA devices (PyTorch's SyncBatchNorm does not run on the "
+                          "CPU); set it to false for a CPU run")
+    for name in plan.trains:
+        if name != "fusion":
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+
+
+def _wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
+    """``module`` in DistributedDataParallel under torchrun; itself in a single process."""
+    if not rt.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def _fusion_head_only(plan: Stage) -> bool:
+    """Stage III with both branches frozen: only the fusion head has trainable weights."""
+    return plan.name == "fusion" and plan.trains == ("fusion",)
+
+
 class _FuseHead(nn.Module):
-    """The fusion head alone as a module, so DDP can wrap it when features are cached."""
+    """The fusion head alone as a module, so DDP wraps (and broadcasts, and reduces) the fusion
+    layer only, not the frozen branches around it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        # Registered: the layers AGCNN.fuse uses. The model itself is kept out of the module tree.
+        self.fusion, self.fusion_dropout = model.fusion, model.fusion_dropout
+        object.__setattr__(self, "_model", model)
 
     def forward(self, g: Tensor, l: Tensor) -> Tensor:
-        return self.model.fuse(g, l)
+        return self._model.fuse(g, l)
 
 
 class CachedFusionSource:
@@ -351,12 +431,7 @@ class CachedFusionSource:
                  batch_size: int, say: Callable[[str], None]):
         self.model, self.plan, self.cfg, self.rt, self.batch_size = model, plan, cfg, rt, batch_size
         self.skips = Skips()
-        head: nn.Module = _FuseHead(model)
-        if rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            head = DDP(head, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        self.head = head
+        self.head = _wrap_ddp(_FuseHead(model), rt)
         t0 = time.perf_counter()
         self.train_feats = self._features(train_ds)
         self.val_feats = self._features(val_ds)
@@ -365,10 +440,10 @@ class CachedFusionSource:
         g, l, y = (torch.from_numpy(self.train_feats[k]) for k in ("global", "local", "labels"))
         self.train_set = TensorDataset(g, l, y)
         # The frozen branches' own validation probabilities do not change either.
-        with torch.no_grad():
+        with torch.no_grad(), inference_precision(cfg.train.inference_precision, rt.device):
             self.fixed_val = {
-                "global": torch.sigmoid(model.global_branch.forward_head(torch.from_numpy(self.val_feats["global"]).to(rt.device))).cpu().numpy(),
-                "local": torch.sigmoid(model.local_branch.forward_head(torch.from_numpy(self.val_feats["local"]).to(rt.device))).cpu().numpy(),
+                b: torch.sigmoid(model.findings(branch.forward_head(torch.from_numpy(self.val_feats[b]).to(rt.device)))).cpu().numpy()
+                for b, branch in (("global", model.global_branch), ("local", model.local_branch))
             }
 
     @torch.no_grad()
@@ -383,7 +458,8 @@ class CachedFusionSource:
         for batch in self.skips.batches(loader):
             rows.append(_rows_of(batch, idx))
             x, lab = _batch_xy(batch)
-            with autocast(self.cfg, self.rt.device):
+            # At the inference precision: the validation features are scored as evaluate would.
+            with inference_precision(self.cfg.train.inference_precision, self.rt.device):
                 out = model(model_input(x, ds, self.cfg, self.rt), stage="fusion")
             g.append(out.global_pooled.float().cpu().numpy())
             l.append(out.local_pooled.float().cpu().numpy())
@@ -410,7 +486,8 @@ class CachedFusionSource:
         l = torch.from_numpy(self.val_feats["local"]).to(self.rt.device)
         was_training = self.model.training
         self.model.eval()
-        fusion = torch.sigmoid(self.model.fuse(g, l).float()).cpu().numpy()
+        with inference_precision(self.cfg.train.inference_precision, self.rt.device):
+            fusion = torch.sigmoid(self.model.findings(self.model.fuse(g, l)).float()).cpu().numpy()
         if was_training:
             set_train_mode(self.model, self.plan)
         return {**self.fixed_val, "fusion": fusion}, self.val_feats["labels"]
@@ -515,6 +592,7 @@ def run_stage(
     say: Callable[[str], None] = print,
     writer: Any = None,
     left_out: list[dict[str, Any]] | None = None,
+    split: dict[str, Any] | None = None,
 ) -> StageResult:
     """Train one stage of the table; returns where its checkpoints are and its best metric.
 
@@ -563,6 +641,8 @@ def run_stage(
     fresh_fusion = resume_ckpt is None and (seed_ckpt is None or seed_ckpt.get("stage") != "fusion")
     if stage_name == "fusion" and fresh_fusion and cfg.train.fusion_from_global:
         model.init_fusion_from_global()
+    if cfg.train.sync_batchnorm and rt.distributed:
+        convert_sync_batchnorm(model, plan, rt)
     apply_freezing(model, plan)
     model.to(rt.device)
     if cfg.train.channels_last:
@@ -573,10 +653,12 @@ def run_stage(
             if m != "fusion":
                 getattr(model, m).features.compile()
     net: nn.Module = model
-    if rt.distributed and plan.trains and not _use_feature_cache(cfg, plan):
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if plan.trains and not _fusion_head_only(plan):
+        # In stage III with frozen branches the source wraps the fusion head alone.
+        net = _wrap_ddp(model, rt)
+    if rt.rank:
+        # Every process its own augmentation draws (rank 0 keeps train.seed); see rank_seed.
+        seed_everything(rank_seed(cfg.train.seed, rt.rank))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
@@ -590,7 +672,14 @@ def run_stage(
         start_epoch, step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
         best_metric, best_epoch = float(resume_ckpt["best_metric"]), int(resume_ckpt["best_epoch"])
         history = list(resume_ckpt.get("history", []))
-        set_rng_state(resume_ckpt["rng"])
+        rng = resume_ckpt["rng"]
+        if rt.rank:
+            others = resume_ckpt.get("rng_other_ranks") or []
+            rng = others[rt.rank - 1] if len(others) >= rt.rank else None
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # resumed with more processes than wrote the checkpoint
+            seed_everything(rank_seed(cfg.train.seed + start_epoch, rt.rank))
         if start_epoch >= sc.epochs:
             say(f"{stage_name}: already trained for {start_epoch} epoch(s) (train.{stage_name}.epochs={sc.epochs}); skipped")
             return StageResult(stage_name, start_epoch, best_metric, best_epoch, best_path, last_path, history, skipped=True)
@@ -616,7 +705,8 @@ def run_stage(
         # DDP the other processes would then wait for this process's step; the pre-check has
         # already left out every file it can see is bad, so that takes a batch of damaged files.)
         for batch in source.skips.batches(loader):
-            loss = train_step(lambda: source.logits(batch), optimizer, device=rt.device, amp=cfg.train.amp)
+            loss = train_step(lambda: _with_targets(source.logits(batch), model), optimizer, device=rt.device,
+                              amp=cfg.train.amp)
             step += 1
             n_batches += 1
             n_images += _batch_len(batch)
@@ -655,9 +745,12 @@ def run_stage(
             row["skipped_images"] = sum(all_gather(rt, source.skips.count - skipped_so_far))
             skipped_so_far = source.skips.count
         history.append(row)
+        # Every process's RNG state, so a resumed run continues each rank's own augmentation.
+        rngs = all_gather(rt, rng_state())
         if rt.is_main:
+            # The split the weights were trained and validated on: evaluate refuses another one.
             extra = dict(stage=stage_name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=step,
-                         best_metric=best_metric, best_epoch=best_epoch, history=history)
+                         best_metric=best_metric, best_epoch=best_epoch, history=history, split=split)
             if left_out:
                 extra["left_out"] = left_out
             if improved:
@@ -667,7 +760,7 @@ def run_stage(
                                 operating_points=ops, **extra)
             # last.pt last: once it says "epoch N", best.pt already reflects epoch N.
             save_checkpoint(last_path, model_state=model.state_dict(), config=cfg, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), rng=rng_state(), **extra)
+                            scheduler=scheduler.state_dict(), rng=rngs[0], rng_other_ranks=rngs[1:], **extra)
             write_log(out / "log.csv", history, labels)
             if writer is not None:
                 writer.add_scalar(f"{stage_name}/train_loss", train_loss, step)
@@ -786,6 +879,8 @@ def train(
         datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device))
         if rt.is_main:
             barrier(rt)
+    # Recorded before the pre-check: the split as its settings define it, which evaluate rebuilds.
+    split = _split_record(cfg, datasets)
     # Every row's file exists and starts like an image, or the run stops here listing them all
     # (hours before the loader would reach one); with data.skip_unreadable they are left out.
     from agcnn.data.precheck import check_datasets
@@ -811,11 +906,22 @@ def train(
             if s == "fusion" and "fusion_train" in datasets:
                 ds = {**datasets, "train": datasets["fusion_train"]}
             results[s] = run_stage(cfg, run_dir, s, ds, rt, resume=resume, seed_from=seed_from, progress=progress,
-                                   say=quiet, writer=writer, left_out=left_out)
+                                   say=quiet, writer=writer, left_out=left_out, split=split)
     finally:
         if writer is not None:
             writer.close()
     return results
+
+
+def _split_record(cfg: Config, datasets: dict[str, Dataset]) -> dict[str, Any] | None:
+    """What the checkpoints record of the training and validation split (agcnn.data.provenance);
+    None when the datasets carry no table of paths and patients (e.g. tensors passed in)."""
+    from agcnn.data.provenance import split_record
+
+    tables = {s: getattr(datasets.get(s), "table", None) for s in ("train", "val")}
+    if any(t is None or not {"path", "patient"} <= set(t.columns) for t in tables.values()):
+        return None
+    return split_record(cfg.data, tables)
 
 
 def _without_augmentation(cfg: Config, ds: Dataset) -> Dataset:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from agcnn.checkpoint import load_checkpoint
 from agcnn.data.synthetic import generate_phantoms
+
 
 @pytest.mark.slow
 def test_two_process_gloo_run_trains_and_writes_once(tmp_path, tiny_config):
@@ -33,3 +36,38 @@ def test_two_process_gloo_run_trains_and_writes_once(tmp_path, tiny_config):
     assert ckpt["step"] == 7
     # Replicas were compared at the end of the stage (train._check_replicas_agree); a mismatch
     # would have failed the run.
+    # Each process drew its own augmentation: rank 1's RNG state differs from rank 0's.
+    assert len(ckpt["rng_other_ranks"]) == 1
+    assert not torch.equal(ckpt["rng_other_ranks"][0]["torch"], ckpt["rng"]["torch"])
+    assert ckpt["split"]["train"]["images"] == 28
+
+
+@pytest.mark.slow
+def test_two_process_fusion_stage_trains_the_head_alone(tmp_path, tiny_config):
+    """Stage III under torchrun: the paper's (images through the frozen branches every epoch, the
+    head alone in DDP, the 15th output) and the cached one (features gathered as tensors)."""
+    root = tmp_path / "phantoms"
+    generate_phantoms(root, count=40, size=64, seed=0, workers=1)
+    cfg = tiny_config("data.synthetic_count=40", "data.synthetic_size=64", "model.no_finding=true", f"data.root={root}")
+    cfg.dump(tmp_path / "c.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--module", "agcnn",
+            "train", "--config", str(tmp_path / "c.yaml"), "--no-progress"]
+    runs = {
+        "paper": ["--out", str(tmp_path / "run"), "--set", "train.cache_fusion_features=false",
+                  "--set", "train.fusion_from_global=false"],
+        "cached": ["--out", str(tmp_path / "cached"), "--stage", "fusion", "--seed-from",
+                   str(tmp_path / "run" / "local" / "best.pt"), "--set", "train.cache_fusion_features=true"],
+    }
+    for name, extra in runs.items():
+        proc = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, name + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert ("cached pool5 features" in proc.stdout) == (name == "cached")
+        out = Path(extra[1]) / "fusion"
+        ckpt = load_checkpoint(out / "best.pt")
+        # Validation probabilities of all 8 validation images were gathered from both processes.
+        assert len(ckpt["val_auc"]["fusion"]) == 14 and ckpt["model"]["fusion.weight"].shape[0] == 15
+        seed = load_checkpoint(tmp_path / "run" / "local" / "best.pt")["model"]
+        for key, value in ckpt["model"].items():
+            assert torch.equal(value, seed[key]) != key.startswith("fusion."), (name, key)
+

@@ -154,3 +154,80 @@ def test_usage_errors_exit_2_with_a_message(args, message, phantom_ckpt, tmp_pat
     argv += [a.format(tmp=tmp_path, ckpt=phantom_ckpt) for a in args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the training split
+
+@pytest.fixture(scope="module")
+def recorded_ckpt(csv_set, tmp_path_factory):
+    """A checkpoint trained on a CSV table without a split column (patient-wise splits carved
+    with data.split_seed), carrying the split record training writes (agcnn.data.provenance)."""
+    from agcnn.data.datasets import load_dataframe
+    from agcnn.data.provenance import split_record
+
+    table_path, base, _ = csv_set
+    ckpt = load_checkpoint(base)
+    raw = ckpt["config"]
+    raw["data"].update(metadata=str(table_path), root=str(table_path.parent), val_fraction=0.25, test_fraction=0.25)
+    cfg = Config.from_dict(raw)
+    table = load_dataframe(cfg)
+    record = split_record(cfg.data, {s: table[table["split"] == s] for s in ("train", "val")})
+    path = tmp_path_factory.mktemp("recorded") / "fusion.pt"
+    save_checkpoint(path, model_state=ckpt["model"], config=cfg, stage="fusion", split=record)
+    return path
+
+
+def test_unchanged_split_is_checked_and_evaluates(recorded_ckpt, tmp_path):
+    report = evaluate_checkpoint(recorded_ckpt, split="test", out_dir=tmp_path, bootstrap=0, roc=False)
+    check = report["split"]["training_split"]
+    assert check["recorded"] and check["problems"] == [] and not check["allowed_other_split"]
+    assert report["split"]["patient_wise"] is True and report["split"]["patients_also_in_train"] == 0
+    assert "The split matches the one the checkpoint was trained on" in (tmp_path / "auc.md").read_text()
+
+
+@pytest.mark.parametrize("split, override, named", [
+    ("test", "data.split_seed=1", "data.split_seed: 0 in training, 1 here"),
+    ("val", "data.val_fraction=0.4", "data.val_fraction: 0.25 in training, 0.4 here"),
+])
+def test_another_split_is_refused_before_anything_is_written(recorded_ckpt, tmp_path, capsys, split, override, named):
+    ckpt = tmp_path / "copy.pt"
+    ckpt.write_bytes(recorded_ckpt.read_bytes())
+    before = ckpt.read_bytes()
+    out = tmp_path / "out"
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--split", split, "--out", str(out), "--bootstrap", "0", "--no-roc",
+            "--set", override]
+    if split == "val":
+        argv.append("--write-operating-points")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refusing to evaluate" in err and named in err and "--allow-other-split" in err
+    assert "split built here differs from the one the checkpoint was trained with" in err
+    assert not out.exists() and ckpt.read_bytes() == before
+    # Explicitly allowed: it runs, and every report says so.
+    assert main([*argv, "--allow-other-split"]) == 0
+    assert "--allow-other-split" in capsys.readouterr().err
+    report = json.loads((out / "auc.json").read_text())
+    assert report["split"]["training_split"]["allowed_other_split"] and named in report["split"]["training_split"]["problems"][0]
+    assert "**Evaluated with --allow-other-split" in (out / "auc.md").read_text()
+    if split == "val":
+        assert load_checkpoint(ckpt)["operating_points_info"]["other_split_problems"]
+
+
+def test_a_table_holding_training_patients_is_refused(csv_set, tmp_path):
+    from agcnn.data.provenance import split_record
+    from agcnn.evaluate import EvaluationError
+
+    table, ckpt_path, _ = csv_set
+    rows = pd.read_csv(table)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = Config.from_dict(ckpt["config"])
+    # Trained on patients P0-P2 (the first six rows of the table), validated on P50.
+    record = split_record(cfg.data, {"train": rows.iloc[:6], "val": pd.DataFrame({"path": ["x.png"], "patient": ["P50"]})})
+    path = tmp_path / "trained.pt"
+    save_checkpoint(path, model_state=ckpt["model"], config=cfg, stage="fusion", split=record)
+    with pytest.raises(EvaluationError, match=r"3 of the 13 patients of the table.csv set have images the checkpoint was trained on"):
+        evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "refused", bootstrap=0, roc=False)
+    assert not (tmp_path / "refused").exists()
+    report = evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "allowed", bootstrap=0, roc=False,
+                                 allow_other_split=True)
+    assert report["split"]["patient_wise"] is False and report["split"]["patients_also_in_train"] == 3

@@ -27,6 +27,7 @@ LAYERS = {
     "agcnn.config": 2,
     "agcnn.stages": 3,
     "agcnn.runtime": 3,
+    "agcnn.precision": 3,
     "agcnn.data": 3,
     "agcnn.overlays": 3,
     "agcnn.dicom_out": 3,

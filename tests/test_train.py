@@ -208,3 +208,88 @@ def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_p
           tmp_path / "ft", ["fusion"], seed_from=seed, datasets=data, progress=False, say=quiet)
     ft = load_checkpoint(tmp_path / "ft" / "fusion" / "last.pt")["model"]
     assert torch.all(ft["fusion.weight"] == 0.5)
+
+
+def test_paper_stage_three_random_head_on_augmented_images_with_no_finding(tmp_path, data, tiny_config):
+    """The paper's stage III: fusion layer from random, images through the frozen branches every
+    epoch (no feature cache), and the 15th "No Finding" output trained but never reported."""
+    paper = ("model.no_finding=true", "train.fusion_from_global=false", "train.cache_fusion_features=false")
+    messages: list[str] = []
+    run = tmp_path / "run"
+    cfg = tiny_config(*paper, "train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
+    train(cfg, run, datasets=data, progress=False, say=messages.append)
+    assert not any("cached pool5 features" in m for m in messages)
+    fus = load_checkpoint(run / "fusion" / "last.pt")
+    w = fus["model"]
+    assert w["fusion.weight"].shape[0] == w["global_branch.classifier.weight"].shape[0] == K + 1
+    n = w["global_branch.classifier.weight"].shape[1]
+    # lr 0: the head is its random start, not the global classifier, and uses the local features.
+    assert not torch.equal(w["fusion.weight"][:, :n], w["global_branch.classifier.weight"])
+    assert w["fusion.weight"][:, n:].abs().sum() > 0
+    # AUC over the 14 findings only.
+    best = load_checkpoint(run / "fusion" / "best.pt")
+    assert len(fus["history"][0]["per_class"]["fusion"]) == K and len(best["operating_points"]["fusion"]) == K
+    # With a learning rate, only the fusion head moves; the frozen branches see augmented images.
+    seed = load_checkpoint(run / "local" / "best.pt")["model"]
+    train(tiny_config(*paper), tmp_path / "lr", ["fusion"], seed_from=run / "local" / "best.pt", datasets=data,
+          progress=False, say=quiet)
+    moved = load_checkpoint(tmp_path / "lr" / "fusion" / "last.pt")["model"]
+    for key, value in moved.items():
+        same = torch.equal(value, seed[key])
+        assert same != key.startswith("fusion."), key
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each item draws from the RNG, as a random crop would."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.rand(1), "labels": torch.zeros(1), "index": i}
+
+
+def test_each_rank_draws_its_own_augmentation_on_the_shared_partition(tiny_config):
+    from agcnn.runtime import Runtime
+    from agcnn.train import make_loader, rank_seed
+
+    cfg = tiny_config("data.num_workers=1")
+    got = {}
+    for rank in (0, 1):
+        rt = Runtime(torch.device("cpu"), rank=rank, world=2, distributed=True)
+        batches = list(make_loader(_Draws(), 4, train=True, epoch=3, cfg=cfg, rt=rt))
+        got[rank] = (torch.cat([b["index"] for b in batches]), torch.cat([b["image"] for b in batches]))
+    # The sampler's seed is shared: the two ranks split the data between them, without overlap.
+    assert sorted(got[0][0].tolist() + got[1][0].tolist()) == list(range(16))
+    # The worker seeds are not: the two ranks' random draws differ.
+    assert not torch.equal(got[0][1], got[1][1])
+    # Rank 0 draws what a single process draws.
+    single = list(make_loader(_Draws(), 4, train=True, epoch=3, cfg=cfg, rt=Runtime(torch.device("cpu"))))
+    assert torch.equal(torch.cat([b["image"] for b in single])[: len(got[0][1])], got[0][1])
+    assert rank_seed(5, 0) == 5 and rank_seed(5, 1) != 5
+
+
+def test_sync_batchnorm_converts_only_the_trained_branch_and_keeps_names(tiny_model):
+    from agcnn.runtime import Runtime
+    from agcnn.stages import stage_plan
+    from agcnn.train import convert_sync_batchnorm
+
+    model = tiny_model
+    names = list(model.state_dict())
+    with pytest.raises(Exception, match="train.sync_batchnorm=true needs CUDA"):
+        convert_sync_batchnorm(model, stage_plan("local"), Runtime(torch.device("cpu"), world=2, distributed=True))
+    convert_sync_batchnorm(model, stage_plan("local"), Runtime(torch.device("cuda", 0), world=2, distributed=True))
+    kinds = {name: {type(m).__name__ for m in getattr(model, name).modules() if "BatchNorm" in type(m).__name__}
+             for name in ("global_branch", "local_branch")}
+    assert kinds == {"global_branch": {"BatchNorm2d"}, "local_branch": {"SyncBatchNorm"}}
+    assert list(model.state_dict()) == names  # checkpoints stay interchangeable
+
+
+def test_fusion_head_module_holds_only_the_fusion_layer(tiny_model):
+    from agcnn.train import _FuseHead
+
+    model = tiny_model
+    head = _FuseHead(model)
+    assert {n for n, _ in head.named_parameters()} == {"fusion.weight", "fusion.bias"}
+    g, l = torch.randn(2, model.global_branch.num_features), torch.randn(2, model.local_branch.num_features)
+    assert torch.equal(head(g, l), model.fuse(g, l))

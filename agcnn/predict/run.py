@@ -183,6 +183,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         "columns": columns,
         "versions": _library_versions(),
         "device": _device_name(device),
+        "inference_precision": cfg.train.inference_precision,
         "listing": {"files": len(listing.paths), "sha256": listing.digest(), "duplicates_via_links": listing.duplicates,
                     "directory_loops": listing.loops},
         "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
@@ -256,16 +257,19 @@ class _Inference:
         self.device = device
         self.maps, self.cams, self.method, self.top = maps or cams, cams, method, top
         self.thresholds = loaded.thresholds
+        self.precision = loaded.cfg.train.inference_precision
 
     def __call__(self, images) -> tuple[BatchProbabilities, dict[str, Any] | None]:
         import torch
 
         from agcnn import explain, overlays
+        from agcnn.precision import inference_precision
 
-        cuda = self.device.type == "cuda"
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         taps = explain.feature_maps(self.model) if self.cams and self.method == "cam" else contextlib.nullcontext({})
-        with taps as feats, torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        # The checkpoint's precision on every device: its operating points were chosen on
+        # validation scores computed the same way (agcnn.precision).
+        with taps as feats, inference_precision(self.precision, self.device):
             out = self.model(x, stage="fusion")
         probs = BatchProbabilities(
             fusion=torch.sigmoid(out.fusion_logits.float()).cpu(),
