@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agcnn.checkpoint import load_checkpoint
+from agcnn.checkpoint import load_checkpoint, save_checkpoint
 from agcnn.cli import main
+from agcnn.config import Config
 from agcnn.evaluate import evaluate_checkpoint
 from agcnn.labels import LABELS
 from agcnn.metrics import per_class_auc
