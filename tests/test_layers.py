@@ -32,12 +32,12 @@ LAYERS = {
     "agcnn.overlays": 3,
     "agcnn.dicom_out": 3,
     "agcnn.models": 4,
+    "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
     "agcnn.data.prepare": 6,  # `agcnn prepare`
     "agcnn.train": 6,
     "agcnn.evaluate": 6,
-    "agcnn.report": 6,
     "agcnn.predict": 6,
     "agcnn.localize": 6,  # `agcnn localize`
     "agcnn.demo": 7,  # runs train, evaluate and predict
