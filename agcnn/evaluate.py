@@ -120,15 +120,16 @@ def config_with_data_overrides(raw_config: dict[str, Any], overrides: Sequence[s
     return Config.from_dict(raw), keys
 
 
-class _Skipping(Dataset):
-    """A dataset whose unreadable images are reported instead of stopping the run.
+class _Records(Dataset):
+    """Each item a record, never an exception: the image and labels, or why the file cannot be read.
 
-    One corrupt file must not cost the other 25,000 images of a test set; the skipped files are
-    listed in the report and left out of every number.
+    One corrupt file must not cost the other 25,000 images of a test set; the unreadable files
+    never reach the model, are listed in the report and left out of every number. (The same
+    ``{"unreadable": message, "index": i}`` record a ``data.skip_unreadable`` dataset hands back.)
     """
 
-    def __init__(self, dataset, side: int):
-        self.dataset, self.side = dataset, side
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -137,17 +138,18 @@ class _Skipping(Dataset):
         from agcnn.data.datasets import ImageLoadError
 
         try:
-            item = self.dataset[i]
-            # A dataset built with data.skip_unreadable hands the failure back instead of raising.
-            error = item.pop("unreadable", "")
+            return self.dataset[i]
         except ImageLoadError as e:
-            error = str(e)
-        if error:
-            k = len(self.dataset.labels)
-            item = {"image": torch.zeros(3, self.side, self.side), "labels": torch.full((k,), float("nan")),
-                    "index": int(i)}
-        item["error"] = error
-        return item
+            return {"unreadable": str(e), "index": int(i)}
+
+
+def _collate_records(records: list[dict]) -> tuple[dict | None, list[tuple[int, str]]]:
+    """The readable records as one batch (None if there are none), and ``(row, message)`` of the others."""
+    from agcnn.data.datasets import collate
+
+    unreadable = [(int(r["index"]), r["unreadable"]) for r in records if "unreadable" in r]
+    readable = [r for r in records if "unreadable" not in r]
+    return (collate(readable) if readable else None), unreadable
 
 
 def _named_split(cfg: Config, split: str):
@@ -253,36 +255,39 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
 @torch.inference_mode()
 def predict_split(model, dataset, branches: Sequence[str], *, device: torch.device, batch_size: int, num_workers: int,
                   precision: str = "fp32", channels_last: bool = False):
-    """Sigmoid probabilities ``{branch: [N, K]}``, labels ``[N, K]``, table rows and errors.
+    """Sigmoid probabilities ``{branch: [N, K]}``, labels ``[N, K]`` and table rows of the N images
+    that could be read, and ``(row, message)`` for each that could not (it never reaches the model).
 
     ``precision`` and ``channels_last``: as the training run validated (the checkpoint's
     ``train.inference_precision`` and ``train.channels_last``), so validation numbers reproduce.
     """
     model.eval().to(device)
-    fmt = torch.channels_last if channels_last else torch.preserve_format
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
     # A global-stage checkpoint needs no region step or local branch.
     stage = "global" if tuple(branches) == ("global",) else "fusion"
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_records, pin_memory=device.type == "cuda", persistent_workers=False)
     probs: dict[str, list[np.ndarray]] = {b: [] for b in branches}
-    labels, rows, errors = [], [], []
+    labels, rows, unreadable = [], [], []
     started, n_done = time.monotonic(), 0
-    for step, batch in enumerate(loader):
-        with inference_precision(precision, device):
-            out = model(batch["image"].to(device, non_blocking=True, memory_format=fmt), stage=stage)
-        for b in branches:
-            # Sigmoid only here, when reporting: the model returns logits.
-            probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
-        labels.append(batch["labels"].numpy())
-        rows.append(batch["index"].numpy())
-        errors += list(batch["error"])
-        n_done += len(batch["index"])
+    for step, (batch, failed) in enumerate(loader):
+        unreadable += failed
+        n_done += len(failed)
+        if batch is not None:
+            with inference_precision(precision, device):
+                out = model(batch["image"].to(device, non_blocking=True, memory_format=memory_format), stage=stage)
+            for b in branches:
+                # Sigmoid only here, when reporting: the model returns logits.
+                probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
+            labels.append(batch["labels"].numpy())
+            rows.append(batch["index"].numpy())
+            n_done += len(batch["index"])
         if step % 20 == 0:
             log.info("evaluated %d / %d images (%.0f s)", n_done, len(dataset), time.monotonic() - started)
     if not rows:
-        return {b: np.zeros((0, 0)) for b in branches}, np.zeros((0, 0)), np.zeros(0, dtype=int), []
+        return {b: np.zeros((0, 0)) for b in branches}, np.zeros((0, 0)), np.zeros(0, dtype=int), unreadable
     return ({b: np.concatenate(v).astype(np.float64) for b, v in probs.items()},
-            np.concatenate(labels).astype(np.float64), np.concatenate(rows), errors)
+            np.concatenate(labels).astype(np.float64), np.concatenate(rows), unreadable)
 
 
 # ---------------------------------------------------------------------- operating points
@@ -399,20 +404,20 @@ def evaluate_checkpoint(
 
     log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, ckpt.get("stage") or "fusion",
              len(dataset), split_name, dev)
-    probs, labels, rows, errors = predict_split(
-        model, _Skipping(dataset, cfg.data.highres_size), branches, device=dev, batch_size=batch_size,
+    probs, labels, rows, unreadable = predict_split(
+        model, dataset, branches, device=dev, batch_size=batch_size,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         precision=cfg.train.inference_precision, channels_last=cfg.train.channels_last,
     )
-    ok = np.array([not e for e in errors], dtype=bool)
+    unreadable.sort()
+    skipped = pd.DataFrame({"path": dataset.table["path"].iloc[[r for r, _ in unreadable]].to_numpy(),
+                            "reason": [m for _, m in unreadable]})
+    if not len(rows):
+        raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; "
+                              f"first error: {unreadable[0][1]}")
+    if unreadable:
+        log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", len(unreadable), len(dataset))
     table = dataset.table.iloc[rows].reset_index(drop=True)
-    skipped = table.loc[~ok, ["path"]].assign(reason=[e for e in errors if e])
-    if not ok.any():
-        raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; first error: {errors[0]}")
-    if not ok.all():
-        log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", (~ok).sum(), len(ok))
-    probs = {b: p[ok] for b, p in probs.items()}
-    labels, table = labels[ok], table.loc[ok].reset_index(drop=True)
     if split_info["patient_ids"]:
         split_info["patients"] = int(table["patient"].nunique())  # of the images actually scored
 
@@ -430,7 +435,7 @@ def evaluate_checkpoint(
         "split": split_info,
         "labels": names,
         "n_images": int(len(labels)),
-        "n_skipped": int((~ok).sum()),
+        "n_skipped": len(unreadable),
         "positives": {n: int((labels[:, k] == 1).sum()) for k, n in enumerate(names)},
         "negatives": {n: int((labels[:, k] == 0).sum()) for k, n in enumerate(names)},
         "missing": {n: int(np.isnan(labels[:, k]).sum()) for k, n in enumerate(names)},

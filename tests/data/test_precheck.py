@@ -3,6 +3,8 @@ step; problems listed at once (exit 2), or left out and counted with data.skip_u
 
 from __future__ import annotations
 
+import types
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -150,15 +152,27 @@ def test_build_datasets_carries_skip_unreadable(tmp_path):
 
 
 def test_evaluate_reports_a_skip_unreadable_dataset_s_failures_like_any_other(tmp_path):
-    from agcnn.evaluate import _Skipping
+    from agcnn.evaluate import predict_split
 
     ds = _table_dataset(tmp_path, {"ok.png": None, "cut.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 30})
-    ds.skip_unreadable = True
     ds.transform = lambda x: x.expand(3, -1, -1)
-    items = [_Skipping(ds, side=40)[i] for i in range(2)]
-    assert items[0]["error"] == "" and "unreadable" not in items[1]
-    assert "'cut.png' (row 1 of the train set" in items[1]["error"] and items[1]["image"].shape == (3, 40, 40)
-    assert torch.isnan(items[1]["labels"]).all()
+    seen = []
+
+    class Probe(torch.nn.Module):
+        """Counts the images that reach the model."""
+
+        def forward(self, x, stage):
+            seen.append(len(x))
+            return types.SimpleNamespace(logits=lambda branch: torch.zeros(len(x), 1))
+
+    for skip in (True, False):  # handed back by the dataset, or raised by it: the same record
+        ds.skip_unreadable = skip
+        seen.clear()
+        probs, labels, rows, unreadable = predict_split(Probe(), ds, ["global"], device=torch.device("cpu"),
+                                                        batch_size=2, num_workers=0)
+        assert seen == [1] and rows.tolist() == [0] and probs["global"].shape == labels.shape == (1, 1)
+        ((row, message),) = unreadable
+        assert row == 1 and "'cut.png' (row 1 of the train set" in message
 
 
 def test_with_a_cache_the_rows_prepare_could_not_decode_are_the_problems(tmp_path):
