@@ -596,8 +596,89 @@ def run_stage(
 ) -> StageResult:
     """Train one stage of the table; returns where its checkpoints are and its best metric.
 
-    ``left_out``: the rows the pre-check left out (``data.skip_unreadable``), stored in the checkpoints.
+    The phases, each a function of its own: :func:`build_stage` (model, seed or resume,
+    freezing, optimizer), then per epoch :func:`train_epoch` (the steps, :func:`train_step`
+    each), :func:`validate_epoch` and :func:`save_epoch` (history, checkpoints, log).
+    ``left_out``: the rows the pre-check left out (``data.skip_unreadable``), stored in the checkpoints;
+    ``split``: the record of the training and validation split, stored in the checkpoints.
     """
+    run = build_stage(cfg, run_dir, stage_name, datasets, rt, resume=resume, seed_from=seed_from, say=say,
+                      left_out=left_out, split=split)
+    if run.source is None:
+        return run.result(skipped=True)
+    for epoch in range(run.start_epoch, run.epochs):
+        stats = train_epoch(run, epoch, progress=progress, writer=writer)
+        scores = validate_epoch(run)
+        save_epoch(run, epoch, stats, scores, writer=writer, say=say)
+        barrier(rt)
+    _check_replicas_agree(run.model, rt, stage_name)
+    return run.result()
+
+
+@dataclass
+class StageRun:
+    """One stage, built: its model and optimizer, where it writes, and how far it has got."""
+
+    name: str
+    plan: Stage
+    cfg: Config
+    rt: Runtime
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    out: Path  # RUN_DIR/<stage>
+    epochs: int
+    source: Any = None  # ImageSource or CachedFusionSource; None when the stage has nothing left to train
+    start_epoch: int = 0
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    left_out: list[dict[str, Any]] | None = None
+    split: dict[str, Any] | None = None  # the training / validation split record (agcnn.data.provenance)
+    skipped_so_far: int = 0  # images the loader could not decode, counted up to the last epoch
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    def result(self, skipped: bool = False) -> StageResult:
+        epochs = self.start_epoch if skipped else self.epochs
+        return StageResult(self.name, epochs, self.best_metric, self.best_epoch, self.best_path, self.last_path,
+                           self.history, skipped=skipped)
+
+
+@dataclass
+class EpochStats:
+    train_loss: float
+    lr: float
+    seconds: float
+    images: int  # over every process
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def build_stage(
+    cfg: Config,
+    run_dir: Path,
+    stage_name: str,
+    datasets: dict[str, Dataset],
+    rt: Runtime,
+    *,
+    resume: bool = False,
+    seed_from: str | Path | None = None,
+    say: Callable[[str], None] = print,
+    left_out: list[dict[str, Any]] | None = None,
+    split: dict[str, Any] | None = None,
+) -> StageRun:
+    """The model of the stage -- resumed, seeded from the stage before, or new -- frozen as its
+    row says, on the device, with its optimizer and the batches it trains on."""
     from agcnn.models import AGCNN
 
     plan = stage_plan(stage_name, cfg.train.finetune_all)
@@ -609,7 +690,7 @@ def run_stage(
                           f"divide evenly; use a multiple of {rt.world}")
     batch_size = sc.batch_size // rt.world
     out = stage_dir(run_dir, stage_name)
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path = out / "last.pt"
     if len(datasets.get("val", [])) == 0:
         raise ConfigError("the validation split is empty; the best checkpoint is chosen on it. Set data.val_fraction > 0 "
                           "or data.val_list")
@@ -665,13 +746,15 @@ def run_stage(
     # Paper Sec. 4.2: lr 0.01, divided by 10 every 20 epochs.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sc.lr_step, gamma=sc.lr_gamma)
 
-    start_epoch, step, best_metric, best_epoch, history = 0, 0, -math.inf, -1, []
+    run = StageRun(stage_name, plan, cfg, rt, model, optimizer, scheduler, out, sc.epochs, left_out=left_out,
+                   split=split)
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
-        start_epoch, step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
-        best_metric, best_epoch = float(resume_ckpt["best_metric"]), int(resume_ckpt["best_epoch"])
-        history = list(resume_ckpt.get("history", []))
+        start_epoch, run.step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
+        run.start_epoch = start_epoch
+        run.best_metric, run.best_epoch = float(resume_ckpt["best_metric"]), int(resume_ckpt["best_epoch"])
+        run.history = list(resume_ckpt.get("history", []))
         rng = resume_ckpt["rng"]
         if rt.rank:
             others = resume_ckpt.get("rng_other_ranks") or []
@@ -682,99 +765,112 @@ def run_stage(
             seed_everything(rank_seed(cfg.train.seed + start_epoch, rt.rank))
         if start_epoch >= sc.epochs:
             say(f"{stage_name}: already trained for {start_epoch} epoch(s) (train.{stage_name}.epochs={sc.epochs}); skipped")
-            return StageResult(stage_name, start_epoch, best_metric, best_epoch, best_path, last_path, history, skipped=True)
+            return run
         say(f"{stage_name}: resuming after epoch {start_epoch} from {last_path}")
 
     train_ds, val_ds = datasets["train"], datasets["val"]
     if _use_feature_cache(cfg, plan):
-        source: Any = CachedFusionSource(model, plan, cfg, rt, train_ds, val_ds, batch_size, say)
+        run.source = CachedFusionSource(model, plan, cfg, rt, train_ds, val_ds, batch_size, say)
     else:
-        source = ImageSource(model, net, plan, cfg, rt, train_ds, val_ds, batch_size)
+        run.source = ImageSource(model, net, plan, cfg, rt, train_ds, val_ds, batch_size)
+    return run
 
-    labels = list(cfg.labels)
-    skipped_so_far = 0
-    for epoch in range(start_epoch, sc.epochs):
-        set_train_mode(model, plan)
-        loader = source.loader(epoch)
-        t0 = time.perf_counter()
-        n_images, n_batches = 0, 0
-        # Summed on the device: reading the loss every step would synchronise a GPU each step.
-        loss_sum = torch.zeros((), device=rt.device)
-        bar = _progress(len(loader), f"{stage_name} {epoch + 1}/{sc.epochs}", enabled=progress and rt.is_main)
-        # With data.skip_unreadable a batch whose every image fails to decode is left out. (Under
-        # DDP the other processes would then wait for this process's step; the pre-check has
-        # already left out every file it can see is bad, so that takes a batch of damaged files.)
-        for batch in source.skips.batches(loader):
-            loss = train_step(lambda: _with_targets(source.logits(batch), model), optimizer, device=rt.device,
-                              amp=cfg.train.amp)
-            step += 1
-            n_batches += 1
-            n_images += _batch_len(batch)
-            loss_sum += loss
-            if step % max(cfg.train.log_every, 1) == 0:
-                if bar is not None:
-                    rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
-                if writer is not None:
-                    writer.add_scalar(f"{stage_name}/train_loss_step", float(loss), step)
+
+def train_epoch(run: StageRun, epoch: int, *, progress: bool = True, writer: Any = None) -> EpochStats:
+    """One pass over the training batches, a :func:`train_step` each; then the learning-rate step."""
+    cfg, rt, source, optimizer = run.cfg, run.rt, run.source, run.optimizer
+    set_train_mode(run.model, run.plan)
+    loader = source.loader(epoch)
+    t0 = time.perf_counter()
+    n_images, n_batches = 0, 0
+    # Summed on the device: reading the loss every step would synchronise a GPU each step.
+    loss_sum = torch.zeros((), device=rt.device)
+    bar = _progress(len(loader), f"{run.name} {epoch + 1}/{run.epochs}", enabled=progress and rt.is_main)
+    # With data.skip_unreadable a batch whose every image fails to decode is left out. (Under
+    # DDP the other processes would then wait for this process's step; the pre-check has
+    # already left out every file it can see is bad, so that takes a batch of damaged files.)
+    for batch in source.skips.batches(loader):
+        loss = train_step(lambda: _with_targets(source.logits(batch), run.model), optimizer, device=rt.device,
+                          amp=cfg.train.amp)
+        run.step += 1
+        n_batches += 1
+        n_images += _batch_len(batch)
+        loss_sum += loss
+        if run.step % max(cfg.train.log_every, 1) == 0:
             if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        _sync_buffers(model, rt)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        train_loss = mean_over_ranks(rt, float(loss_sum), n_batches)
-
-        probs, val_labels = source.validate()
-        aucs = {b: per_class_auc(probs[b], val_labels) for b in plan.reports}
-        means = {b: float(mean_auc(aucs[b])) for b in plan.reports}
-        metric = means[plan.scores]
-        improved = (not math.isnan(metric) and metric > best_metric) or best_epoch < 0
-        if improved:
-            best_metric, best_epoch = (metric if not math.isnan(metric) else -math.inf), epoch + 1
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "lr": lr, "train_loss": train_loss,
-            **{f"val_mean_auc_{b}": means[b] for b in plan.reports},
-            "images_per_s": n_images * rt.world / max(seconds, 1e-9), "seconds": seconds,
-            "per_class": {plan.scores: _plain_floats(aucs[plan.scores])},
-        }
-        if cfg.data.skip_unreadable:
-            # Images that failed to decode in this epoch's training and validation passes.
-            row["skipped_images"] = sum(all_gather(rt, source.skips.count - skipped_so_far))
-            skipped_so_far = source.skips.count
-        history.append(row)
-        # Every process's RNG state, so a resumed run continues each rank's own augmentation.
-        rngs = all_gather(rt, rng_state())
-        if rt.is_main:
-            # The split the weights were trained and validated on: evaluate refuses another one.
-            extra = dict(stage=stage_name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=step,
-                         best_metric=best_metric, best_epoch=best_epoch, history=history, split=split)
-            if left_out:
-                extra["left_out"] = left_out
-            if improved:
-                ops = {b: _plain_floats(youden_thresholds(probs[b], val_labels)) for b in plan.reports}
-                save_checkpoint(best_path, model_state=model.state_dict(), config=cfg, metric=metric,
-                                val_auc={b: _plain_floats(aucs[b]) for b in plan.reports},
-                                operating_points=ops, **extra)
-            # last.pt last: once it says "epoch N", best.pt already reflects epoch N.
-            save_checkpoint(last_path, model_state=model.state_dict(), config=cfg, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), rng=rngs[0], rng_other_ranks=rngs[1:], **extra)
-            write_log(out / "log.csv", history, labels)
+                rate = n_images * rt.world / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(loss_sum) / n_batches:.4f}", img_s=f"{rate:.1f}", refresh=False)
             if writer is not None:
-                writer.add_scalar(f"{stage_name}/train_loss", train_loss, step)
-                writer.add_scalar(f"{stage_name}/lr", lr, step)
-                writer.add_scalar(f"{stage_name}/images_per_s", row["images_per_s"], step)
-                for b in plan.reports:
-                    writer.add_scalar(f"{stage_name}/val_mean_auc_{b}", means[b], step)
-                writer.flush()
-            shown = ", ".join(f"{b} {means[b]:.4f}" for b in plan.reports)
-            say(f"{stage_name} epoch {epoch + 1}/{sc.epochs}: train loss {train_loss:.4f}, val mean AUC {shown}"
-                f"{' (best)' if improved else ''}; {row['images_per_s']:.1f} img/s, {seconds:.1f} s")
-        barrier(rt)
-    _check_replicas_agree(model, rt, stage_name)
-    return StageResult(stage_name, sc.epochs, best_metric, best_epoch, best_path, last_path, history)
+                writer.add_scalar(f"{run.name}/train_loss_step", float(loss), run.step)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    _sync_buffers(run.model, rt)
+    lr = optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    return EpochStats(train_loss=mean_over_ranks(rt, float(loss_sum), n_batches), lr=lr, seconds=seconds,
+                      images=n_images * rt.world)
+
+
+def validate_epoch(run: StageRun) -> dict[str, Any]:
+    """Validation probabilities of every reported branch, their per-class and mean AUCs."""
+    plan = run.plan
+    probs, val_labels = run.source.validate()
+    aucs = {b: per_class_auc(probs[b], val_labels) for b in plan.reports}
+    return {"probs": probs, "labels": val_labels, "aucs": aucs, "means": {b: float(mean_auc(aucs[b])) for b in plan.reports}}
+
+
+def save_epoch(run: StageRun, epoch: int, stats: EpochStats, scores: dict[str, Any], *, writer: Any = None,
+               say: Callable[[str], None] = print) -> None:
+    """The epoch's row in the history; best.pt when the scored branch improved, then last.pt, log.csv
+    and TensorBoard (rank 0 only)."""
+    cfg, rt, plan = run.cfg, run.rt, run.plan
+    probs, val_labels, aucs, means = scores["probs"], scores["labels"], scores["aucs"], scores["means"]
+    metric = means[plan.scores]
+    improved = (not math.isnan(metric) and metric > run.best_metric) or run.best_epoch < 0
+    if improved:
+        run.best_metric, run.best_epoch = (metric if not math.isnan(metric) else -math.inf), epoch + 1
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "step": run.step, "lr": stats.lr, "train_loss": stats.train_loss,
+        **{f"val_mean_auc_{b}": means[b] for b in plan.reports},
+        "images_per_s": stats.images_per_s, "seconds": stats.seconds,
+        "per_class": {plan.scores: _plain_floats(aucs[plan.scores])},
+    }
+    if cfg.data.skip_unreadable:
+        # Images that failed to decode in this epoch's training and validation passes.
+        row["skipped_images"] = sum(all_gather(rt, run.source.skips.count - run.skipped_so_far))
+        run.skipped_so_far = run.source.skips.count
+    run.history.append(row)
+    # Every process's RNG state, so a resumed run continues each rank's own augmentation.
+    rngs = all_gather(rt, rng_state())
+    if not rt.is_main:
+        return
+    model = run.model
+    # The split the weights were trained and validated on: evaluate refuses another one.
+    extra = dict(stage=run.name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
+                 best_metric=run.best_metric, best_epoch=run.best_epoch, history=run.history, split=run.split)
+    if run.left_out:
+        extra["left_out"] = run.left_out
+    if improved:
+        ops = {b: _plain_floats(youden_thresholds(probs[b], val_labels)) for b in plan.reports}
+        save_checkpoint(run.best_path, model_state=model.state_dict(), config=cfg, metric=metric,
+                        val_auc={b: _plain_floats(aucs[b]) for b in plan.reports}, operating_points=ops, **extra)
+    # last.pt last: once it says "epoch N", best.pt already reflects epoch N.
+    save_checkpoint(run.last_path, model_state=model.state_dict(), config=cfg, optimizer=run.optimizer.state_dict(),
+                    scheduler=run.scheduler.state_dict(), rng=rngs[0], rng_other_ranks=rngs[1:], **extra)
+    write_log(run.out / "log.csv", run.history, list(cfg.labels))
+    if writer is not None:
+        writer.add_scalar(f"{run.name}/train_loss", stats.train_loss, run.step)
+        writer.add_scalar(f"{run.name}/lr", stats.lr, run.step)
+        writer.add_scalar(f"{run.name}/images_per_s", row["images_per_s"], run.step)
+        for b in plan.reports:
+            writer.add_scalar(f"{run.name}/val_mean_auc_{b}", means[b], run.step)
+        writer.flush()
+    shown = ", ".join(f"{b} {means[b]:.4f}" for b in plan.reports)
+    say(f"{run.name} epoch {epoch + 1}/{run.epochs}: train loss {stats.train_loss:.4f}, val mean AUC {shown}"
+        f"{' (best)' if improved else ''}; {row['images_per_s']:.1f} img/s, {stats.seconds:.1f} s")
 
 
 def _sync_buffers(model: nn.Module, rt: Runtime) -> None:
