@@ -129,6 +129,20 @@ def _resample_weights(
     return counts[:, group_of].astype(np.float64)
 
 
+def _check_bootstrap(n_boot: int, alpha: float, groups: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The bootstrap's own arguments checked; ``groups`` as an array of one patient ID per row."""
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}; 1000 is customary")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}; 0.05 gives a 95% interval")
+    if groups is None:
+        return None
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must hold one patient ID per row ({n}), got shape {groups.shape}")
+    return groups
+
+
 def bootstrap_auc_ci(
     probs: np.ndarray,
     labels: np.ndarray,
@@ -151,15 +165,8 @@ def bootstrap_auc_ci(
     Returns ``(lo[K], hi[K], mean_lo, mean_hi)``; the same ``seed`` gives the same interval.
     """
     probs, labels = _check(probs, labels)
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}; 1000 is customary")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}; 0.05 gives a 95% interval")
     n, k = probs.shape
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape != (n,):
-            raise ValueError(f"groups must hold one patient ID per row ({n}), got shape {groups.shape}")
+    groups = _check_bootstrap(n_boot, alpha, groups, n)
     rng = np.random.default_rng(seed)
     boot = np.full((n_boot, k), np.nan)
     observed = [~np.isnan(labels[:, c]) for c in range(k)]
@@ -203,15 +210,8 @@ def paired_bootstrap_mean_auc_difference(
     """
     pa, labels = _check(probs_a, labels)
     pb, _ = _check(probs_b, labels)
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}; 1000 is customary")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}; 0.05 gives a 95% interval")
     n, k = pa.shape
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape != (n,):
-            raise ValueError(f"groups must hold one patient ID per row ({n}), got shape {groups.shape}")
+    groups = _check_bootstrap(n_boot, alpha, groups, n)
     keep = ~np.isnan(per_class_auc(pa, labels)) & ~np.isnan(per_class_auc(pb, labels))
     if not keep.any():
         raise ValueError("no class has both label values in these images; there is no AUC to compare")
