@@ -45,7 +45,7 @@ QUICK = [
 # The long variant (about twice the time): the first two stages trained twice as
 # long, every other value as in the demo config.
 LONG = [
-    "train.global.epochs=20", "train.global.lr_step=14", "train.local.epochs=16", "train.local.lr_step=11",
+    "train.global.epochs=40", "train.global.lr_step=28", "train.local.epochs=32", "train.local.lr_step=22",
 ]
 
 # The demo prints its own summary; library INFO lines would only interleave with it.
