@@ -53,6 +53,30 @@ def timed(fn, n: int) -> float:
     return rate(n, measure(fn, CPU, iters=1, warmup=0, clock="cpu")["seconds"])
 
 
+def loader_rates(ds, args: argparse.Namespace, out: dict, key: str) -> None:
+    """Images/s of a shuffled DataLoader over ``ds`` for each of ``args.workers``: the wall clock
+    (what the training loop sees; it depends on the machine's other load) as
+    ``{key}_{w}workers_wall``, and with no workers the rate per CPU-second as ``{key}_per_core``."""
+    for w in args.workers:
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=w,
+                                             persistent_workers=w > 0, drop_last=True)
+        it = iter(loader)
+        next(it)  # worker start-up is not throughput
+        start, cpu0 = time.perf_counter(), cpu_seconds()
+        n = 0
+        for _ in range(args.batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            n += batch["image"].shape[0]
+        out[f"{key}_{w}workers_wall"] = rate(n, time.perf_counter() - start)
+        del it, loader
+        if w == 0:
+            out[f"{key}_per_core"] = rate(n, cpu_seconds() - cpu0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", type=Path, default=REPO.parent / "shared" / "data" / "nih-cxr14-sample")
@@ -111,47 +135,12 @@ def main() -> None:
         out["device_transform_224_on_cpu_per_core"] = timed(lambda: [dev_t(stored) for _ in range(3)], 3 * args.batch_size)
 
         stored_ds = XrayDataset(table, LABELS, root=images, name="train", cache=cache, cache_rows=rows, stored_size=512)
-        for w in args.workers:
-            loader = torch.utils.data.DataLoader(stored_ds, batch_size=args.batch_size, shuffle=True, num_workers=w,
-                                                 persistent_workers=w > 0, drop_last=True)
-            it = iter(loader)
-            next(it)
-            start, cpu0 = time.perf_counter(), cpu_seconds()
-            n = 0
-            for _ in range(args.batches):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    it = iter(loader)
-                    batch = next(it)
-                n += batch["image"].shape[0]
-            out[f"loader_stored_cache_{w}workers_wall"] = rate(n, time.perf_counter() - start)
-            del it, loader
-            if w == 0:
-                out["loader_stored_cache_per_core"] = rate(n, cpu_seconds() - cpu0)
+        loader_rates(stored_ds, args, out, "loader_stored_cache")
 
         for source in ("cache", "png"):
             ds = XrayDataset(table, LABELS, root=images, transform=train_t, name="train",
                              cache=cache if source == "cache" else None, cache_rows=rows if source == "cache" else None)
-            for w in args.workers:
-                loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=w,
-                                                     persistent_workers=w > 0, drop_last=True)
-                it = iter(loader)
-                next(it)  # worker start-up is not throughput
-                start, cpu0 = time.perf_counter(), cpu_seconds()
-                n = 0
-                for _ in range(args.batches):
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        it = iter(loader)
-                        batch = next(it)
-                    n += batch["image"].shape[0]
-                # Wall clock: what the training loop sees (depends on the machine's other load).
-                out[f"loader_train224_{source}_{w}workers_wall"] = rate(n, time.perf_counter() - start)
-                del it, loader
-                if w == 0:
-                    out[f"loader_train224_{source}_per_core"] = rate(n, cpu_seconds() - cpu0)
+            loader_rates(ds, args, out, f"loader_train224_{source}")
     out["workers_per_gpu"] = workers_per_gpu(out, args.step_json)
     print(json.dumps(out, indent=1))
 
