@@ -45,6 +45,9 @@ AUGMENT_PLACES = ("auto", "device", "loader")
 AUGMENTS = ("paper", "resized_crop")
 # Inference precisions (agcnn.precision).
 PRECISIONS = ("fp32", "bf16")
+# Stage optimisers and learning-rate schedules (agcnn.train.build_optimizer).
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
 
 
 class Check:
@@ -249,6 +252,12 @@ class StageConfig:
     # The paper divides the learning rate by 10 every 20 epochs.
     lr_step: int = setting(20, AT_LEAST_1)
     lr_gamma: float = setting(0.1, Range(0.0, 1.0, lo_open=True))
+    # The paper's SGD with momentum; "adamw" (momentum is then beta1, weight decay decoupled)
+    # trains small branches from scratch in far fewer epochs.
+    optimizer: str = setting("sgd", OneOf(OPTIMIZERS))
+    # "step": lr x lr_gamma every lr_step epochs (the paper's); "cosine": from lr down to 0 over
+    # the stage's epochs, one step per epoch (lr_step and lr_gamma unused).
+    schedule: str = setting("step", OneOf(SCHEDULES))
 
 
 def _stage(batch_size: int) -> Any:

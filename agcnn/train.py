@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config, ConfigError, StageConfig
 from agcnn.errors import MissingFileError
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, with_no_finding, youden_thresholds
@@ -82,6 +83,33 @@ def _with_targets(pair: tuple[Tensor, Tensor], model: nn.Module) -> tuple[Tensor
     that 15th output (model.no_finding; agcnn.metrics.with_no_finding)."""
     logits, y = pair
     return logits, (with_no_finding(y) if getattr(model, "no_finding", False) else y)
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """Share of the base learning rate in ``epoch`` (0-based) of a cosine schedule over ``epochs``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """After loading a cosine schedule's state: the learning rate its configured epochs give now
+    (the optimiser's saved lr came from the schedule of the interrupted run)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+
+
+def build_optimizer(params: list[nn.Parameter], sc: StageConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The stage's optimiser and its per-epoch learning-rate schedule."""
+    if sc.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=(sc.momentum, 0.999), weight_decay=sc.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
+    if sc.schedule == "cosine":
+        # Closed form in the epoch (a function of the configured epochs, not of the last lr): a
+        # stage resumed with more epochs continues on the longer schedule (see set_scheduled_lr).
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, partial(cosine_factor, epochs=sc.epochs))
+    # Paper Sec. 4.2: lr 0.01, divided by 10 every 20 epochs.
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=sc.lr_step, gamma=sc.lr_gamma)
 
 
 def train_step(compute: Callable[[], tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer, *,
@@ -742,15 +770,14 @@ def build_stage(
         seed_everything(rank_seed(cfg.train.seed, rt.rank))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=sc.lr, momentum=sc.momentum, weight_decay=sc.weight_decay)
-    # Paper Sec. 4.2: lr 0.01, divided by 10 every 20 epochs.
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=sc.lr_step, gamma=sc.lr_gamma)
+    optimizer, scheduler = build_optimizer(params, sc)
 
     run = StageRun(stage_name, plan, cfg, rt, model, optimizer, scheduler, out, sc.epochs, left_out=left_out,
                    split=split)
     if resume_ckpt is not None:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         scheduler.load_state_dict(resume_ckpt["scheduler"])
+        set_scheduled_lr(optimizer, scheduler)
         start_epoch, run.step = int(resume_ckpt["epoch"]), int(resume_ckpt["step"])
         run.start_epoch = start_epoch
         run.best_metric, run.best_epoch = float(resume_ckpt["best_metric"]), int(resume_ckpt["best_epoch"])

@@ -113,19 +113,23 @@ def test_three_stages_write_checkpoints_logs_and_config(tmp_path, data, tiny_con
         train(cfg, run, ["global"], datasets=data, progress=False, say=quiet)
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, data, tiny_config):
+@pytest.mark.parametrize("optim", [[], ["train.global.optimizer=adamw", "train.global.schedule=cosine"]], ids=["sgd-step", "adamw-cosine"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, data, tiny_config, optim):
     full = tmp_path / "full"
-    train(tiny_config("train.global.epochs=2"), full, ["global"], datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=2", *optim), full, ["global"], datasets=data, progress=False, say=quiet)
     part = tmp_path / "part"
-    train(tiny_config("train.global.epochs=1"), part, ["global"], datasets=data, progress=False, say=quiet)
+    # Interrupted after one epoch, then resumed with the full epochs: a cosine schedule
+    # continues on the two-epoch curve, not on the one the first run was started with.
+    train(tiny_config("train.global.epochs=1", *optim), part, ["global"], datasets=data, progress=False, say=quiet)
     torch.manual_seed(1234)  # disturb the RNG: resume has to restore it
-    train(tiny_config("train.global.epochs=2"), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
+    train(tiny_config("train.global.epochs=2", *optim), part, ["global"], resume=True, datasets=data, progress=False, say=quiet)
     a, b = load_checkpoint(full / "global" / "last.pt"), load_checkpoint(part / "global" / "last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+        assert sa.keys() == sb.keys() and all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa)
+    assert [h["lr"] for h in a["history"]] == [h["lr"] for h in b["history"]]
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     assert len((part / "global" / "log.csv").read_text().splitlines()) == 3
     # Resuming a finished stage skips it.
@@ -293,3 +297,23 @@ def test_fusion_head_module_holds_only_the_fusion_layer(tiny_model):
     assert {n for n, _ in head.named_parameters()} == {"fusion.weight", "fusion.bias"}
     g, l = torch.randn(2, model.global_branch.num_features), torch.randn(2, model.local_branch.num_features)
     assert torch.equal(head(g, l), model.fuse(g, l))
+
+
+@pytest.mark.parametrize("name,lrs", [("sgd-step", [0.1, 0.1, 0.01, 0.01]), ("adamw-cosine", [0.1, 0.1 * (2 + 2**0.5) / 4, 0.05, 0.1 * (2 - 2**0.5) / 4])])
+def test_stage_optimiser_and_schedule_follow_the_config(tiny_model, name, lrs):
+    from agcnn.config import StageConfig
+    from agcnn.train import build_optimizer
+
+    optimizer, schedule = name.split("-")
+    sc = StageConfig(epochs=4, lr=0.1, momentum=0.8, weight_decay=0.01, lr_step=2, optimizer=optimizer, schedule=schedule)
+    opt, sched = build_optimizer(list(tiny_model.parameters()), sc)
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[optimizer]
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.01
+    assert (group["betas"][0] if optimizer == "adamw" else group["momentum"]) == 0.8
+    seen = []
+    for _ in range(4):
+        seen.append(group["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx(lrs)
