@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "d" / "predictions" / "predictions.csv").is_file()
     assert "mean AUC" in out and "written:" in out
     assert "fusion - global mean AUC" in out and "attended box" in out
+    _check_attention_on_val(tmp_path / "d")
     # The same command into a fresh folder gives the same table, line by line.
     torch.set_num_threads(1)
     try:
@@ -87,6 +89,27 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert "skipped" in capsys.readouterr().out
+
+
+def _check_attention_on_val(demo: Path) -> None:
+    """scripts/attention_on_val.py counts every planted opacity of the validation split once."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "attention_on_val.py"
+    spec = importlib.util.spec_from_file_location("attention_on_val", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    r = module.attention_on_split(demo / "run" / "global" / "best.pt", "val")
+    root = demo / "phantoms"
+    val = set(pd.read_csv(root / "labels.csv").query("split == 'val'")["path"])
+    planted = pd.concat([pd.read_csv(root / "boxes.csv").query("label == 'Nodule'").assign(kind="nodule"),
+                         pd.read_csv(root / "lookalikes.csv")])
+    want = planted[planted["path"].isin(val)]["kind"].value_counts().to_dict()
+    assert {k: n for k, (_, n) in r["inside"].items()} == want and want
+    for kind, (inside, n) in r["inside"].items():
+        alone, with_large = r["inside_alone"].get(kind, (0, 0)), r["inside_with_large"].get(kind, (0, 0))
+        assert alone[0] + with_large[0] == inside <= n == alone[1] + with_large[1]
+    assert 0 < r["box_area"] <= 1
 
 
 def _summary(out: str) -> list[str]:

@@ -1,0 +1,66 @@
+"""Where does the attended box fall? The planted small opacities of the validation split.
+
+For a phantom run (``agcnn demo`` or ``agcnn train`` on ``dataset: synthetic``), the checkpoint's
+attended box (global heatmap, tau, largest region: what the local branch crops) is computed for
+every validation film and compared with the planted small opacities: the share whose centre lies
+inside the box, per kind (nodule, granuloma, vessel), split by whether the film also carries a
+large finding that competes for the single box, and the mean box area. The test split is not
+read, so this is what settings may be chosen on.
+
+    python scripts/attention_on_val.py agcnn_demo/run/global/best.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from agcnn.config import Config
+from agcnn.data.datasets import build_datasets
+from agcnn.data.synthetic import FINDINGS
+from agcnn.demo import attention_pass, centres_in_boxes, small_opacities, to_global_pixels
+
+
+def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 32) -> dict:
+    ckpt = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(ckpt["config"])
+    if cfg.data.dataset != "synthetic":
+        raise SystemExit(f"{checkpoint} was trained on data.dataset={cfg.data.dataset!r}; this measures phantom runs only "
+                         "(for boxes of real films use agcnn localize)")
+    dataset = build_datasets(cfg, splits=(split,))[split]
+    model, _ = model_from_checkpoint(ckpt, map_location="cpu")
+    boxes = attention_pass(model, dataset, batch_size)["boxes"]
+    table = dataset.table.reset_index(drop=True)
+    ops = small_opacities(Path(cfg.data.root), list(table["path"]))
+    centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), cfg.data.synthetic_size, cfg.data)
+    ops["inside"] = centres_in_boxes(centres, boxes[ops["row"].to_numpy()])
+    large = [f for f in FINDINGS if f != "Nodule"]
+    ops["competing"] = table.loc[ops["row"], large].sum(axis=1).to_numpy() > 0
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / cfg.data.image_size**2
+    return {
+        "images": len(table),
+        "box_area": float(np.mean(area)),
+        "inside": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops.groupby("kind")},
+        "inside_alone": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops[~ops["competing"]].groupby("kind")},
+        "inside_with_large": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops[ops["competing"]].groupby("kind")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a stage's best.pt of a phantom run")
+    parser.add_argument("--split", choices=("train", "val"), default="val", help="split to measure (default val; never test)")
+    args = parser.parse_args()
+    r = attention_on_split(args.checkpoint, args.split)
+    print(f"{args.split} split, {r['images']} films; attended box {100 * r['box_area']:.0f}% of the image on average")
+    print(f"{'kind':<10} {'all':>12} {'film alone':>12} {'with large':>12}   (centre inside the attended box)")
+    for kind, (i, n) in r["inside"].items():
+        cells = [f"{i}/{n}"] + [f"{a}/{b}" for a, b in (r[k].get(kind, (0, 0)) for k in ("inside_alone", "inside_with_large"))]
+        print(f"{kind:<10} " + " ".join(f"{c:>12}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
