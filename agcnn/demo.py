@@ -128,12 +128,15 @@ def attention_pass(model, dataset, batch_size: int) -> dict[str, np.ndarray]:
 
 def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], labels: list[str], finding: str = "Nodule") -> int | None:
     """Row of the test image where the fusion call on ``finding`` is right and the global call
-    wrong, each at its own validation operating point, with the largest change of probability."""
+    wrong, each at its own validation operating point, with the largest change of probability.
+
+    The change must come from the probability, not from the two operating points alone: the
+    global probability would have made the wrong call at the fusion operating point too."""
     k = labels.index(finding)
     y = preds[finding].to_numpy(dtype=float)
     g, f = preds[f"p_global_{finding}"].to_numpy(), preds[f"p_fusion_{finding}"].to_numpy()
     call_g, call_f = g >= thresholds["global"][k], f >= thresholds["fusion"][k]
-    ok = (call_f == (y == 1)) & (call_g != (y == 1))
+    ok = (call_f == (y == 1)) & (call_g != (y == 1)) & ((g >= thresholds["fusion"][k]) != call_f)
     if not ok.any():
         return None
     return int(np.flatnonzero(ok)[np.argmax(np.abs(f - g)[ok])])
@@ -321,9 +324,9 @@ def _print_summary(r: dict[str, Any], quick: bool, say: Callable[[str], None]) -
     o = r["overlay"]
     if o:
         truth = "a nodule" if o["truth"] else "a look-alike, no nodule"
-        say(f"local branch changed the call on {o['image']} ({truth}): Nodule probability global {o['global']:.2f} "
-            f"(operating point {o['threshold_global']:.2f}), fusion {o['fusion']:.2f} (operating point "
-            f"{o['threshold_fusion']:.2f}); picture: {o['path']}")
+        say(f"local branch changed the call on {o['image']} ({truth}): Nodule probability global {o['global']:.3f} "
+            f"(operating point {o['threshold_global']:.3f}), fusion {o['fusion']:.3f} (operating point "
+            f"{o['threshold_fusion']:.3f}), {o['fusion'] - o['global']:+.3f}; picture: {o['path']}")
     else:
         say("local branch changed no Nodule call on the test split (at the validation operating points)")
     s = r["seconds"]

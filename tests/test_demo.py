@@ -54,6 +54,12 @@ def test_changed_call_picks_a_right_fusion_call_that_global_got_wrong():
     # Rows 0, 1 and 2 are fixed by fusion; row 0 moved most. Row 3 fusion got wrong.
     assert _changed_call(preds, points, labels) == 0
     assert _changed_call(preds.iloc[[3]].reset_index(drop=True), points, labels) is None
+    # Operating points alone do not make a change: at the fusion point 0.25 the global
+    # probability 0.3 of row 2 was already a right call, so only its own point (0.5) was wrong.
+    shifted = {"global": [0.5, 0.5], "fusion": [0.5, 0.25]}
+    one = preds.iloc[[2]].reset_index(drop=True).assign(p_fusion_Nodule=0.31)
+    assert _changed_call(one, shifted, labels) is None
+    assert _changed_call(one.assign(p_global_Nodule=0.2), shifted, labels) == 0
 
 
 @pytest.mark.slow
