@@ -4,7 +4,8 @@ For a phantom run (``agcnn demo`` or ``agcnn train`` on ``dataset: synthetic``),
 attended box (global heatmap, tau, largest region: what the local branch crops) is computed for
 every validation film and compared with the planted small opacities: the share whose centre lies
 inside the box, per kind (nodule, granuloma, vessel), split by whether the film also carries a
-large finding that competes for the single box, and the mean box area. The test split is not
+large finding that competes for the single box, and the mean box area. ``--heatmap cam`` measures
+the class-activation heatmap on the same global branch (``model.heatmap``), without retraining. The test split is not
 read, so this is what settings may be chosen on.
 
     python scripts/attention_on_val.py agcnn_demo/run/global/best.pt
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from agcnn.config import Config
+from agcnn.config import HEATMAPS, Config
 from agcnn.data.datasets import build_datasets
 from agcnn.data.synthetic import FINDINGS
 from agcnn.demo import attention_pass, centres_in_boxes, small_opacities, to_global_pixels
 
 
-def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 32) -> dict:
+def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 32, heatmap: str | None = None) -> dict:
+    """``heatmap`` measures another ``model.heatmap`` on the same global branch (no retraining)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = Config.from_dict(ckpt["config"])
     if cfg.data.dataset != "synthetic":
@@ -32,6 +34,8 @@ def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 3
                          "(for boxes of real films use agcnn localize)")
     dataset = build_datasets(cfg, splits=(split,))[split]
     model, _ = model_from_checkpoint(ckpt, map_location="cpu")
+    if heatmap is not None:
+        model.heatmap_kind = heatmap
     boxes = attention_pass(model, dataset, batch_size)["boxes"]
     table = dataset.table.reset_index(drop=True)
     ops = small_opacities(Path(cfg.data.root), list(table["path"]))
@@ -53,8 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a stage's best.pt of a phantom run")
     parser.add_argument("--split", choices=("train", "val"), default="val", help="split to measure (default val; never test)")
+    parser.add_argument("--heatmap", choices=HEATMAPS, help="attended region from this model.heatmap instead of the checkpoint's")
     args = parser.parse_args()
-    r = attention_on_split(args.checkpoint, args.split)
+    r = attention_on_split(args.checkpoint, args.split, heatmap=args.heatmap)
     print(f"{args.split} split, {r['images']} films; attended box {100 * r['box_area']:.0f}% of the image on average")
     print(f"{'kind':<10} {'all':>12} {'film alone':>12} {'with large':>12}   (centre inside the attended box)")
     for kind, (i, n) in r["inside"].items():

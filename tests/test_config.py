@@ -111,6 +111,7 @@ BAD_VALUES = [
     ("train.global.weight_decay=-1", r"train.global.weight_decay=-1.0"),
     ("train.global.lr_step=0", r"train.global.lr_step=0"),
     ("train.global.lr_gamma=0", r"train.global.lr_gamma=0.0 .*\(0, 1\]"),
+    ("model.heatmap=gradcam", r"model.heatmap='gradcam' is not a valid choice; valid: channels, cam"),
     ("train.global.optimizer=adam", r"train.global.optimizer='adam' is not a valid choice; valid: sgd, adamw"),
     ("train.local.schedule=onecycle", r"train.local.schedule='onecycle' is not a valid choice; valid: step, cosine"),
     ("labels=[]", r"labels=\[\] must be a non-empty list of distinct label names"),

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agcnn.config import POOLS, ModelConfig, check_choice
+from agcnn.config import HEATMAPS, POOLS, ModelConfig, check_choice
 from agcnn.models.backbones import create_backbone, load_pretrained
-from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, crop_regions
+from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, class_activation_heatmap, crop_regions
 from agcnn.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,12 @@ class AGCNN(nn.Module):
         dropout: float = 0.0,
         width: int = 64,
         no_finding: bool = False,
+        heatmap: str = "channels",
     ) -> None:
         super().__init__()
         check_choice("pool", pool, POOLS)
+        check_choice("heatmap", heatmap, HEATMAPS)
+        self.heatmap_kind = heatmap
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"model.threshold must be in [0, 1), got {threshold}; the paper uses 0.7")
         if image_size < 32 or local_size < 32:
@@ -125,6 +128,7 @@ class AGCNN(nn.Module):
             dropout=cfg.dropout,
             width=cfg.width,
             no_finding=cfg.no_finding,
+            heatmap=cfg.heatmap,
         )
         if cfg.pretrained:
             for name, branch in (("global", model.global_branch), ("local", model.local_branch)):
@@ -150,7 +154,11 @@ class AGCNN(nn.Module):
         out = AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
         if stage == "global":
             return self._split_no_finding(out)
-        out.heatmap = attention_heatmap(g_map)
+        if self.heatmap_kind == "cam":
+            # The findings' rows of the global classifier (not the "No Finding" output).
+            out.heatmap = class_activation_heatmap(g_map, self.global_branch.classifier.weight[: self.num_classes])
+        else:
+            out.heatmap = attention_heatmap(g_map)
         out.boxes = boxes_from_heatmap(out.heatmap, self.image_size, self.threshold)
         crops = crop_regions(x, out.boxes, self.image_size, self.local_size)
         if x.is_contiguous(memory_format=torch.channels_last):

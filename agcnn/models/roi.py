@@ -46,6 +46,7 @@ __all__ = [
     "attention_heatmap",
     "attention_mask",
     "boxes_from_heatmap",
+    "class_activation_heatmap",
     "connected_components",
     "crop_regions",
     "largest_component_boxes",
@@ -62,6 +63,16 @@ def attention_heatmap(features: Tensor) -> Tensor:
     span = hm.amax(dim=(1, 2), keepdim=True) - lo
     # A flat map has no attended region: all zeros, so the mask is empty and the box is the image.
     return torch.where(span > 0, (hm - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(hm))
+
+
+def class_activation_heatmap(features: Tensor, weight: Tensor) -> Tensor:
+    """[B, C, h, w] features and [K, C] classifier weights -> [B, h, w] heatmap in [0, 1]: at each
+    position the largest positive class activation map over the K classes (Zhou et al. 2016:
+    the classifier applied to each position's features), min-max normalised as the paper's."""
+    if features.dim() != 4 or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(f"features [B, C, h, w] and weight [K, C] must share C, got {tuple(features.shape)} and {tuple(weight.shape)}")
+    cams = torch.einsum("bchw,kc->bkhw", features.detach().float(), weight.detach().float())
+    return attention_heatmap(cams.clamp(min=0).amax(dim=1, keepdim=True))
 
 
 def _axis_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

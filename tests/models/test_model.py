@@ -253,3 +253,46 @@ def test_no_finding_output_is_kept_apart_from_the_findings():
     with torch.no_grad():
         out = plain(torch.randn(1, 3, 64, 64))
     assert out.no_finding is None and out.logits("fusion", with_no_finding=True).shape == (1, 14)
+
+
+def _two_spots() -> torch.Tensor:
+    """[1, 2, 4, 4] features: channel 0 very strong at (0, 0), channel 1 moderate at (3, 2)."""
+    f = torch.zeros(1, 2, 4, 4)
+    f[0, 0, 0, 0] = 10.0
+    f[0, 1, 3, 2] = 1.0
+    return f
+
+
+def test_class_activation_heatmap_follows_the_classifier_not_the_strongest_channel():
+    from agcnn.models.roi import attention_heatmap, class_activation_heatmap
+
+    f = _two_spots()
+    assert attention_heatmap(f)[0].argmax().item() == 0  # the paper's: the strongest channel
+    # Class 0 reads channel 1 only; class 1 reads channel 0 with a negative weight (evidence
+    # against a finding is not attention).
+    w = torch.tensor([[0.0, 2.0], [-1.0, 0.0]])
+    hm = class_activation_heatmap(f, w)[0]
+    assert hm.argmax().item() == 3 * 4 + 2 and hm.max().item() == 1.0 and hm.min().item() == 0.0
+    torch.testing.assert_close(hm, (f[0, 1] * 2.0) / 2.0)
+    with pytest.raises(ValueError, match="share C"):
+        class_activation_heatmap(f, torch.zeros(3, 5))
+
+
+def test_cam_heatmap_uses_the_findings_rows_of_the_global_classifier():
+    from agcnn.models.roi import attention_heatmap, class_activation_heatmap
+
+    torch.manual_seed(0)
+    model = AGCNN(2, backbone="resnet18", width=8, heatmap="cam", image_size=128, local_size=32, no_finding=True).eval()
+    with torch.no_grad():
+        # The "No Finding" row (2) reads every channel strongly: were it used, it would win everywhere.
+        model.global_branch.classifier.weight[2] = 10.0
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = model(x, stage="fusion")
+        g_map = model.global_branch.forward_features(model.global_input(x))
+    w = model.global_branch.classifier.weight
+    torch.testing.assert_close(out.heatmap, class_activation_heatmap(g_map, w[:2]))
+    assert not torch.allclose(out.heatmap, class_activation_heatmap(g_map, w))
+    assert not torch.allclose(out.heatmap, attention_heatmap(g_map))
+    with pytest.raises(ValueError, match="heatmap"):
+        AGCNN(2, backbone="resnet18", width=8, heatmap="gradcam")
