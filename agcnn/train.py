@@ -551,7 +551,8 @@ def check_seed_exists(path: Path, stage: Stage, explicit: bool) -> None:
 def check_same_model(ckpt: dict[str, Any], cfg: Config, where: str) -> None:
     """The checkpoint was trained with this config's model, label list and input sizes."""
     check_labels(ckpt["labels"], cfg.labels, where=where)
-    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(ckpt["config"])
+    # Through Config: a checkpoint written before a setting existed has that setting's default.
+    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(Config.from_dict(ckpt["config"]).to_dict())
     if mine != theirs:
         diff = [f"{k}: {theirs[k]!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
         raise ConfigError(f"checkpoint {where} was trained with different settings ({'; '.join(diff)}); "

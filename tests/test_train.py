@@ -191,6 +191,23 @@ def test_resume_with_another_model_or_input_size_is_refused(tmp_path, data, tiny
             train(tiny_config("train.global.epochs=2", change), run, ["global"], resume=True, datasets=data, progress=False, say=quiet)
 
 
+def test_checkpoint_from_before_a_model_setting_existed_seeds_with_its_default(tmp_path, data, tiny_config):
+    run = tmp_path / "run"
+    train(tiny_config("train.global.epochs=1"), run, ["global"], datasets=data, progress=False, say=quiet)
+    best = run / "global" / "best.pt"
+    ckpt = torch.load(best, weights_only=False)
+    del ckpt["config"]["model"]["heatmap"]  # as written before model.heatmap
+    torch.save(ckpt, best)
+    res = train(tiny_config("train.local.epochs=1"), run, ["local"], datasets=data, progress=False, say=quiet)
+    assert res["local"].best_path.is_file()
+    from agcnn.config import ConfigError
+
+    # Its default is what it was trained with: another value is refused, naming the key.
+    with pytest.raises(ConfigError, match="model.heatmap"):
+        train(tiny_config("train.local.epochs=1", "model.heatmap=cam"), tmp_path / "other", ["local"], seed_from=best,
+              datasets=data, progress=False, say=quiet)
+
+
 def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data, tiny_config):
     run = tmp_path / "run"
     cfg = tiny_config("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
