@@ -126,6 +126,26 @@ def attention_pass(model, dataset, batch_size: int) -> dict[str, np.ndarray]:
     return {"boxes": np.concatenate(boxes), "heatmaps": np.concatenate(heatmaps)}
 
 
+def attended_opacities(model, dataset, cfg: Config, batch_size: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The planted small opacities of ``dataset`` (:func:`small_opacities`), each with ``inside``:
+    whether its centre lies in its image's attended box; and the attention pass itself."""
+    seen = attention_pass(model, dataset, batch_size)
+    ops = small_opacities(Path(cfg.data.root), list(dataset.table["path"]))
+    centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), cfg.data.synthetic_size, cfg.data)
+    ops["inside"] = centres_in_boxes(centres, seen["boxes"][ops["row"].to_numpy()])
+    return ops, seen
+
+
+def inside_counts(ops: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """kind -> (opacities whose centre is in the attended box, opacities)."""
+    return {kind: (int(g["inside"].sum()), int(len(g))) for kind, g in ops.groupby("kind")}
+
+
+def box_area(boxes: np.ndarray, image_size: int) -> float:
+    """Mean area of pixel boxes ``(x0, y0, x1, y1)`` as a share of the ``image_size`` square."""
+    return float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))) / image_size**2
+
+
 def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], labels: list[str], finding: str = "Nodule") -> int | None:
     """Row of the test image where the fusion call on ``finding`` is right and the global call
     wrong, each at its own validation operating point, with the largest change of probability.
@@ -191,12 +211,7 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
 
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt, map_location="cpu")
-    seen = attention_pass(model, dataset, batch_size=cfg.train.fusion.batch_size)
-    ops = small_opacities(Path(cfg.data.root), list(dataset.table["path"]))
-    original = cfg.data.synthetic_size
-    centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), original, cfg.data)
-    ops["inside"] = centres_in_boxes(centres, seen["boxes"][ops["row"].to_numpy()])
-    box_area = float(np.mean((seen["boxes"][:, 2] - seen["boxes"][:, 0]) * (seen["boxes"][:, 3] - seen["boxes"][:, 1]))) / cfg.data.image_size**2
+    ops, seen = attended_opacities(model, dataset, cfg, batch_size=cfg.train.fusion.batch_size)
 
     overlay = None
     points = ckpt.get("operating_points") or {}
@@ -212,8 +227,8 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
     return {
         "difference": {"fusion_minus_global": diff, "lo": lo, "hi": hi, "n_boot": cfg.train.bootstrap,
                        "patients": int(len(np.unique(groups)))},
-        "attended": {kind: (int(g["inside"].sum()), int(len(g))) for kind, g in ops.groupby("kind")},
-        "box_area": box_area,
+        "attended": inside_counts(ops),
+        "box_area": box_area(seen["boxes"], cfg.data.image_size),
         "overlay": overlay,
     }
 

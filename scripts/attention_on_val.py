@@ -5,8 +5,8 @@ attended box (global heatmap, tau, largest region: what the local branch crops) 
 every validation film and compared with the planted small opacities: the share whose centre lies
 inside the box, per kind (nodule, granuloma, vessel), split by whether the film also carries a
 large finding that competes for the single box, and the mean box area. ``--heatmap cam`` measures
-the class-activation heatmap on the same global branch (``model.heatmap``), without retraining. The test split is not
-read, so this is what settings may be chosen on.
+the class-activation heatmap on the same global branch (``model.heatmap``), without retraining.
+The test split is not read, so this is what settings may be chosen on.
 
     python scripts/attention_on_val.py agcnn_demo/run/global/best.pt
 """
@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from agcnn.config import HEATMAPS, Config
 from agcnn.data.datasets import build_datasets
 from agcnn.data.synthetic import FINDINGS
-from agcnn.demo import attention_pass, centres_in_boxes, small_opacities, to_global_pixels
+from agcnn.demo import attended_opacities, box_area, inside_counts
 
 
 def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 32, heatmap: str | None = None) -> dict:
@@ -36,20 +34,16 @@ def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 3
     model, _ = model_from_checkpoint(ckpt, map_location="cpu")
     if heatmap is not None:
         model.heatmap_kind = heatmap
-    boxes = attention_pass(model, dataset, batch_size)["boxes"]
+    ops, seen = attended_opacities(model, dataset, cfg, batch_size)
     table = dataset.table.reset_index(drop=True)
-    ops = small_opacities(Path(cfg.data.root), list(table["path"]))
-    centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), cfg.data.synthetic_size, cfg.data)
-    ops["inside"] = centres_in_boxes(centres, boxes[ops["row"].to_numpy()])
     large = [f for f in FINDINGS if f != "Nodule"]
-    ops["competing"] = table.loc[ops["row"], large].sum(axis=1).to_numpy() > 0
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / cfg.data.image_size**2
+    competing = table.loc[ops["row"], large].sum(axis=1).to_numpy() > 0
     return {
         "images": len(table),
-        "box_area": float(np.mean(area)),
-        "inside": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops.groupby("kind")},
-        "inside_alone": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops[~ops["competing"]].groupby("kind")},
-        "inside_with_large": {kind: (int(g["inside"].sum()), len(g)) for kind, g in ops[ops["competing"]].groupby("kind")},
+        "box_area": box_area(seen["boxes"], cfg.data.image_size),
+        "inside": inside_counts(ops),
+        "inside_alone": inside_counts(ops[~competing]),
+        "inside_with_large": inside_counts(ops[competing]),
     }
 
 
