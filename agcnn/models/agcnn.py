@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from agcnn.config import HEATMAPS, POOLS, ModelConfig, check_choice
 from agcnn.models.backbones import create_backbone, load_pretrained
-from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, class_activation_heatmap, crop_regions
+from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, class_activation_heatmap, crop_regions, uncertainty_heatmap
 from agcnn.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,12 @@ class AGCNN(nn.Module):
         out = AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
         if stage == "global":
             return self._split_no_finding(out)
+        # The findings' rows of the global classifier (not the "No Finding" output).
+        findings_weight = self.global_branch.classifier.weight[: self.num_classes]
         if self.heatmap_kind == "cam":
-            # The findings' rows of the global classifier (not the "No Finding" output).
-            out.heatmap = class_activation_heatmap(g_map, self.global_branch.classifier.weight[: self.num_classes])
+            out.heatmap = class_activation_heatmap(g_map, findings_weight)
+        elif self.heatmap_kind == "uncertain":
+            out.heatmap = uncertainty_heatmap(g_map, findings_weight, self.findings(out.global_logits))
         else:
             out.heatmap = attention_heatmap(g_map)
         out.boxes = boxes_from_heatmap(out.heatmap, self.image_size, self.threshold)

@@ -47,6 +47,7 @@ __all__ = [
     "attention_mask",
     "boxes_from_heatmap",
     "class_activation_heatmap",
+    "uncertainty_heatmap",
     "connected_components",
     "crop_regions",
     "largest_component_boxes",
@@ -69,10 +70,31 @@ def class_activation_heatmap(features: Tensor, weight: Tensor) -> Tensor:
     """[B, C, h, w] features and [K, C] classifier weights -> [B, h, w] heatmap in [0, 1]: at each
     position the largest positive class activation map over the K classes (Zhou et al. 2016:
     the classifier applied to each position's features), min-max normalised as the paper's."""
+    return attention_heatmap(_class_maps(features, weight).clamp(min=0).amax(dim=1, keepdim=True))
+
+
+def uncertainty_heatmap(features: Tensor, weight: Tensor, logits: Tensor) -> Tensor:
+    """[B, C, h, w] features, [K, C] classifier weights and the branch's [B, K] logits -> [B, h, w]
+    heatmap in [0, 1]: the class activation maps weighted by p (1 - p) of each class's probability,
+    summed, negative part dropped, min-max normalised.
+
+    p (1 - p) is the derivative of the probability by its logit, so this is Grad-CAM of the summed
+    probabilities (Selvaraju et al. 2017; exact with average pooling): it points where the
+    features move the calls that are still open. A finding the branch is already sure of
+    (p near 0 or 1) weighs almost nothing, one it cannot yet tell (p near 0.5) the most.
+    """
+    if logits.dim() != 2 or logits.shape != (features.shape[0], weight.shape[0]):
+        raise ValueError(f"logits must be [B, K] = {(features.shape[0], weight.shape[0])}, got {tuple(logits.shape)}")
+    p = torch.sigmoid(logits.detach().float())
+    cams = _class_maps(features, weight) * (p * (1 - p))[:, :, None, None]
+    return attention_heatmap(cams.sum(dim=1, keepdim=True).clamp(min=0))
+
+
+def _class_maps(features: Tensor, weight: Tensor) -> Tensor:
+    """[B, C, h, w] features and [K, C] classifier weights -> [B, K, h, w] class activation maps."""
     if features.dim() != 4 or weight.dim() != 2 or weight.shape[1] != features.shape[1]:
         raise ValueError(f"features [B, C, h, w] and weight [K, C] must share C, got {tuple(features.shape)} and {tuple(weight.shape)}")
-    cams = torch.einsum("bchw,kc->bkhw", features.detach().float(), weight.detach().float())
-    return attention_heatmap(cams.clamp(min=0).amax(dim=1, keepdim=True))
+    return torch.einsum("bchw,kc->bkhw", features.detach().float(), weight.detach().float())
 
 
 def _axis_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -278,6 +278,38 @@ def test_class_activation_heatmap_follows_the_classifier_not_the_strongest_chann
         class_activation_heatmap(f, torch.zeros(3, 5))
 
 
+def test_uncertainty_heatmap_goes_to_the_finding_the_branch_is_unsure_of():
+    from agcnn.models.roi import class_activation_heatmap, uncertainty_heatmap
+
+    f = _two_spots()
+    # Class 0 reads the strong spot (channel 0), class 1 the weak one (channel 1).
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert class_activation_heatmap(f, w)[0].argmax().item() == 0
+    sure_of_0 = uncertainty_heatmap(f, w, torch.tensor([[8.0, 0.0]]))[0]
+    assert sure_of_0.argmax().item() == 3 * 4 + 2 and sure_of_0.max().item() == 1.0
+    # Sure that class 1 is absent: back to the strong spot.
+    assert uncertainty_heatmap(f, w, torch.tensor([[0.0, -8.0]]))[0].argmax().item() == 0
+    # Negative evidence cancels positive at the same place before the negative part is dropped.
+    hm = uncertainty_heatmap(f, torch.tensor([[1.0, 0.0], [-20.0, 0.0]]), torch.zeros(1, 2))[0]
+    assert hm.max().item() == 0.0
+    with pytest.raises(ValueError, match="logits must be"):
+        uncertainty_heatmap(f, w, torch.zeros(1, 3))
+
+
+def test_uncertainty_heatmap_is_grad_cam_of_the_summed_probabilities():
+    from agcnn.models.roi import attention_heatmap, uncertainty_heatmap
+
+    torch.manual_seed(0)
+    f = torch.randn(3, 6, 5, 5, requires_grad=True)
+    w, b = torch.randn(4, 6), torch.randn(4)
+    logits = f.mean(dim=(2, 3)) @ w.T + b  # average pooling, then the linear classifier
+    torch.sigmoid(logits).sum().backward()
+    # Grad-CAM: channel weights = spatially averaged gradients; weighted sum of the maps; ReLU.
+    alpha = f.grad.mean(dim=(2, 3))
+    gradcam = torch.relu((alpha[:, :, None, None] * f.detach()).sum(1, keepdim=True))
+    torch.testing.assert_close(uncertainty_heatmap(f, w, logits), attention_heatmap(gradcam))
+
+
 def test_cam_heatmap_uses_the_findings_rows_of_the_global_classifier():
     from agcnn.models.roi import attention_heatmap, class_activation_heatmap
 
@@ -296,3 +328,17 @@ def test_cam_heatmap_uses_the_findings_rows_of_the_global_classifier():
     assert not torch.allclose(out.heatmap, attention_heatmap(g_map))
     with pytest.raises(ValueError, match="heatmap"):
         AGCNN(2, backbone="resnet18", width=8, heatmap="gradcam")
+
+
+def test_uncertain_heatmap_reads_the_global_findings_probabilities():
+    from agcnn.models.roi import uncertainty_heatmap
+
+    torch.manual_seed(0)
+    model = AGCNN(2, backbone="resnet18", width=8, heatmap="uncertain", image_size=128, local_size=32, no_finding=True).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = model(x, stage="fusion")
+        g_map = model.global_branch.forward_features(model.global_input(x))
+    w = model.global_branch.classifier.weight
+    torch.testing.assert_close(out.heatmap, uncertainty_heatmap(g_map, w[:2], out.global_logits))
+    assert out.boxes.shape == (2, 4)
