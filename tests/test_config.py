@@ -111,7 +111,8 @@ BAD_VALUES = [
     ("train.global.weight_decay=-1", r"train.global.weight_decay=-1.0"),
     ("train.global.lr_step=0", r"train.global.lr_step=0"),
     ("train.global.lr_gamma=0", r"train.global.lr_gamma=0.0 .*\(0, 1\]"),
-    ("model.heatmap=gradcam", r"model.heatmap='gradcam' is not a valid choice; valid: channels, cam"),
+    ("model.heatmap=gradcam", r"model.heatmap='gradcam' is not a valid choice; valid: channels, cam, uncertain"),
+    ("model.global_stride=8", r"model.global_stride=8 is not a valid choice; valid: 32, 16"),
     ("train.global.optimizer=adam", r"train.global.optimizer='adam' is not a valid choice; valid: sgd, adamw"),
     ("train.local.schedule=onecycle", r"train.local.schedule='onecycle' is not a valid choice; valid: step, cosine"),
     ("labels=[]", r"labels=\[\] must be a non-empty list of distinct label names"),
@@ -194,6 +195,7 @@ def test_menus_match_the_modules_that_use_them():
 
 @pytest.mark.parametrize("overrides,match", [
     (["model.backbone=densenet121", "model.width=32"], r"model.width=32 applies to the ResNet backbones only"),
+    (["model.backbone=densenet121", "model.global_stride=16"], r"model.global_stride=16 applies to the ResNet backbones only"),
     (["model.width=32", "model.pretrained=weights.pth"], r"model.width=32 cannot load ImageNet weights"),
 ])
 def test_width_other_than_64_needs_a_resnet_from_scratch(overrides, match):

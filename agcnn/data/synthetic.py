@@ -192,6 +192,8 @@ OPACITY_RATES = {"nodule": 0.30, "granuloma": 0.25, "vessel": 0.25}
 # Radius of a small opacity as a fraction of the image width (diameter 2-3 %: 9-13 mm on a 43 cm
 # film; 2.6-3.8 px at 128 px, 10-15 px at 512 px).
 OPACITY_RADIUS = (0.010, 0.015)
+# Peak density of a small opacity's sphere, in the units of the film's density map.
+OPACITY_CONTRAST = (0.10, 0.15)
 # Period of the fine patterns in pixels of a 512 px image: far above what a 128 px copy resolves.
 PATTERN_PERIOD_512 = 5.5
 
@@ -380,7 +382,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if kind is not None:
         r = rng.uniform(*OPACITY_RADIUS) * S
         x, y = _pick_in_lung(rng, lungs, 2 * r + 2)
-        box = _small_opacity(d, y, x, r, rng.uniform(0.10, 0.15), kind, rng)
+        box = _small_opacity(d, y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
         boxes.append(("Nodule" if kind == "nodule" else kind, *box))
     if findings["Mass"]:
         r = rng.uniform(0.03, 0.05) * S

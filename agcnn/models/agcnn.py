@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 class Branch(nn.Module):
     """Backbone -> pool5 -> linear classifier; ``forward_features`` and ``forward_head`` apart."""
 
-    def __init__(self, backbone: str, attention: str, pool: str, num_classes: int, dropout: float = 0.0, width: int = 64) -> None:
+    def __init__(self, backbone: str, attention: str, pool: str, num_classes: int, dropout: float = 0.0, width: int = 64,
+                 output_stride: int = 32) -> None:
         super().__init__()
-        self.features = create_backbone(backbone, attention, width)
+        self.features = create_backbone(backbone, attention, width, output_stride)
         self.num_features: int = self.features.num_features
         self.pool = pool
         self.dropout = nn.Dropout(dropout)
@@ -94,6 +95,7 @@ class AGCNN(nn.Module):
         width: int = 64,
         no_finding: bool = False,
         heatmap: str = "channels",
+        global_stride: int = 32,
     ) -> None:
         super().__init__()
         check_choice("pool", pool, POOLS)
@@ -110,7 +112,7 @@ class AGCNN(nn.Module):
         self.no_finding = no_finding
         outputs = num_classes + int(no_finding)
         # Same architecture, no weight sharing (Sec. 3.3).
-        self.global_branch = Branch(backbone, attention, pool, outputs, dropout, width)
+        self.global_branch = Branch(backbone, attention, pool, outputs, dropout, width, global_stride)
         self.local_branch = Branch(backbone, attention, pool, outputs, dropout, width)
         self.fusion_dropout = nn.Dropout(dropout)
         self.fusion = nn.Linear(self.global_branch.num_features + self.local_branch.num_features, outputs)
@@ -129,6 +131,7 @@ class AGCNN(nn.Module):
             width=cfg.width,
             no_finding=cfg.no_finding,
             heatmap=cfg.heatmap,
+            global_stride=cfg.global_stride,
         )
         if cfg.pretrained:
             for name, branch in (("global", model.global_branch), ("local", model.local_branch)):

@@ -59,9 +59,10 @@ class AttentiveBasicBlock(_AttentionPoints, BasicBlock):
 
 
 class ResNetFeatures(nn.Module):
-    """ResNet up to ``layer4``: returns the last feature map [B, C, H/32, W/32]."""
+    """ResNet up to ``layer4``: returns the last feature map [B, C, H/32, W/32] (``H/16`` with
+    ``output_stride=16``: layer4 at stride 1)."""
 
-    def __init__(self, block: type[nn.Module], layers: list[int], *, width: int = 64,
+    def __init__(self, block: type[nn.Module], layers: list[int], *, width: int = 64, output_stride: int = 32,
                  channel_attn: AttentionMaker | None = None, spatial_attn: AttentionMaker | None = None) -> None:
         super().__init__()
         net = ResNet(block, layers)  # type: ignore[arg-type]
@@ -79,6 +80,15 @@ class ResNetFeatures(nn.Module):
             for m in net.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if output_stride == 16:
+            # layer4 at stride 1: its first block's strided convolution (conv2 in torchvision's
+            # Bottleneck, conv1 in BasicBlock) and its shortcut. Same weights, a 2x finer map.
+            first = net.layer4[0]
+            (first.conv2 if issubclass(block, Bottleneck) else first.conv1).stride = (1, 1)
+            first.downsample[0].stride = (1, 1)
+        elif output_stride != 32:
+            raise ValueError(f"output_stride must be 32 or 16, got {output_stride}")
+        self.output_stride = output_stride
         # Same names as torchvision's ResNet, minus avgpool/fc (pool5 and the heads are ours).
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
@@ -130,19 +140,23 @@ def check_backbone(name: str) -> str:
     return check_choice("backbone", name, BACKBONES)
 
 
-def create_backbone(name: str, attention: str = "none", width: int = 64) -> nn.Module:
+def create_backbone(name: str, attention: str = "none", width: int = 64, output_stride: int = 32) -> nn.Module:
     """Feature extractor ``name`` with ``attention`` blocks; has ``.num_features``.
 
     ``width``: channels of a ResNet's first stage (64: torchvision's); DenseNet has only 64.
+    ``output_stride``: 32, or 16 for a ResNet whose last stage keeps its input's resolution.
     """
     check_backbone(name)
     layer = get_attention(attention)
     if width != 64 and not name.startswith("resnet"):
         raise ValueError(f"width={width} applies to the ResNet backbones only; use width 64 with {name}")
+    if output_stride != 32 and not name.startswith("resnet"):
+        raise ValueError(f"output_stride={output_stride} applies to the ResNet backbones only; use 32 with {name}")
     attn = {} if layer is None else {layer.site: layer.make}
+    res = {"width": width, "output_stride": output_stride}
     builders: dict[str, Callable[[], nn.Module]] = {
-        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], width=width, **attn),
-        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], width=width, **attn),
+        "resnet50": lambda: ResNetFeatures(AttentiveBottleneck, [3, 4, 6, 3], **res, **attn),
+        "resnet18": lambda: ResNetFeatures(AttentiveBasicBlock, [2, 2, 2, 2], **res, **attn),
         "densenet121": lambda: DenseNetFeatures(**attn),
     }
     return builders[name]()

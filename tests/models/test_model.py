@@ -160,6 +160,34 @@ def _torchvision_resnet18_file(tmp_path):
     return ref, path
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_output_stride_16_keeps_the_weights_and_doubles_the_map(backbone):
+    coarse = create_backbone(backbone, width=16).eval()
+    fine = create_backbone(backbone, width=16, output_stride=16).eval()
+    # Same parameters, same shapes: either loads the other's (and ImageNet's) weights.
+    fine.load_state_dict(coarse.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = coarse(x), fine(x)
+        # Up to layer4 nothing changes; layer4 keeps its input's 4 x 4 grid.
+        stem = lambda n: n.layer3(n.layer2(n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))))  # noqa: E731
+        torch.testing.assert_close(stem(coarse), stem(fine))
+    assert a.shape == (2, coarse.num_features, 2, 2) and b.shape == (2, coarse.num_features, 4, 4)
+    with pytest.raises(ValueError, match="output_stride"):
+        create_backbone("densenet121", output_stride=16)
+    with pytest.raises(ValueError, match="32 or 16"):
+        create_backbone(backbone, width=16, output_stride=8)
+
+
+def test_global_stride_refines_the_heatmap_not_the_local_branch():
+    model = AGCNN.from_config(ModelConfig(backbone="resnet18", width=8, global_stride=16, local_size=64), num_classes=3, image_size=128)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = model(x, stage="fusion")
+        assert out.heatmap.shape == (2, 8, 8)
+        assert model.local_branch.forward_features(torch.randn(1, 3, 64, 64)).shape[-1] == 2
+
+
 def test_pretrained_weights_load_from_local_file(tmp_path):
     ref, path = _torchvision_resnet18_file(tmp_path)
     ref.eval()
