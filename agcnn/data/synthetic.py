@@ -6,7 +6,7 @@ posterior and anterior ribs as curved bands, clavicles, blur and quantum noise. 
 planted at random places, each with its bounding box:
 
 =============  =====================================================================
-Nodule         small round opacity, 2-3 % of the image width, with a spiculated margin
+Nodule         small round opacity, 3-5 % of the image width, with a spiculated margin
 Mass           larger lobulated opacity, 6-10 % of the width
 Pneumothorax   apical-lateral rim without lung markings, with a thin pleural line
 Effusion       fluid level blunting the costophrenic angle, meniscus rising laterally
@@ -17,8 +17,8 @@ The other nine labels are 0: they are truly absent, not unknown. About 35 % of t
 no finding; some patients have two images (a follow-up with the same anatomy).
 
 **Small findings and their look-alikes.** The situation AG-CNN exists for (paper Sec. 3.2) is a
-small finding that the downsampled whole film shows but cannot identify. A 9-13 mm nodule on a
-43 cm film is 3-4 px at 128 px: visibly *something*, but real films are full of small round
+small finding that the downsampled whole film shows but cannot identify. A 14-21 mm nodule on a
+43 cm film is 4-6 px at 128 px: visibly *something*, but real films are full of small round
 opacities that are not nodules -- vessels seen end-on, calcified granulomas, nipple shadows --
 and what tells them apart is detail a few pixels wide at full resolution. The phantoms model
 exactly that. About 80 % of the films carry one small round opacity (at most one, so that the
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
 # Independent draws; P(no finding) = 0.70 * 0.85 * 0.85 * 0.82 * 0.85 = 0.35.
 PREVALENCE = {"Nodule": 0.30, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Stored grey levels: 12 bits, as most digital radiography detectors deliver.
 BITS = 12
 
@@ -181,7 +181,7 @@ def _blob(d: np.ndarray, y: int, x: int, r: float, contrast: float, rng: np.rand
 # Small round opacities. Each kind is the same smooth sphere (what the downsampled whole film
 # shows) plus a fine pattern of its own, a few pixels across at the full size:
 #   nodule     spiculated margin: thin dense strands radiating from the surface (corona radiata)
-#   granuloma  popcorn calcification: a ring of 6-7 dense clumps inside the sphere
+#   granuloma  popcorn calcification: a ring of dense clumps inside the sphere
 #   vessel     a vessel seen end-on: smooth and homogeneous, no pattern at all
 # The patterns carry no integrated density and no second moment (both projected out below), so
 # what survives downsampling -- their lowest spatial frequencies -- is the same for every kind.
@@ -189,11 +189,12 @@ OPACITY_KINDS = ("nodule", "granuloma", "vessel")
 # Kind of the one small opacity of a film (at most one, so one attended box can hold it: AG-CNN
 # crops a single region, paper Sec. 3.2). Look-alikes are common, as on real films.
 OPACITY_RATES = {"nodule": 0.30, "granuloma": 0.25, "vessel": 0.25}
-# Radius of a small opacity as a fraction of the image width (diameter 2-3 %: 9-13 mm on a 43 cm
-# film; 2.6-3.8 px at 128 px, 10-15 px at 512 px).
-OPACITY_RADIUS = (0.010, 0.015)
+# Radius of a small opacity as a fraction of the image width (diameter 3.2-4.8 %: 14-21 mm on a
+# 43 cm film; 4-6 px at 128 px, 16-25 px at 512 px). Smaller ones (2-3 %) were seen too rarely by
+# a global branch trained from scratch on a few hundred films for its heatmap to point at them.
+OPACITY_RADIUS = (0.016, 0.024)
 # Peak density of a small opacity's sphere, in the units of the film's density map.
-OPACITY_CONTRAST = (0.10, 0.15)
+OPACITY_CONTRAST = (0.16, 0.24)
 # Period of the fine patterns in pixels of a 512 px image: far above what a 128 px copy resolves.
 PATTERN_PERIOD_512 = 5.5
 
@@ -212,9 +213,10 @@ def _opacity_pattern(kind: str, dist: np.ndarray, theta: np.ndarray, r: float, p
         t = np.clip((dist - 0.6 * r) / (0.75 * r), 0, 1)
         pattern = 1.6 * strands * np.sin(np.pi * t) ** 2
     elif kind == "granuloma":
-        # Popcorn calcification: k dense clumps in a ring inside the sphere (again minus the
-        # angular mean, 1 / 4).
-        k = int(rng.integers(6, 8))
+        # Popcorn calcification: dense clumps in a ring inside the sphere, as many as fit about
+        # 0.6 period apart at half the radius (at least 6), so that, as for the spicules, a larger
+        # opacity does not get coarser detail (again minus the angular mean, 1 / 4).
+        k = max(6, int(round(np.pi * r / (0.6 * period))))
         clumps = np.clip(np.cos(k * theta + rng.uniform(0, 2 * np.pi)), 0, None) ** 2 - 0.25
         t = np.clip((dist - 0.15 * r) / (0.7 * r), 0, 1)
         pattern = 2.6 * clumps * np.sin(np.pi * t) ** 2
