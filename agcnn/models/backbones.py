@@ -88,7 +88,6 @@ class ResNetFeatures(nn.Module):
             first.downsample[0].stride = (1, 1)
         elif output_stride != 32:
             raise ValueError(f"output_stride must be 32 or 16, got {output_stride}")
-        self.output_stride = output_stride
         # Same names as torchvision's ResNet, minus avgpool/fc (pool5 and the heads are ours).
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))

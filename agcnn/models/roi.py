@@ -5,7 +5,9 @@ loop. The exact order of operations (paper Sec. 3.2, Eq. 3-4), which a per-image
 the tests reproduces bit for bit:
 
 1. ``heatmap``: max over channels of |f| (Eq. 3) on the last feature map [B, C, h, w], then
-   min-max normalised per image to [0, 1]; a flat map becomes all zeros.
+   min-max normalised per image to [0, 1]; a flat map becomes all zeros. (``model.heatmap``
+   may draw it from the class activation maps instead: :func:`class_activation_heatmap`,
+   :func:`uncertainty_heatmap`; steps 2-5 are the same.)
 2. ``upsample``: bilinear, half-pixel centres (``align_corners=False``), edge-clamped, done as
    two separable passes (rows first, then columns) in float32 -- written out here rather than
    left to ``F.interpolate`` so that the arithmetic is defined and identical on every device.
