@@ -174,7 +174,7 @@ class ModelConfig:
     heatmap: str = setting("channels", OneOf(HEATMAPS))
     # 16: the global branch's last stage keeps the resolution of the one before (stride 1 instead
     # of 2), so its feature map -- and the heatmap drawn from it -- is twice as fine (8 x 8 instead
-    # of 4 x 4 at a 128 px input; 14 x 14 at 224). About 1.4x the global branch's compute; the
+    # of 4 x 4 at a 128 px input; 14 x 14 at 224). About 1.3x the time of a global epoch; the
     # weights are the same shapes, so ImageNet weights still load. ResNet backbones only.
     global_stride: int = setting(32, OneOf(GLOBAL_STRIDES))
     # Side of the square crop that the local branch sees (the paper resizes to 224).

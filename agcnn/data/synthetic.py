@@ -192,7 +192,7 @@ OPACITY_KINDS = ("nodule", "granuloma", "vessel")
 # a Nodule AUC of 0.70 at best (1 - 0.6 / 2). Nodules are common too (half the films), so that a
 # few hundred films teach the global branch where the small opacities are (with 30 % nodules and
 # 50 % look-alikes it had not learned that in 20 epochs on 1800 films: Nodule AUC 0.55).
-OPACITY_RATES = {"nodule": 0.50, "granuloma": 0.15, "vessel": 0.15}
+OPACITY_RATES = {"nodule": PREVALENCE["Nodule"], "granuloma": 0.15, "vessel": 0.15}
 # Radius of a small opacity as a fraction of the image width (diameter 3.2-4.8 %: 14-21 mm on a
 # 43 cm film; 4-6 px at 128 px, 16-25 px at 512 px). Smaller ones (2-3 %) were seen too rarely by
 # a global branch trained from scratch on a few hundred films for its heatmap to point at them.
