@@ -311,6 +311,11 @@ class TrainConfig:
     # training images) and train the fusion head on them every epoch. False: augmented images
     # through both branches every epoch, as in the paper's training code.
     cache_fusion_features: bool = True
+    # Stage II with the global branch frozen: crop each training image's attended box once
+    # (un-augmented images; the crops then flipped at random each epoch) and train the local
+    # branch on those crops, instead of augmented images through the global branch every
+    # epoch. About 3x faster on the CPU; the crops are held in memory (float16, N x 3 x L x L).
+    cache_local_crops: bool = False
     # Bootstrap resamples for confidence intervals in evaluate.
     bootstrap: int = setting(1000, AT_LEAST_0)
     log_every: int = setting(20, AT_LEAST_1)

@@ -447,6 +447,32 @@ class _FuseHead(nn.Module):
         return self._model.fuse(g, l)
 
 
+@torch.no_grad()
+def _frozen_pass(model: nn.Module, plan: Stage, cfg: Config, rt: Runtime, skips: Skips, ds: Dataset, batch_size: int,
+                 compute: Callable[[Tensor], dict[str, Tensor]], empty: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """``compute`` of every image of ``ds`` through the model in eval mode, at the inference
+    precision, with the labels: arrays in dataset order on every process. ``empty``: each
+    array's shape when no image is left (every one unreadable)."""
+    model.eval()
+    shard, idx = _shard(ds, rt)
+    loader = make_loader(shard, batch_size, train=False, epoch=0, cfg=cfg, rt=rt)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*empty, "labels")}
+    rows: list[np.ndarray] = []
+    before = skips.count
+    for batch in skips.batches(loader):
+        rows.append(_rows_of(batch, idx))
+        x, lab = _batch_xy(batch)
+        with inference_precision(cfg.train.inference_precision, rt.device):
+            out = compute(model_input(x, ds, cfg, rt))
+        for k, v in out.items():
+            parts[k].append(v.cpu().numpy())
+        parts["labels"].append(lab.float().numpy())
+    set_train_mode(model, plan)
+    shapes = {**empty, "labels": (0, len(cfg.labels))}
+    arrays = {k: np.concatenate(v) if v else np.zeros(shapes[k], np.float32) for k, v in parts.items()}
+    return _gather_rows(rt, np.concatenate(rows) if skips.count > before else idx, arrays)
+
+
 class CachedFusionSource:
     """Stage III with both branches frozen: pool5 features computed once, reused every epoch.
 
@@ -474,32 +500,15 @@ class CachedFusionSource:
                 for b, branch in (("global", model.global_branch), ("local", model.local_branch))
             }
 
-    @torch.no_grad()
     def _features(self, ds: Dataset) -> dict[str, np.ndarray]:
         model = self.model
-        model.eval()
-        shard, idx = _shard(ds, self.rt)
-        loader = make_loader(shard, self.batch_size, train=False, epoch=0, cfg=self.cfg, rt=self.rt)
-        g, l, y = [], [], []
-        rows: list[np.ndarray] = []
-        before = self.skips.count
-        for batch in self.skips.batches(loader):
-            rows.append(_rows_of(batch, idx))
-            x, lab = _batch_xy(batch)
-            # At the inference precision: the validation features are scored as evaluate would.
-            with inference_precision(self.cfg.train.inference_precision, self.rt.device):
-                out = model(model_input(x, ds, self.cfg, self.rt), stage="fusion")
-            g.append(out.global_pooled.float().cpu().numpy())
-            l.append(out.local_pooled.float().cpu().numpy())
-            y.append(lab.float().numpy())
-        set_train_mode(model, self.plan)
-        k = len(self.cfg.labels)
-        arrays = {
-            "global": np.concatenate(g) if g else np.zeros((0, model.global_branch.num_features), np.float32),
-            "local": np.concatenate(l) if l else np.zeros((0, model.local_branch.num_features), np.float32),
-            "labels": np.concatenate(y) if y else np.zeros((0, k), np.float32),
-        }
-        return _gather_rows(self.rt, np.concatenate(rows) if self.skips.count > before else idx, arrays)
+
+        def pooled(x: Tensor) -> dict[str, Tensor]:
+            out = model(x, stage="fusion")
+            return {"global": out.global_pooled.float(), "local": out.local_pooled.float()}
+
+        empty = {"global": (0, model.global_branch.num_features), "local": (0, model.local_branch.num_features)}
+        return _frozen_pass(model, self.plan, self.cfg, self.rt, self.skips, ds, self.batch_size, pooled, empty)
 
     def loader(self, epoch: int) -> DataLoader:
         return make_loader(self.train_set, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt, num_workers=0)
@@ -519,6 +528,94 @@ class CachedFusionSource:
         if was_training:
             set_train_mode(self.model, self.plan)
         return {**self.fixed_val, "fusion": fusion}, self.val_feats["labels"]
+
+
+class CachedCropSource:
+    """Stage II with the global branch frozen: each image's attended crop computed once, the
+    local branch trained on the crops every epoch (``train.cache_local_crops``).
+
+    The frozen global branch is a deterministic function of its input in eval mode, so the
+    heatmap, the box and the crop of an un-augmented (evaluation-transform) training image never
+    change. Each epoch flips half of the crops at random: the crop of a mirrored image is the
+    mirrored crop, up to the global branch's own asymmetry. The zoom augmentation of the
+    images (``data.augment``) is not applied in this mode.
+    """
+
+    def __init__(self, model: nn.Module, plan: Stage, cfg: Config, rt: Runtime, train_ds: Dataset, val_ds: Dataset,
+                 batch_size: int, say: Callable[[str], None]):
+        self.model, self.plan, self.cfg, self.rt, self.batch_size = model, plan, cfg, rt, batch_size
+        self.skips = Skips()
+        self.branch = _wrap_ddp(model.local_branch, rt)
+        n = len(train_ds) + len(val_ds)
+        size = check_crop_cache_fits(n, model.local_size, rt.world)
+        t0 = time.perf_counter()
+        self.train_crops = self._crops(train_ds)
+        self.val_crops = self._crops(val_ds)
+        say(f"local: cached the attended crops of {len(train_ds)} training and {len(val_ds)} validation images "
+            f"({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+        self.train_set = TensorDataset(torch.from_numpy(self.train_crops["crops"]), torch.from_numpy(self.train_crops["labels"]))
+
+    def _crops(self, ds: Dataset) -> dict[str, np.ndarray]:
+        model = self.model
+
+        def attended(x: Tensor) -> dict[str, Tensor]:
+            out, crops = model.attend(x)
+            # The frozen global branch's validation probabilities are kept as they are.
+            return {"crops": crops.half(), "global": torch.sigmoid(model.findings(out.global_logits).float())}
+
+        s = model.local_size
+        crops = _frozen_pass(model, self.plan, self.cfg, self.rt, self.skips, ds, self.batch_size, attended,
+                             {"crops": (0, 3, s, s), "global": (0, model.num_classes)})
+        crops["crops"] = crops["crops"].astype(np.float16, copy=False)
+        return crops
+
+    def _input(self, x: Tensor) -> Tensor:
+        x = x.to(self.rt.device, non_blocking=True).float()
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
+    def loader(self, epoch: int) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, train=True, epoch=epoch, cfg=self.cfg, rt=self.rt, num_workers=0)
+
+    def logits(self, batch: Any) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        # Drawn on the CPU from the seeded generator: the same flips on any device.
+        flip = (torch.rand(len(x)) < 0.5).to(self.rt.device)
+        x = self._input(x)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self.branch(x), y.to(self.rt.device, non_blocking=True)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        model, crops = self.model, torch.from_numpy(self.val_crops["crops"])
+        was_training = model.training
+        model.eval()
+        probs = []
+        with inference_precision(self.cfg.train.inference_precision, self.rt.device):
+            for i in range(0, len(crops), self.batch_size):
+                logits = model.findings(model.local_branch(self._input(crops[i : i + self.batch_size])))
+                probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        if was_training:
+            set_train_mode(model, self.plan)
+        local = np.concatenate(probs) if probs else np.zeros((0, model.num_classes), np.float32)
+        return {"global": self.val_crops["global"], "local": local}, self.val_crops["labels"]
+
+
+def check_crop_cache_fits(n_images: int, local_size: int, processes: int = 1) -> int:
+    """Bytes the cached crops take (float16, 3 channels); an error if all processes together
+    would need more than half of this machine's memory."""
+    need = n_images * 3 * local_size * local_size * 2
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return need
+    if need * processes > total / 2:
+        raise ConfigError(
+            f"train.cache_local_crops=true would hold {need * processes / 2**30:.1f} GiB of crops ({n_images} images x 3 x "
+            f"{local_size} x {local_size} float16{f' in each of {processes} processes' if processes > 1 else ''}), more "
+            f"than half of this machine's {total / 2**30:.1f} GiB; set train.cache_local_crops=false (crops computed "
+            f"every epoch)"
+        )
+    return need
 
 
 # ---------------------------------------------------------------------- checkpoints and logs
@@ -763,8 +860,9 @@ def build_stage(
             if m != "fusion":
                 getattr(model, m).features.compile()
     net: nn.Module = model
-    if plan.trains and not _fusion_head_only(plan):
-        # In stage III with frozen branches the source wraps the fusion head alone.
+    if plan.trains and not _fusion_head_only(plan) and not _use_crop_cache(cfg, plan):
+        # In stage III with frozen branches the source wraps the fusion head alone, with
+        # cached crops in stage II the local branch alone.
         net = _wrap_ddp(model, rt)
     if rt.rank:
         # Every process its own augmentation draws (rank 0 keeps train.seed); see rank_seed.
@@ -799,6 +897,8 @@ def build_stage(
     train_ds, val_ds = datasets["train"], datasets["val"]
     if _use_feature_cache(cfg, plan):
         run.source = CachedFusionSource(model, plan, cfg, rt, train_ds, val_ds, batch_size, say)
+    elif _use_crop_cache(cfg, plan):
+        run.source = CachedCropSource(model, plan, cfg, rt, train_ds, val_ds, batch_size, say)
     else:
         run.source = ImageSource(model, net, plan, cfg, rt, train_ds, val_ds, batch_size)
     return run
@@ -931,6 +1031,16 @@ def _use_feature_cache(cfg: Config, plan: Stage) -> bool:
     return plan.name == "fusion" and cfg.train.cache_fusion_features and plan.frozen == ("global_branch", "local_branch")
 
 
+def _use_crop_cache(cfg: Config, plan: Stage) -> bool:
+    return plan.name == "local" and cfg.train.cache_local_crops and plan.trains == ("local_branch",)
+
+
+def _trains_on_cache(cfg: Config, stage: str) -> bool:
+    """The stage trains on what its frozen branches computed once from un-augmented images."""
+    plan = stage_plan(stage, cfg.train.finetune_all)
+    return _use_feature_cache(cfg, plan) or _use_crop_cache(cfg, plan)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -1019,16 +1129,12 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a kill mid-write must not leave a config that --resume then cannot read.
         atomic_write_bytes(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
-    if any(s == "fusion" for s in stages) and _use_feature_cache(cfg, stage_plan("fusion", cfg.train.finetune_all)):
-        datasets = dict(datasets)
-        datasets["fusion_train"] = _without_augmentation(cfg, datasets["train"])
+    plain = _without_augmentation(cfg, datasets["train"]) if any(_trains_on_cache(cfg, s) for s in stages) else None
     writer = _open_writer(run_dir, rt)
     results: dict[str, StageResult] = {}
     try:
         for s in stages:
-            ds = datasets
-            if s == "fusion" and "fusion_train" in datasets:
-                ds = {**datasets, "train": datasets["fusion_train"]}
+            ds = {**datasets, "train": plain} if _trains_on_cache(cfg, s) else datasets
             results[s] = run_stage(cfg, run_dir, s, ds, rt, resume=resume, seed_from=seed_from, progress=progress,
                                    say=quiet, writer=writer, left_out=left_out, split=split)
     finally:
@@ -1049,7 +1155,7 @@ def _split_record(cfg: Config, datasets: dict[str, Dataset]) -> dict[str, Any] |
 
 
 def _without_augmentation(cfg: Config, ds: Dataset) -> Dataset:
-    """The training set with evaluation transforms, for cached fusion features."""
+    """The training set with evaluation transforms, for the stages that cache what frozen branches compute."""
     if batch_transform(ds) is not None:
         import copy
 

@@ -71,3 +71,28 @@ def test_two_process_fusion_stage_trains_the_head_alone(tmp_path, tiny_config):
         for key, value in ckpt["model"].items():
             assert torch.equal(value, seed[key]) != key.startswith("fusion."), (name, key)
 
+
+
+@pytest.mark.slow
+def test_two_process_local_stage_on_cached_crops(tmp_path, tiny_config):
+    """Stage II under torchrun with train.cache_local_crops: each process crops its share, the
+    crops are gathered in dataset order, the local branch alone is wrapped in DDP (the run
+    checks at the end of each stage that both replicas hold the same weights)."""
+    root = tmp_path / "phantoms"
+    generate_phantoms(root, count=40, size=64, seed=0, workers=1)
+    cfg = tiny_config("data.synthetic_count=40", "data.synthetic_size=64", f"data.root={root}", "train.cache_local_crops=true")
+    cfg.dump(tmp_path / "c.yaml")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--module", "agcnn",
+           "train", "--config", str(tmp_path / "c.yaml"), "--stage", "all", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("local: cached the attended crops of 28 training and") == 1
+    g = load_checkpoint(out / "global" / "best.pt")["model"]
+    loc = load_checkpoint(out / "local" / "last.pt")
+    # 28 training images, 2 per process per step: 7 steps; the global branch untouched.
+    assert loc["step"] == 7
+    for key, value in loc["model"].items():
+        if not key.startswith("fusion."):
+            assert torch.equal(value, g[key]) == key.startswith("global_branch."), key

@@ -260,6 +260,107 @@ def test_paper_stage_three_random_head_on_augmented_images_with_no_finding(tmp_p
         assert same != key.startswith("fusion."), key
 
 
+class _Plain(torch.utils.data.Dataset):
+    """Tiny's images without the per-item noise: the same image every time it is read."""
+
+    def __init__(self, n: int, seed: int):
+        self.tiny = Tiny(n, seed)
+
+    def __len__(self) -> int:
+        return len(self.tiny)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.tiny.x[i], "labels": self.tiny.y[i], "index": i}
+
+
+@pytest.fixture(scope="module")
+def plain_data():
+    return {"train": _Plain(12, 0), "val": _Plain(8, 1)}
+
+
+def test_local_stage_on_cached_crops_trains_the_local_branch_alone(tmp_path, plain_data, tiny_config):
+    run = tmp_path / "run"
+    train(tiny_config("train.global.epochs=2"), run, ["global"], datasets=plain_data, progress=False, say=quiet)
+    messages: list[str] = []
+    cfg = tiny_config("train.cache_local_crops=true", "train.local.epochs=2")
+    res = train(cfg, run, ["local"], datasets=plain_data, progress=False, say=messages.append)
+    assert any("cached the attended crops of 12 training and 8 validation images" in m for m in messages)
+    g = load_checkpoint(run / "global" / "best.pt")["model"]
+    loc = load_checkpoint(run / "local" / "last.pt")
+    for key, value in loc["model"].items():
+        if not key.startswith("fusion."):
+            assert torch.equal(value, g[key]) == key.startswith("global_branch."), key
+    assert res["local"].best_epoch in (1, 2) and len(loc["history"]) == 2
+
+
+def test_cached_crops_are_the_attended_crops_and_are_flipped_at_random(tmp_path, plain_data, tiny_config):
+    from agcnn.checkpoint import model_from_checkpoint
+    from agcnn.runtime import Runtime
+    from agcnn.stages import apply_freezing, stage_plan
+    from agcnn.train import CachedCropSource
+
+    run = tmp_path / "run"
+    cfg = tiny_config("train.global.epochs=2")
+    train(cfg, run, ["global"], datasets=plain_data, progress=False, say=quiet)
+    model, _ = model_from_checkpoint(load_checkpoint(run / "global" / "best.pt"))
+    plan = stage_plan("local")
+    apply_freezing(model, plan)
+    src = CachedCropSource(model, plan, cfg, Runtime(torch.device("cpu")), plain_data["train"], plain_data["val"], 4, quiet)
+    model.eval()
+    x = torch.stack([plain_data["train"][i]["image"] for i in range(12)])
+    with torch.no_grad():
+        out, crops = model.attend(x)
+    # In dataset order, each image's own crop (stored as float16).
+    cached, labels = src.train_set.tensors
+    assert cached.dtype == torch.float16 and cached.shape == (12, 3, 32, 32)
+    torch.testing.assert_close(cached.float(), crops, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(labels, plain_data["train"].tiny.y, equal_nan=True)
+    # Validation: the frozen global branch's probabilities and the local branch on the crops.
+    probs, val_labels = src.validate()
+    xv = torch.stack([plain_data["val"][i]["image"] for i in range(8)])
+    with torch.no_grad():
+        ref = model(xv, stage="local")
+    torch.testing.assert_close(torch.from_numpy(probs["global"]), torch.sigmoid(ref.global_logits), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(probs["local"]), torch.sigmoid(ref.local_logits), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(torch.from_numpy(val_labels), plain_data["val"].tiny.y, equal_nan=True)
+    # Training batches: each crop as it is or mirrored, both in one batch of 12.
+    model.local_branch.eval()  # batch statistics would make rows depend on each other
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits, _ = src.logits((cached, labels))
+        as_is = torch.isclose(logits, model.local_branch(cached.float()), atol=1e-5).all(1)
+        mirrored = torch.isclose(logits, model.local_branch(cached.float().flip(-1)), atol=1e-5).all(1)
+    assert (as_is | mirrored).all() and as_is.any() and mirrored.any()
+
+
+def test_cached_crop_stage_resumes_to_the_same_weights(tmp_path, plain_data, tiny_config):
+    run = tmp_path / "run"
+    train(tiny_config(), run, ["global"], datasets=plain_data, progress=False, say=quiet)
+    seed = run / "global" / "best.pt"
+    full, part = tmp_path / "full", tmp_path / "part"
+    cached = ("train.cache_local_crops=true",)
+    train(tiny_config(*cached, "train.local.epochs=2"), full, ["local"], seed_from=seed, datasets=plain_data,
+          progress=False, say=quiet)
+    train(tiny_config(*cached, "train.local.epochs=1"), part, ["local"], seed_from=seed, datasets=plain_data,
+          progress=False, say=quiet)
+    torch.manual_seed(1234)  # disturb the RNG: the flips of epoch 2 come from the restored state
+    train(tiny_config(*cached, "train.local.epochs=2"), part, ["local"], resume=True, datasets=plain_data,
+          progress=False, say=quiet)
+    a, b = load_checkpoint(full / "local" / "last.pt"), load_checkpoint(part / "local" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_crop_cache_too_large_for_the_machine_is_refused_naming_the_setting():
+    from agcnn.config import ConfigError
+    from agcnn.train import check_crop_cache_fits
+
+    assert check_crop_cache_fits(10, 32) == 10 * 3 * 32 * 32 * 2
+    with pytest.raises(ConfigError, match=r"train.cache_local_crops=true would hold [\d.]+ GiB of crops \(10000000000 images "
+                                          r"x 3 x 224 x 224 float16\).*set train.cache_local_crops=false"):
+        check_crop_cache_fits(10**10, 224)
+
+
 class _Draws(torch.utils.data.Dataset):
     """Each item draws from the RNG, as a random crop would."""
 

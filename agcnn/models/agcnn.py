@@ -150,13 +150,23 @@ class AGCNN(nn.Module):
     def forward(self, x: Tensor, stage: str = "fusion") -> AGCNNOutput:
         """``stage``: ``global`` computes the global branch only; ``local`` and ``fusion`` all three."""
         check_choice("stage", stage, tuple(STAGES))
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a [B, 3, S, S] image batch, got shape {tuple(x.shape)}")
-        g_map = self.global_branch.forward_features(self.global_input(x))
-        g_pooled = self.global_branch.pool_features(g_map)
-        out = AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
         if stage == "global":
-            return self._split_no_finding(out)
+            return self._split_no_finding(self._global(x)[1])
+        out, crops = self.attend(x)
+        l_map = self.local_branch.forward_features(crops)
+        out.local_pooled = self.local_branch.pool_features(l_map)
+        out.local_logits = self.local_branch.forward_head(out.local_pooled)
+        out.fusion_logits = self.fuse(out.global_pooled, out.local_pooled)
+        return self._split_no_finding(out)
+
+    def attend(self, x: Tensor) -> tuple[AGCNNOutput, Tensor]:
+        """The global branch, its heatmap and attended box, and the box cropped from ``x`` at
+        ``local_size`` [B, 3, L, L]: the local branch's input (Sec. 3.2).
+
+        The output's logits still carry the "No Finding" column when the model has one;
+        :meth:`forward` moves it out.
+        """
+        g_map, out = self._global(x)
         # The findings' rows of the global classifier (not the "No Finding" output).
         findings_weight = self.global_branch.classifier.weight[: self.num_classes]
         if self.heatmap_kind == "cam":
@@ -169,11 +179,15 @@ class AGCNN(nn.Module):
         crops = crop_regions(x, out.boxes, self.image_size, self.local_size)
         if x.is_contiguous(memory_format=torch.channels_last):
             crops = crops.contiguous(memory_format=torch.channels_last)
-        l_map = self.local_branch.forward_features(crops)
-        out.local_pooled = self.local_branch.pool_features(l_map)
-        out.local_logits = self.local_branch.forward_head(out.local_pooled)
-        out.fusion_logits = self.fuse(g_pooled, out.local_pooled)
-        return self._split_no_finding(out)
+        return out, crops
+
+    def _global(self, x: Tensor) -> tuple[Tensor, AGCNNOutput]:
+        """The global branch's last feature map and its output."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a [B, 3, S, S] image batch, got shape {tuple(x.shape)}")
+        g_map = self.global_branch.forward_features(self.global_input(x))
+        g_pooled = self.global_branch.pool_features(g_map)
+        return g_map, AGCNNOutput(global_logits=self.global_branch.forward_head(g_pooled), global_pooled=g_pooled)
 
     def findings(self, logits: Tensor) -> Tensor:
         """The findings' columns of a classifier's output (without the "No Finding" one)."""
