@@ -307,6 +307,10 @@ class TrainConfig:
     # Stage III starts its fusion head as the global classifier (zero weight on local features),
     # rather than at random; see AGCNN.init_fusion_from_global.
     fusion_from_global: bool = True
+    # Stage II starts the local branch as a copy of the trained global branch (same
+    # architecture, no weight sharing afterwards), rather than from its own start (ImageNet
+    # weights or random); see AGCNN.init_local_from_global.
+    local_from_global: bool = False
     # Stage III with both branches frozen: compute their pool5 features once (un-augmented
     # training images) and train the fusion head on them every epoch. False: augmented images
     # through both branches every epoch, as in the paper's training code.

@@ -848,6 +848,11 @@ def build_stage(
     fresh_fusion = resume_ckpt is None and (seed_ckpt is None or seed_ckpt.get("stage") != "fusion")
     if stage_name == "fusion" and fresh_fusion and cfg.train.fusion_from_global:
         model.init_fusion_from_global()
+    # A fresh stage II seeded by the global stage's checkpoint starts its local branch as the
+    # global branch; one seeded from a later stage keeps the local branch it learned.
+    fresh_local = resume_ckpt is None and seed_ckpt is not None and seed_ckpt.get("stage") == "global"
+    if stage_name == "local" and fresh_local and cfg.train.local_from_global:
+        model.init_local_from_global()
     if cfg.train.sync_batchnorm and rt.distributed:
         convert_sync_batchnorm(model, plan, rt)
     apply_freezing(model, plan)

@@ -231,6 +231,30 @@ def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_p
     assert torch.all(ft["fusion.weight"] == 0.5)
 
 
+def test_local_branch_starts_as_the_global_branch_only_when_asked(tmp_path, data, tiny_config):
+    def weights(ckpt_path, branch):  # parameters only: batch-norm statistics move even at lr 0
+        m = load_checkpoint(ckpt_path)["model"]
+        return {k.split(".", 1)[1]: v for k, v in m.items()
+                if k.startswith(branch + ".") and "running_" not in k and "num_batches" not in k}
+
+    run = tmp_path / "run"
+    train(tiny_config("train.global.epochs=2"), run, ["global"], datasets=data, progress=False, say=quiet)
+    still = ("train.local.lr=0.0", "train.local.weight_decay=0.0")
+    train(tiny_config(*still, "train.local_from_global=true"), run, ["local"], datasets=data, progress=False, say=quiet)
+    g, loc = weights(run / "local" / "last.pt", "global_branch"), weights(run / "local" / "last.pt", "local_branch")
+    assert g.keys() == loc.keys() and all(torch.equal(g[k], loc[k]) for k in g)
+    # Off (the default): the local branch keeps its own start.
+    train(tiny_config(*still), tmp_path / "own", ["local"], seed_from=run / "global" / "best.pt", datasets=data,
+          progress=False, say=quiet)
+    own = weights(tmp_path / "own" / "local" / "last.pt", "local_branch")
+    assert not all(torch.equal(g[k], own[k]) for k in g)
+    # Seeded from a stage II checkpoint, the local branch it learned is kept.
+    train(tiny_config(*still, "train.local_from_global=true"), tmp_path / "again", ["local"],
+          seed_from=tmp_path / "own" / "local" / "last.pt", datasets=data, progress=False, say=quiet)
+    again = weights(tmp_path / "again" / "local" / "last.pt", "local_branch")
+    assert all(torch.equal(own[k], again[k]) for k in own)
+
+
 def test_paper_stage_three_random_head_on_augmented_images_with_no_finding(tmp_path, data, tiny_config):
     """The paper's stage III: fusion layer from random, images through the frozen branches every
     epoch (no feature cache), and the 15th "No Finding" output trained but never reported."""

@@ -207,6 +207,17 @@ class AGCNN(nn.Module):
         return out
 
     @torch.no_grad()
+    def init_local_from_global(self) -> None:
+        """Start the local branch as a copy of the trained global branch. Without ImageNet
+        weights a local branch from random weights must learn from a few thousand crops what
+        the global branch has already learned from the whole images -- what an opacity, an
+        edge, a rib looks like -- before it can learn the detail only the crop shows. The
+        branches keep their own weights from here on (Sec. 3.3: no weight sharing); the
+        global branch's ``global_stride`` is a stride, not a weight, so the copy fits either way.
+        """
+        self.local_branch.load_state_dict(self.global_branch.state_dict())
+
+    @torch.no_grad()
     def init_fusion_from_global(self) -> None:
         """Start the fusion head as a copy of the global classifier, with zero weight on the
         local features: at step 0 the fusion logits equal the global logits, so stage III can
