@@ -538,7 +538,8 @@ class CachedCropSource:
     heatmap, the box and the crop of an un-augmented (evaluation-transform) training image never
     change. Each epoch flips half of the crops at random: the crop of a mirrored image is the
     mirrored crop, up to the global branch's own asymmetry. The zoom augmentation of the
-    images (``data.augment``) is not applied in this mode.
+    images (``data.augment``) is not applied in this mode. Training crops are held as float16;
+    validation crops as computed, so that the best epoch is chosen on the scores evaluate gives.
     """
 
     def __init__(self, model: nn.Module, plan: Stage, cfg: Config, rt: Runtime, train_ds: Dataset, val_ds: Dataset,
@@ -546,27 +547,27 @@ class CachedCropSource:
         self.model, self.plan, self.cfg, self.rt, self.batch_size = model, plan, cfg, rt, batch_size
         self.skips = Skips()
         self.branch = _wrap_ddp(model.local_branch, rt)
-        n = len(train_ds) + len(val_ds)
-        size = check_crop_cache_fits(n, model.local_size, rt.world)
+        size = check_crop_cache_fits(len(train_ds), len(val_ds), model.local_size, rt.world)
         t0 = time.perf_counter()
-        self.train_crops = self._crops(train_ds)
-        self.val_crops = self._crops(val_ds)
+        self.train_crops = self._crops(train_ds, np.float16)
+        self.val_crops = self._crops(val_ds, np.float32)
         say(f"local: cached the attended crops of {len(train_ds)} training and {len(val_ds)} validation images "
             f"({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
         self.train_set = TensorDataset(torch.from_numpy(self.train_crops["crops"]), torch.from_numpy(self.train_crops["labels"]))
 
-    def _crops(self, ds: Dataset) -> dict[str, np.ndarray]:
+    def _crops(self, ds: Dataset, dtype: type) -> dict[str, np.ndarray]:
         model = self.model
+        store = torch.float16 if dtype == np.float16 else torch.float32
 
         def attended(x: Tensor) -> dict[str, Tensor]:
             out, crops = model.attend(x)
-            # The frozen global branch's validation probabilities are kept as they are.
-            return {"crops": crops.half(), "global": torch.sigmoid(model.findings(out.global_logits).float())}
+            # With the frozen global branch's probabilities: its validation scores every epoch.
+            return {"crops": crops.to(store), "global": torch.sigmoid(model.findings(out.global_logits).float())}
 
         s = model.local_size
         crops = _frozen_pass(model, self.plan, self.cfg, self.rt, self.skips, ds, self.batch_size, attended,
                              {"crops": (0, 3, s, s), "global": (0, model.num_classes)})
-        crops["crops"] = crops["crops"].astype(np.float16, copy=False)
+        crops["crops"] = crops["crops"].astype(dtype, copy=False)
         return crops
 
     def _input(self, x: Tensor) -> Tensor:
@@ -600,18 +601,18 @@ class CachedCropSource:
         return {"global": self.val_crops["global"], "local": local}, self.val_crops["labels"]
 
 
-def check_crop_cache_fits(n_images: int, local_size: int, processes: int = 1) -> int:
-    """Bytes the cached crops take (float16, 3 channels); an error if all processes together
-    would need more than half of this machine's memory."""
-    need = n_images * 3 * local_size * local_size * 2
+def check_crop_cache_fits(n_train: int, n_val: int, local_size: int, processes: int = 1) -> int:
+    """Bytes the cached crops take (3 channels; training float16, validation float32); an error if
+    all processes together would need more than half of this machine's memory."""
+    need = (n_train * 2 + n_val * 4) * 3 * local_size * local_size
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
         return need
     if need * processes > total / 2:
         raise ConfigError(
-            f"train.cache_local_crops=true would hold {need * processes / 2**30:.1f} GiB of crops ({n_images} images x 3 x "
-            f"{local_size} x {local_size} float16{f' in each of {processes} processes' if processes > 1 else ''}), more "
+            f"train.cache_local_crops=true would hold {need * processes / 2**30:.1f} GiB of crops ({n_train} + {n_val} images "
+            f"x 3 x {local_size} x {local_size}{f' in each of {processes} processes' if processes > 1 else ''}), more "
             f"than half of this machine's {total / 2**30:.1f} GiB; set train.cache_local_crops=false (crops computed "
             f"every epoch)"
         )

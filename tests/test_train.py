@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -340,12 +341,13 @@ def test_cached_crops_are_the_attended_crops_and_are_flipped_at_random(tmp_path,
     torch.testing.assert_close(cached.float(), crops, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(labels, plain_data["train"].tiny.y, equal_nan=True)
     # Validation: the frozen global branch's probabilities and the local branch on the crops.
+    assert src.val_crops["crops"].dtype == np.float32
     probs, val_labels = src.validate()
     xv = torch.stack([plain_data["val"][i]["image"] for i in range(8)])
     with torch.no_grad():
         ref = model(xv, stage="local")
     torch.testing.assert_close(torch.from_numpy(probs["global"]), torch.sigmoid(ref.global_logits), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.from_numpy(probs["local"]), torch.sigmoid(ref.local_logits), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(torch.from_numpy(probs["local"]), torch.sigmoid(ref.local_logits), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.from_numpy(val_labels), plain_data["val"].tiny.y, equal_nan=True)
     # Training batches: each crop as it is or mirrored, both in one batch of 12.
     model.local_branch.eval()  # batch statistics would make rows depend on each other
@@ -379,10 +381,10 @@ def test_crop_cache_too_large_for_the_machine_is_refused_naming_the_setting():
     from agcnn.config import ConfigError
     from agcnn.train import check_crop_cache_fits
 
-    assert check_crop_cache_fits(10, 32) == 10 * 3 * 32 * 32 * 2
-    with pytest.raises(ConfigError, match=r"train.cache_local_crops=true would hold [\d.]+ GiB of crops \(10000000000 images "
-                                          r"x 3 x 224 x 224 float16\).*set train.cache_local_crops=false"):
-        check_crop_cache_fits(10**10, 224)
+    assert check_crop_cache_fits(10, 5, 32) == (10 * 2 + 5 * 4) * 3 * 32 * 32
+    with pytest.raises(ConfigError, match=r"train.cache_local_crops=true would hold [\d.]+ GiB of crops \(10000000000 \+ 0 "
+                                          r"images x 3 x 224 x 224\).*set train.cache_local_crops=false"):
+        check_crop_cache_fits(10**10, 0, 224)
 
 
 class _Draws(torch.utils.data.Dataset):
