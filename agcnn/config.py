@@ -318,7 +318,8 @@ class TrainConfig:
     # Stage II with the global branch frozen: crop each training image's attended box once
     # (un-augmented images; the crops then flipped at random each epoch) and train the local
     # branch on those crops, instead of augmented images through the global branch every
-    # epoch. About 3x faster on the CPU; the crops are held in memory (float16, N x 3 x L x L).
+    # epoch. About 3x faster on the CPU; the crops are held in memory (N x 3 x L x L: training
+    # crops float16, validation crops float32).
     cache_local_crops: bool = False
     # Bootstrap resamples for confidence intervals in evaluate.
     bootstrap: int = setting(1000, AT_LEAST_0)
