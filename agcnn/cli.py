@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from agcnn import __version__
+from agcnn import __version__, libmessages
 from agcnn.errors import EXIT_FAILED, EXIT_USAGE, AgcnnError
 
 # name -> (module, one-line help). A new command is one row here and a module with
@@ -93,6 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library modules log through `logging`; the command line shows INFO and up, bare, unless
     # the command declares its own level (the demo prints its own summary: warnings only).
     logging.basicConfig(level=getattr(mod, "LOG_LEVEL", logging.INFO), format="%(message)s")
+    # The DICOM libraries' warnings and log records can quote header values (patient names,
+    # UIDs): counted by kind and reported at the end, shown only with --debug.
+    with libmessages.installed(debug=debug) as tally:
+        try:
+            return _run(mod, args, debug)
+        finally:
+            libmessages.report(f"agcnn {args.command}", tally)
+
+
+def _run(mod, args: argparse.Namespace, debug: bool) -> int:
     try:
         return int(mod.run(args) or 0)
     except AgcnnError as e:

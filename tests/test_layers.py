@@ -22,6 +22,7 @@ LAYERS = {
     "agcnn.errors": 0,  # imports nothing from agcnn: every module may raise its errors
     "agcnn.labels": 1,
     "agcnn.fileio": 1,
+    "agcnn.libmessages": 1,  # the DICOM libraries' messages counted, not shown; standard library only
     "agcnn.metrics": 1,
     "agcnn": 2,  # the package itself: __version__, and the label list re-exported (any module may import it)
     "agcnn.config": 2,
@@ -30,8 +31,8 @@ LAYERS = {
     "agcnn.precision": 3,
     "agcnn.data": 3,
     "agcnn.overlays": 3,
-    "agcnn.dicom_out": 3,
     "agcnn.models": 4,
+    "agcnn.dicom_out": 4,  # reads the scope tables of agcnn.data (which body parts are unpaired)
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code

@@ -364,7 +364,7 @@ def test_restart_right_after_kill_9_with_workers(checkpoint, tmp_path):
 
 def test_leftover_temporary_objects_are_removed_for_this_share_only(tmp_path):
     from agcnn.predict.listing import shard_of
-    from agcnn.predict.run import _prepare_dicom_out
+    from agcnn.predict.outputs import prepare_dicom_out as _prepare_dicom_out
 
     folder = tmp_path / "dicom"
     (folder / "sub").mkdir(parents=True)

@@ -169,6 +169,8 @@ class ImageInfo:
     study_instance_uid: str | None = None
     photometric: str | None = None  # as found in the file; PNG/JPEG: "GRAY", "RGB", "RGBA"
     notes: list[str] = field(default_factory=list)
+    # DICOM: the header as parsed, without the pixel data (it holds identifiers: never log it).
+    header: Any = None
 
 
 # --------------------------------------------------------------------------------------
@@ -662,8 +664,26 @@ def _read_dicom(data: bytes, scope: ScopePolicy | None = None) -> tuple[np.ndarr
         study_instance_uid=_uid(ds, "StudyInstanceUID"),
         photometric=photometric_found or None,
         notes=notes,
+        header=_without_pixels(ds),
     )
     return out, info
+
+
+def _without_pixels(ds: Any) -> Any:
+    """A new Dataset with the elements of ``ds`` before the pixel data, and its file meta.
+
+    What later steps need from the header (the DICOM results copy it), without a second parse
+    and without carrying the pixel bytes between processes.
+    """
+    from pydicom.dataset import Dataset
+
+    header = Dataset()
+    for tag in list(ds.keys()):
+        if tag < 0x7FE00000:
+            header[tag] = ds.get_item(tag)  # as read: a raw element is converted only when used
+    header.file_meta = ds.file_meta
+    header.set_original_encoding(ds.is_little_endian, ds.is_implicit_VR, ds.original_character_set)
+    return header
 
 
 def _uid(ds: Any, keyword: str) -> str | None:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from agcnn import libmessages
 from agcnn.predict.options import EXIT_FAILED, EXIT_OK, PredictOptions, parse_shard
 from agcnn.predict.run import predict
 
@@ -37,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overlays OUT/overlays/<path>.png, with --dicom-out DIR a DICOM SR and Secondary Capture per\n"
         "predicted DICOM image (these carry the patient's identifiers). Only frontal chest radiographs are\n"
         "predicted (see --any-body-part, --any-view). Exit status: 0 every usable file was predicted\n"
-        "(skipped files are listed), 1 some usable files failed, 2 usage error (nothing done).\n"
+        "(skipped files are listed), 1 some usable files failed or some DICOM results could not be\n"
+        "written (the notes column says why; --retry-failed retries both), 2 usage error (nothing done).\n"
         "Outputs hold no patient identifiers unless --include-identifiers; they do hold the\n"
         "relative paths and the DICOM Study/Series/SOP Instance UIDs (pseudonymous keys for\n"
         "joining results back to the PACS)."
@@ -79,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retry-failed", action="store_true",
-        help="on resume, process the files whose rows are 'failed' again and replace those rows",
+        help="on resume, process the files whose rows are 'failed' again and replace those rows "
+             "(with --dicom-out also those whose DICOM results could not be written)",
     )
     parser.add_argument(
         "--dicom-out", metavar="DIR", default=None,
@@ -109,5 +112,6 @@ def run(args: argparse.Namespace) -> int:
         dicom_out=args.dicom_out,
     )
     summary = predict(options)
+    libmessages.report("agcnn predict")
     print(summary.line(), file=sys.stderr)
-    return EXIT_FAILED if summary.counts.get("failed", 0) else EXIT_OK
+    return EXIT_FAILED if summary.counts.get("failed", 0) or summary.dicom_not_written else EXIT_OK

@@ -18,6 +18,7 @@ from typing import Any
 
 from agcnn.fileio import atomic_write_bytes, fsync_dir
 from agcnn.predict.options import UsageError
+from agcnn.predict.outputs import DICOM_KEY, dicom_not_written
 
 JOURNAL = "predictions.jsonl"
 CSV_NAME = "predictions.csv"
@@ -77,8 +78,10 @@ class Journal:
                     ) from None
                 self.done.add(path)
 
-    def drop_failed(self) -> list[str]:
+    def drop_failed(self, *, dicom: bool = False) -> list[str]:
         """Remove the ``failed`` rows (``--retry-failed``): their files are to be done again.
+
+        ``dicom``: also the rows whose DICOM results could not be written (``--dicom-out``).
 
         The journal is rewritten without them (temporary file, fsync, rename), so a kill at
         any moment leaves either the old journal or the new one; returns the dropped paths.
@@ -89,7 +92,7 @@ class Journal:
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
             for line in src:
                 row = json.loads(line)
-                if row.get("status") == "failed":
+                if row.get("status") == "failed" or (dicom and dicom_not_written(row)):
                     dropped.append(row["path"])
                 else:
                     dst.write(line)
@@ -129,7 +132,8 @@ def write_tables(journals: Sequence[Path], out_dir: Path, columns: Sequence[str]
 
     Reads the journal(s) twice -- once for (path, offset) pairs, once row by row in sorted
     order -- so memory holds paths only. Both files are replaced atomically. Returns the counts
-    by ``status`` and by ``status:reason_code``. A path found twice raises ValueError.
+    by ``status``, by ``status:reason_code`` and, for DICOM results, ``dicom written`` /
+    ``dicom not_written``. A path found twice raises ValueError.
     """
     index: list[tuple[str, int, int]] = []
     for j, path in enumerate(journals):
@@ -159,6 +163,8 @@ def write_tables(journals: Sequence[Path], out_dir: Path, columns: Sequence[str]
                 counts[row["status"]] += 1
                 if row.get("reason"):
                     counts[f"{row['status']}:{row['reason'].split(':', 1)[0]}"] += 1
+                if row.get(DICOM_KEY):
+                    counts["dicom not_written" if dicom_not_written(row) else "dicom written"] += 1
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
             for f in (fj, fc):
                 f.flush()

@@ -7,13 +7,13 @@ record saying why (``skipped`` / ``failed`` with a reason code of
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from agcnn import libmessages
 from agcnn.data.scope import OVERRIDES
 
 # Reason codes by status (agcnn.data.readers.REASONS). "skipped": the file is not a usable
@@ -49,8 +49,14 @@ class FileRecords:
         if rel in self.decided:
             status, reason = self.decided[rel]
             return {"path": rel, "status": status, "reason": reason}
-        return load_record(os.path.join(self.root, rel), rel, self.transform, identifiers=self.identifiers,
-                           previews=self.previews, scope=self.scope, headers=self.headers)
+        # The libraries' messages about this file travel with its record to the main process,
+        # counted by kind (agcnn.libmessages): they can quote header values.
+        with libmessages.for_file(rel, merge=False) as messages:
+            rec = load_record(os.path.join(self.root, rel), rel, self.transform, identifiers=self.identifiers,
+                              previews=self.previews, scope=self.scope, headers=self.headers)
+        if messages:
+            rec["library_messages"] = dict(messages)
+        return rec
 
 
 def load_record(full: str, rel: str, transform, *, identifiers: bool = False, previews: bool = False, scope=None,
@@ -58,8 +64,8 @@ def load_record(full: str, rel: str, transform, *, identifiers: bool = False, pr
     """Decode one file into a record: ``image`` (the model input) on success, else a reason.
 
     ``scope``: an :class:`agcnn.data.scope.ScopePolicy` (None: every radiograph is predicted).
-    ``headers``: DICOM records also carry ``dicom_header``, the file's header without pixels
-    (for the DICOM results; it holds identifiers and never reaches a row).
+    ``headers``: DICOM records also carry ``dicom_header``, the header the reader parsed, without
+    pixels (for the DICOM results; it holds identifiers and never reaches a row).
     """
     import numpy as np
     import torch
@@ -88,24 +94,33 @@ def load_record(full: str, rel: str, transform, *, identifiers: bool = False, pr
     rec.update(sop_instance_uid=info.sop_instance_uid, series_instance_uid=info.series_instance_uid,
                study_instance_uid=info.study_instance_uid)
     if identifiers and info.format == "dicom":
-        rec.update({k: v for k, v in _dicom_header(full, identifiers=True).items() if k in IDENTIFIER_COLUMNS})
+        rec.update(_identifier_columns(info.header))
     if previews:
         rec["preview"] = _preview(pixels)
     if headers and info.format == "dicom":
-        rec["dicom_header"] = _full_header(full)
+        rec["dicom_header"] = info.header
     return rec
 
 
-def _full_header(full: str):
-    """The DICOM header without pixel data, or None when it cannot be read again."""
-    import pydicom
+def _identifier_columns(header) -> dict[str, Any]:
+    """The identifier columns from the header the reader parsed (each file is parsed once)."""
+    out: dict[str, Any] = {}
+    for kw in IDENTIFIER_COLUMNS:
+        try:
+            v = header.get(kw) if header is not None else None
+        except Exception:  # noqa: BLE001 - a value pydicom cannot convert: no value
+            v = None
+        out[kw] = str(v) if v not in (None, "") else None
+    return out
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(full, stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - the row is still written; the DICOM results say they are missing
-        return None
+
+def take_library_messages(records: list[dict[str, Any]]) -> None:
+    """Move the library messages the workers counted per record into this process's tally."""
+    tally = libmessages.current()
+    for rec in records:
+        messages = rec.pop("library_messages", None)
+        if messages and tally is not None:
+            tally.add(messages, rec["path"])
 
 
 def _dicom_header(full: str, *, identifiers: bool) -> dict[str, Any]:
@@ -161,8 +176,11 @@ def worker_init(_: int, parent: int | None = None) -> None:
         _die_with_parent(parent)
     # Each worker decodes one file at a time; intra-op threads would only fight the model.
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    if libmessages.current() is None:
+        # Not forked from a process that counts the libraries' messages (agcnn.libmessages):
+        # keep them from the log at least, since they can quote header values.
+        warnings.simplefilter("ignore")
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -184,18 +202,3 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(0)
-
-
-@contextlib.contextmanager
-def quiet_pydicom():
-    """No pydicom warning or log record in this process: they can quote identifying values."""
-    logger = logging.getLogger("pydicom")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-        try:
-            yield
-        finally:
-            logger.setLevel(level)
-

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agcnn import libmessages
 from agcnn.fileio import utc_now
 from agcnn.predict.journal import (
     CSV_NAME,
@@ -33,11 +34,13 @@ from agcnn.predict.journal import (
 )
 from agcnn.predict.listing import Listing, list_files, shard_of
 from agcnn.predict.options import PredictOptions, UsageError
-from agcnn.predict.records import FileRecords, collate, quiet_pydicom, worker_init
-from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original, build_rows, columns_for
+from agcnn.predict.outputs import Outputs, prepare_dicom_out
+from agcnn.predict.records import FileRecords, collate, take_library_messages, worker_init
+from agcnn.predict.rows import BatchProbabilities, build_rows, columns_for
 from agcnn.runtime import cpu_count, resolve_device
 
 OVERLAYS = "overlays"
+STATUSES = ("ok", "skipped", "failed")
 # Batches each decoding worker prepares ahead of the model.
 PREFETCH = 2
 
@@ -51,13 +54,22 @@ class Summary:
     new_rows: int
     seconds: float  # of the decode + predict loop, without start-up
 
+    @property
+    def dicom_not_written(self) -> int:
+        """DICOM images predicted with --dicom-out whose SR and SC could not be written (all rows)."""
+        return self.counts.get("dicom not_written", 0)
+
     def line(self) -> str:
         total = self.counts.get("ok", 0) + self.counts.get("skipped", 0) + self.counts.get("failed", 0)
         reasons = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(self.counts.items()) if ":" in k)
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
+        written = self.counts.get("dicom written", 0)
+        dicom = (f"; {written} of {written + self.dicom_not_written} DICOM results written"
+                 + (" (the notes column says why not)" if self.dicom_not_written else "")
+                 if written + self.dicom_not_written else "")
         return (
             f"agcnn predict: {total} files: {self.counts.get('ok', 0)} ok, {self.counts.get('skipped', 0)} skipped, "
-            f"{self.counts.get('failed', 0)} failed" + (f" ({reasons})" if reasons else "")
+            f"{self.counts.get('failed', 0)} failed" + (f" ({reasons})" if reasons else "") + dicom
             + f"; {self.new_rows} processed in this run at {rate:.1f} files/s -> {self.out_dir / CSV_NAME}"
         )
 
@@ -93,7 +105,9 @@ def predict(options: PredictOptions) -> Summary:
         })
         journal = Journal(out_dir / JOURNAL)
         try:
-            return _run(options, loaded, device, out_dir, journal, columns, started=started, t0=t0)
+            # The DICOM libraries' messages can quote header values: counted, never shown.
+            with libmessages.installed() as tally:
+                return _run(options, loaded, device, out_dir, journal, columns, tally, started=started, t0=t0)
         finally:
             journal.close()
     finally:
@@ -150,7 +164,7 @@ def load_model(checkpoint: str | os.PathLike[str]) -> LoadedModel:
 # ---------------------------------------------------------------------- the batch loop
 
 def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, journal: Journal, columns: list[str],
-         *, started: str, t0: float) -> Summary:
+         tally: libmessages.Tally, *, started: str, t0: float) -> Summary:
     import torch
     from tqdm import tqdm
 
@@ -161,10 +175,11 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
     shard = options.shard
     mine = [p for p in listing.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
-    retried = journal.drop_failed() if options.retry_failed else []
+    # With --dicom-out, a row whose DICOM results could not be written is retried too.
+    retried = journal.drop_failed(dicom=dicom_out is not None) if options.retry_failed else []
     pending = [p for p in mine if p not in journal.done]
     if dicom_out is not None:
-        _prepare_dicom_out(dicom_out, shard)
+        prepare_dicom_out(dicom_out, shard)
 
     manifest = {
         "agcnn_version": agcnn.__version__,
@@ -213,11 +228,11 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     t_loop = time.perf_counter()
     bar = tqdm(total=len(pending), unit="file", desc="predict", disable=not options.progress or not pending,
                dynamic_ncols=True, file=sys.stderr)
+    outputs = Outputs(labels=loaded.labels, geometry=geometry, overlays=out_dir / OVERLAYS if options.overlays else None,
+                      dicom_out=dicom_out, thresholds=loaded.thresholds, checkpoint_sha256=loaded.sha256)
     writer = _BatchWriter(infer, journal, bar, columns=columns, labels=loaded.labels, geometry=geometry,
-                          thresholds=thresholds, all_branches=options.all_branches,
-                          overlays=out_dir / OVERLAYS if options.overlays else None,
-                          dicom_out=dicom_out, loaded=loaded)
-    with quiet_pydicom(), torch.inference_mode(), _restore_threads(threads_before):
+                          thresholds=thresholds, all_branches=options.all_branches, outputs=outputs)
+    with torch.inference_mode(), _restore_threads(threads_before):
         run_batches(pending, make_loader, writer, done=journal.done, workers=options.workers,
                     batch_size=options.batch_size)
     bar.close()
@@ -231,10 +246,16 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         seconds=round(time.perf_counter() - t0, 3),
         rows_this_run=new_rows,
         files_per_second=round(new_rows / loop_seconds, 3) if loop_seconds > 0 and new_rows else None,
-        counts={k: v for k, v in sorted(total_counts.items()) if ":" not in k},
+        counts={k: v for k, v in sorted(total_counts.items()) if k in STATUSES},
         reasons={k: v for k, v in sorted(total_counts.items()) if ":" in k},
         complete=True,
     )
+    if dicom_out is not None:
+        manifest["dicom_results"] = {"written": total_counts.get("dicom written", 0),
+                                     "not_written": total_counts.get("dicom not_written", 0),
+                                     "this_run": outputs.summary()}
+    # Counts by kind and the files that caused them; the messages themselves are not kept.
+    manifest["library_messages"] = tally.as_dict()
     write_manifest(out_dir, manifest)
     if not mine:
         log.warning("no files found under %s", in_dir)
@@ -297,136 +318,31 @@ class _Inference:
 
 
 class _BatchWriter:
-    """Each decoded batch -> the model -> rows (and pictures) -> one journal append."""
+    """Each decoded batch -> the model -> rows (and pictures, DICOM results) -> one journal append."""
 
     def __init__(self, infer: _Inference, journal: Journal, bar, *, columns: list[str], labels: list[str],
-                 geometry: dict[str, int], thresholds, all_branches: bool, overlays: Path | None,
-                 dicom_out: Path | None = None, loaded: LoadedModel | None = None):
+                 geometry: dict[str, int], thresholds, all_branches: bool, outputs: Outputs):
         self.infer, self.journal, self.bar = infer, journal, bar
         self.columns, self.labels, self.geometry = columns, labels, geometry
-        self.thresholds, self.all_branches, self.overlays = thresholds, all_branches, overlays
-        self.dicom_out, self.loaded = dicom_out, loaded
+        self.thresholds, self.all_branches, self.outputs = thresholds, all_branches, outputs
         self.counts: Counter = Counter()
         self.rows = 0
 
     def __call__(self, records: list[dict[str, Any]], images) -> None:
+        take_library_messages(records)
         probs, maps = self.infer(images) if images is not None else (None, None)
         rows = build_rows(records, probs, columns=self.columns, labels=self.labels, geometry=self.geometry,
                           thresholds=self.thresholds, all_branches=self.all_branches)
-        if self.overlays is not None and probs is not None:
-            _write_overlays(self.overlays, records, rows, probs, maps, labels=self.labels, geometry=self.geometry)
-        if self.dicom_out is not None and probs is not None:
+        if probs is not None:
             # Before the rows: a kill in between re-predicts these files, which rewrites their
-            # objects under the same names -- never a second set.
-            _write_dicom_results(self.dicom_out, records, rows, maps, loaded=self.loaded, labels=self.labels,
-                                 geometry=self.geometry)
+            # pictures and objects under the same names -- never a second set.
+            self.outputs.write(records, rows, probs, maps)
         self.journal.append(rows)
         self.counts.update(rec["status"] for rec in records)
         self.rows += len(rows)
         self.bar.update(len(rows))
         self.bar.set_postfix(ok=self.counts["ok"], skipped=self.counts["skipped"], failed=self.counts["failed"],
                              refresh=False)
-
-
-def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]], probs: BatchProbabilities,
-                    maps: dict[str, Any], *, labels: Sequence[str], geometry: dict[str, int]) -> None:
-    """One picture per ``ok`` record; a picture that cannot be written becomes a note in its row."""
-    from agcnn import overlays
-
-    name = "fusion CAM" if maps["method"] == "cam" else "fusion Grad-CAM"
-    k = 0
-    for rec, row in zip(records, rows):
-        if rec["status"] != "ok":
-            continue
-        p = probs.fusion[k]
-        crop = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
-                               height=rec["height"], width=rec["width"], **geometry)
-        findings = [overlays.FindingMap(labels[j], float(p[j]), maps["fusion"][k, i].numpy())
-                    for i, j in enumerate(maps["chosen"][k])]
-        try:
-            overlays.write_overlay(
-                folder / (rec["path"] + ".png"), preview=rec["preview"].numpy(),
-                height=rec["height"], width=rec["width"], box=tuple(row[c] for c in BOX_COLUMNS),
-                field=crop, heatmap=maps["heatmap"][k].numpy(), findings=findings, left_out=maps["left_out"][k],
-                map_name=name,
-            )
-        except OSError as e:
-            # A picture that cannot be written (name too long, disk full) must not cost the
-            # prediction, or stop the run at the same file on every re-run.
-            row["notes"] = "; ".join(filter(None, [row.get("notes"), f"overlay not written: {e.strerror or e}"]))
-        k += 1
-
-
-def _prepare_dicom_out(folder: Path, shard: tuple[int, int] | None) -> None:
-    """Create the DICOM results folder; remove temporary files a killed run left in it.
-
-    Only this share's: the other shares of a ``--shard`` run write to the same folder, and may
-    be writing right now.
-    """
-    from agcnn.dicom_out import SC_SUFFIX, SR_SUFFIX
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--dicom-out {str(folder)!r} cannot be created ({e.strerror}); pass a folder this user can write to") from None
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            for suffix in (SR_SUFFIX + ".tmp", SC_SUFFIX + ".tmp"):
-                if not (name.startswith(".") and name.endswith(suffix)):
-                    continue
-                rel_dir = os.path.relpath(dirpath, folder).replace(os.sep, "/")
-                source = name[1 : -len(suffix)] if rel_dir == "." else f"{rel_dir}/{name[1 : -len(suffix)]}"
-                if shard is None or shard_of(source, shard[1]) == shard[0]:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(dirpath, name))
-
-
-def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]],
-                         maps: dict[str, Any], *, loaded: LoadedModel, labels: Sequence[str],
-                         geometry: dict[str, int]) -> None:
-    """The SR and Secondary Capture of each ``ok`` DICOM record; a failure becomes a note in its row."""
-    import agcnn
-    from agcnn.dicom_out import DicomResult, SourceError, render_overlay, write_dicom_results
-
-    method = "CAM" if maps.get("method") == "cam" else "Grad-CAM"
-    k = -1
-    for rec, row in zip(records, rows):
-        if rec["status"] != "ok":
-            continue
-        k += 1
-        if rec.get("format") != "dicom":
-            continue
-        try:
-            header = rec.get("dicom_header")
-            if header is None:
-                raise SourceError("the header could not be read again")
-            box = tuple(int(row[c]) for c in BOX_COLUMNS)
-            field = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
-                                    height=rec["height"], width=rec["width"], **geometry)
-            # The fusion map (agcnn.explain) of the first finding the overlays would explain (the
-            # most probable one called positive, or --overlay-top); with none, the attention heatmap.
-            chosen = maps["chosen"][k]
-            if chosen:
-                j = chosen[0]
-                heat = maps["fusion"][k, 0].numpy()
-                map_name = f"fusion {method} of {labels[j]} (probability {row[labels[j]]:.2f})"
-                caption = f"{labels[j]} {row[labels[j]]:.2f} ({method})"
-            else:
-                heat = maps["heatmap"][k].numpy()
-                map_name = "attention heatmap (paper Eq. 3); no finding called positive"
-                caption = "no finding called positive (attention map)"
-            picture = render_overlay(rec["preview"].numpy(), height=rec["height"], width=rec["width"], box=box,
-                                     field=field, heat=heat, caption=caption)
-            result = DicomResult(labels=labels, probabilities=[row[lab] for lab in labels],
-                                 thresholds=loaded.thresholds, box=box, algorithm_version=agcnn.__version__,
-                                 checkpoint_sha256=loaded.sha256)
-            write_dicom_results(folder, rec["path"], header, result, picture=picture, map_name=map_name)
-        except Exception as e:  # noqa: BLE001 - the prediction stands without its DICOM copy
-            # Only the error's kind: messages about a header can quote its identifying values.
-            what = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-            if isinstance(e, SourceError):
-                what = str(e)
-            row["notes"] = "; ".join(filter(None, [row.get("notes"), f"DICOM results not written: {what}"]))
 
 
 # ---------------------------------------------------------------------- decoding, and decoder crashes
