@@ -1,0 +1,58 @@
+"""agcnn.libmessages: the DICOM libraries' messages are counted by kind and file, never shown."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from agcnn import libmessages
+
+
+def test_library_log_records_and_warnings_are_counted_not_shown(capsys):
+    root = logging.getLogger()
+    with libmessages.installed() as tally:
+        logging.getLogger("highdicom.base").info('copy attributes from dataset "1.2.3.SECRETUID"')
+        logging.getLogger("pydicom").warning("value SECRETNAME is odd")
+        with libmessages.for_file("a/b.dcm") as caught:
+            logging.getLogger("pydicom").error("decoder failed on SECRETNAME", exc_info=ValueError("SECRETNAME"))
+            warnings.warn("The string SECRETNAME is unlikely to be a name", UserWarning)
+        assert sum(caught.values()) == 2
+        logging.getLogger("agcnn.other").warning("not a DICOM library: shown")
+        lines = tally.lines()
+        as_dict = tally.as_dict()
+    err = capsys.readouterr().err
+    assert "SECRET" not in err + " ".join(lines) + str(as_dict)
+    assert sum(tally.counts.values()) == 4
+    kinds = dict(tally.counts)
+    assert kinds["highdicom INFO (test_libmessages.test_library_log_records_and_warnings_are_counted_not_shown)"] == 1
+    assert any(k.startswith("pydicom ERROR") for k in kinds)
+    warning_kind = next(k for k in kinds if "UserWarning" in k)
+    assert as_dict[warning_kind]["files"] == ["a/b.dcm"]
+    assert any("first in a/b.dcm" in line for line in lines)
+    # Everything is as it was after the block.
+    assert logging.getLogger("pydicom").propagate and not logging.getLogger("pydicom").handlers
+    assert libmessages.current() is None and root.handlers == logging.getLogger().handlers
+
+
+def test_debug_lets_them_through(caplog):
+    with libmessages.installed(debug=True) as tally, caplog.at_level(logging.INFO):
+        logging.getLogger("pydicom").warning("shown with --debug")
+    assert "shown with --debug" in caplog.text and sum(tally.counts.values()) == 1
+
+
+def test_report_prints_counts_then_clears(capsys):
+    with libmessages.installed() as tally:
+        with libmessages.for_file("x.dcm"):
+            warnings.warn("PATIENTNAME quoted", UserWarning)
+        libmessages.report("agcnn predict")
+        assert not tally.counts
+        libmessages.report("agcnn predict")  # nothing left: prints nothing
+    err = capsys.readouterr().err
+    assert err.count("messages of the DICOM libraries") == 1 and "first in x.dcm" in err and "PATIENTNAME" not in err
+
+
+def test_nested_installs_share_one_tally():
+    with libmessages.installed() as outer, libmessages.installed() as inner:
+        assert inner is outer
+        logging.getLogger("pydicom").warning("x")
+    assert sum(outer.counts.values()) == 1
