@@ -9,7 +9,8 @@ from agcnn import libmessages
 
 
 def test_library_log_records_and_warnings_are_counted_not_shown(capsys):
-    root = logging.getLogger()
+    pydicom_logger = logging.getLogger("pydicom")
+    before = (pydicom_logger.propagate, pydicom_logger.level, list(pydicom_logger.handlers))
     with libmessages.installed() as tally:
         logging.getLogger("highdicom.base").info('copy attributes from dataset "1.2.3.SECRETUID"')
         logging.getLogger("pydicom").warning("value SECRETNAME is odd")
@@ -30,8 +31,8 @@ def test_library_log_records_and_warnings_are_counted_not_shown(capsys):
     assert as_dict[warning_kind]["files"] == ["a/b.dcm"]
     assert any("first in a/b.dcm" in line for line in lines)
     # Everything is as it was after the block.
-    assert logging.getLogger("pydicom").propagate and not logging.getLogger("pydicom").handlers
-    assert libmessages.current() is None and root.handlers == logging.getLogger().handlers
+    assert (pydicom_logger.propagate, pydicom_logger.level, pydicom_logger.handlers) == before
+    assert libmessages.current() is None
 
 
 def test_debug_lets_them_through(caplog):

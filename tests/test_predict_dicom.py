@@ -383,3 +383,25 @@ def test_leftover_temporary_objects_are_removed_for_this_share_only(tmp_path):
     assert "IM0.dcm.sr.dcm" in left
     _prepare_dicom_out(folder, None)
     assert {p.name for p in (folder / "sub").iterdir()} == {"IM0.dcm.sr.dcm"}
+
+
+def test_each_predicted_dicom_file_is_parsed_once(tmp_path, monkeypatch):
+    # The reader hands back the header it parsed: the identifier columns and the DICOM results
+    # read from it, not from a second and third dcmread of the same file.
+    import pydicom as pd
+
+    from agcnn.data.transforms import transforms_from_config
+    from agcnn.predict.records import load_record
+
+    write_dicom(tmp_path / "chest.dcm", _image(80, 64, 3), modality="DX", ViewPosition="PA", **PATIENT)
+    calls = []
+    real = pd.dcmread
+    monkeypatch.setattr(pd, "dcmread", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cfg = Config.from_dict({"data": {"image_size": 64, "highres_size": 64, "resize": 72}})
+    rec = load_record(str(tmp_path / "chest.dcm"), "chest.dcm", transforms_from_config(cfg.data, train=False),
+                      identifiers=True, previews=True, headers=True)
+    assert rec["status"] == "ok" and len(calls) == 1
+    assert rec["PatientID"] == PATIENT["patient_id"] and rec["AccessionNumber"] == PATIENT["AccessionNumber"]
+    header = rec["dicom_header"]
+    assert header.SOPInstanceUID == rec["sop_instance_uid"] and "PixelData" not in header
+    assert str(header.PatientName) == PATIENT["patient_name"]

@@ -43,7 +43,9 @@ captures) are predicted with a note that scope was not checked. ``--any-body-par
 DICOM results. ``--dicom-out DIR`` writes, per predicted DICOM instance, a Comprehensive SR and
 a Secondary Capture (:mod:`agcnn.dicom_out`) under ``DIR/<relative path>.sr.dcm`` / ``.sc.dcm``.
 They carry the source's patient and study modules -- that is how an archive files them with the
-study -- so they hold identifiers, unlike everything in ``OUT``.
+study -- so they hold identifiers, unlike everything in ``OUT``. Results that cannot be written
+are noted in the row (``notes``; ``dicom_results`` in the JSON Lines), counted in the summary,
+make the run exit 1 and are retried by ``--retry-failed``.
 
 Resuming. Each finished batch is appended to ``predictions.jsonl`` with one write and an
 fsync, one complete JSON object per line. A re-run on the same output folder reads it back,
@@ -71,6 +73,8 @@ The package, one module per part (each imports only the ones listed before it):
 * :mod:`~agcnn.predict.records` -- decoding a file into a record (in the loader's workers);
 * :mod:`~agcnn.predict.rows` -- the columns, and :func:`build_rows` (records + probabilities ->
   rows, a pure function);
+* :mod:`~agcnn.predict.outputs` -- overlay pictures and DICOM results, with what each shows; a
+  result that cannot be written is a note and a count, never lost in silence;
 * :mod:`~agcnn.predict.journal` -- the output folder: journal, final tables, state, lock;
 * :mod:`~agcnn.predict.run` -- :func:`predict`: checkpoint, model, loader, the batch loop;
 * :mod:`~agcnn.predict.command` -- ``agcnn predict`` arguments and exit status;
