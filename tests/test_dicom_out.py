@@ -108,6 +108,8 @@ def test_objects_read_back_with_references_and_values(source, tmp_path):
     np.testing.assert_array_equal(corners, [[10, 20], [60, 20], [60, 90], [10, 90], [10, 20]])
     group = sr.content.get_image_measurement_groups()[0]
     assert all(m.name.scheme_designator == CODING_SCHEME for m in group.get_measurements())
+    # The private scheme is declared in the object (PS3.3 C.12.1.1.2).
+    assert [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence] == [CODING_SCHEME]
     texts = text_items(sr)
     assert texts["Algorithm Name"][0] == result.algorithm_name
     assert texts["Algorithm Version"][0] == "9.9.9"

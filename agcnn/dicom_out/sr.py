@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agcnn.dicom_out import MANUFACTURER, SR_SERIES_NUMBER, DicomResult, call_code, finding_code, series_uid
+from agcnn.dicom_out import CODING_SCHEME, MANUFACTURER, SR_SERIES_NUMBER, DicomResult, call_code, finding_code, series_uid
 
 __all__ = ["SR_DESCRIPTION", "algorithm_parameters", "build_sr"]
 
@@ -60,6 +60,9 @@ def build_sr(source: Any, result: DicomResult):
         is_complete=True,
         is_final=False,
         is_verified=False,
+        # The private scheme the findings are coded in, declared (PS3.3 C.12.1.1.2).
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=CODING_SCHEME, name="agcnn ChestX-ray14 findings", responsible_organization=MANUFACTURER)],
     )
     sr.SeriesDescription = SR_DESCRIPTION
     sr.SoftwareVersions = result.algorithm_version
