@@ -319,6 +319,21 @@ def test_clean_source_corrects_or_drops_each_kind(tmp_path, keyword, value, expe
     assert ds.SOPInstanceUID == clean.SOPInstanceUID
 
 
+@pytest.mark.parametrize("declared, written, fixed", [
+    ("ISO_IR 100", "ISO_IR 100", False),  # Latin-1 holds the name: kept as declared
+    (DELETE, "ISO_IR 192", True),  # none declared, text beyond ASCII: UTF-8
+    ("ISO_IR 999", "ISO_IR 192", True),  # a term pydicom does not know
+])
+def test_character_set_holds_the_copied_text(tmp_path, declared, written, fixed):
+    write_awkward(tmp_path / "x.dcm", {"PatientName": "Müller^Jürgen", "SpecificCharacterSet": declared}, 6)
+    fixes: Counter = Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clean = clean_source(pydicom.dcmread(tmp_path / "x.dcm", stop_before_pixels=True), fixes)
+    assert clean.SpecificCharacterSet == written and str(clean.PatientName) == "Müller^Jürgen"
+    assert bool(fixes) == fixed
+
+
 def test_a_source_without_a_series_uid_names_it(tmp_path):
     from agcnn.dicom_out import SourceError
 

@@ -82,7 +82,7 @@ def clean_source(ds: Any, fixes: Counter | None = None):
         elif kind == "2":
             setattr(out, keyword, None)  # Type 2: present, zero length
     _deidentification_pair(out, fixes)
-    _character_set(out, str(ds.get("SpecificCharacterSet") or ""), fixes)
+    _character_set(out, _declared_character_set(ds), fixes)
     return out
 
 
@@ -228,6 +228,14 @@ def _sequence_valid(items: Any) -> bool:
 
 # ---------------------------------------------------------------------------- across attributes
 
+def _declared_character_set(ds: Any) -> Any:
+    try:
+        value = ds.get("SpecificCharacterSet")
+    except Exception:  # noqa: BLE001 - unreadable: as if none were declared
+        return None
+    return value or None
+
+
 def _deidentification_pair(out: Any, fixes: Counter) -> None:
     # Patient Identity Removed YES requires a De-identification Method (or its code sequence,
     # Type 1C); without one, the claim cannot be carried over.
@@ -240,20 +248,44 @@ def _deidentification_pair(out: Any, fixes: Counter) -> None:
         fixes["PatientIdentityRemoved: YES without a De-identification Method, dropped"] += 1
 
 
-def _character_set(out: Any, declared: str, fixes: Counter) -> None:
+def _character_set(out: Any, declared: Any, fixes: Counter) -> None:
     # Values were decoded to text with the source's character set; written back they need one
-    # that holds them. UTF-8 holds every value; pure ASCII needs none (the default repertoire).
-    def texts(ds):
-        for elem in ds:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    yield from texts(item)
-            elif isinstance(elem.value, str):
-                yield elem.value
-            elif elem.value is not None and elem.VR in _STRING_VRS:
-                yield from (str(v) for v in (elem.value if isinstance(elem.value, list) else [elem.value]))
+    # that holds them: the source's own when it is valid and does, UTF-8 (which holds every
+    # value) otherwise; pure ASCII needs none (the default repertoire).
+    texts = list(_texts(out))
+    if all(t.isascii() for t in texts):
+        return
+    if declared and _encodes(texts, declared):
+        out.SpecificCharacterSet = declared
+        return
+    out.SpecificCharacterSet = "ISO_IR 192"
+    fixes["SpecificCharacterSet: text beyond ASCII re-encoded as UTF-8"] += 1
 
-    if any(not t.isascii() for t in texts(out)):
-        out.SpecificCharacterSet = "ISO_IR 192"
-        if declared != "ISO_IR 192":
-            fixes["SpecificCharacterSet: text beyond ASCII re-encoded as UTF-8"] += 1
+
+def _texts(ds: Any):
+    from pydicom.multival import MultiValue
+
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _texts(item)
+        elif elem.VR in _STRING_VRS and elem.value is not None:
+            values = elem.value if isinstance(elem.value, (MultiValue, list, tuple)) else [elem.value]
+            yield from (str(v) for v in values)
+
+
+def _encodes(texts: list[str], declared: Any) -> bool:
+    """Whether the declared Specific Character Set is one pydicom knows and holds every text."""
+    import warnings
+
+    from pydicom.charset import convert_encodings, encode_string
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unknown term only warns in pydicom
+            encodings = convert_encodings(list(declared) if not isinstance(declared, str) else [declared])
+            for text in texts:
+                encode_string(text, encodings)
+    except Exception:  # noqa: BLE001 - unknown term, or a character the set does not hold
+        return False
+    return True
