@@ -44,12 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     counts = merge_shards(args.output)
     total = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
+    written, not_written = counts.get("dicom written", 0), counts.get("dicom not_written", 0)
     print(
         f"agcnn merge: {total} files: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, "
-        f"{counts.get('failed', 0)} failed -> {Path(args.output) / CSV_NAME}",
+        f"{counts.get('failed', 0)} failed"
+        + (f"; {written} of {written + not_written} DICOM results written" if written + not_written else "")
+        + f" -> {Path(args.output) / CSV_NAME}",
         file=sys.stderr,
     )
-    return EXIT_FAILED if counts.get("failed", 0) else EXIT_OK
+    return EXIT_FAILED if counts.get("failed", 0) or not_written else EXIT_OK
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -155,7 +158,7 @@ def merge_shards(output: str | Path) -> Counter:
             for k, m in enumerate(manifests)
         ],
         merged=utc_now(),
-        counts={k: v for k, v in sorted(counts.items()) if ":" not in k},
+        counts={k: v for k, v in sorted(counts.items()) if k in ("ok", "skipped", "failed")},
         reasons={k: v for k, v in sorted(counts.items()) if ":" in k},
         overlays=[f"shard-{k}-of-{n}/overlays" for k in range(n)] if first.get("options", {}).get("overlays") else None,
         complete=True,
