@@ -345,6 +345,7 @@ def test_a_source_without_a_series_uid_names_it(tmp_path):
 
 # ---------------------------------------------------------------------------- no silent loss
 
+@pytest.mark.slow
 def test_results_not_written_are_counted_exit_1_and_retried(checkpoint, tmp_path, capsys):
     from agcnn.cli import main
 
@@ -434,6 +435,7 @@ def _mutants(folder: Path, n: int = 24) -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_damaged_files_each_get_a_row_and_no_traceback(checkpoint, tmp_path):
     names = _mutants(tmp_path / "damaged")
     out = tmp_path / "out"
