@@ -18,7 +18,7 @@ from typing import Any
 
 from agcnn.fileio import atomic_write_bytes, fsync_dir
 from agcnn.predict.options import UsageError
-from agcnn.predict.outputs import DICOM_KEY, dicom_not_written
+from agcnn.predict.outputs import COUNT_NOT_WRITTEN, COUNT_WRITTEN, DICOM_KEY, dicom_not_written
 
 JOURNAL = "predictions.jsonl"
 CSV_NAME = "predictions.csv"
@@ -164,7 +164,7 @@ def write_tables(journals: Sequence[Path], out_dir: Path, columns: Sequence[str]
                 if row.get("reason"):
                     counts[f"{row['status']}:{row['reason'].split(':', 1)[0]}"] += 1
                 if row.get(DICOM_KEY):
-                    counts["dicom not_written" if dicom_not_written(row) else "dicom written"] += 1
+                    counts[COUNT_NOT_WRITTEN if dicom_not_written(row) else COUNT_WRITTEN] += 1
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
             for f in (fj, fc):
                 f.flush()

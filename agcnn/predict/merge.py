@@ -29,6 +29,7 @@ from agcnn.fileio import utc_now
 from agcnn.predict.journal import CSV_NAME, JOURNAL, MANIFEST, STATE, iter_rows, write_manifest, write_tables
 from agcnn.predict.listing import shard_of
 from agcnn.predict.options import EXIT_FAILED, EXIT_OK, UsageError
+from agcnn.predict.outputs import COUNT_NOT_WRITTEN, COUNT_WRITTEN
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     counts = merge_shards(args.output)
     total = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
-    written, not_written = counts.get("dicom written", 0), counts.get("dicom not_written", 0)
+    written, not_written = counts.get(COUNT_WRITTEN, 0), counts.get(COUNT_NOT_WRITTEN, 0)
     print(
         f"agcnn merge: {total} files: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, "
         f"{counts.get('failed', 0)} failed"

@@ -31,7 +31,7 @@ from typing import Any
 from agcnn import libmessages
 from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original
 
-__all__ = ["DICOM_KEY", "WRITTEN", "NOT_WRITTEN", "Outputs", "prepare_dicom_out", "dicom_not_written"]
+__all__ = ["DICOM_KEY", "WRITTEN", "NOT_WRITTEN", "COUNT_WRITTEN", "COUNT_NOT_WRITTEN", "Outputs", "prepare_dicom_out", "dicom_not_written"]
 
 log = logging.getLogger("agcnn.predict")
 
@@ -39,6 +39,9 @@ log = logging.getLogger("agcnn.predict")
 DICOM_KEY = "dicom_results"
 WRITTEN = "written"
 NOT_WRITTEN = "not written"
+# Their keys in the counts journal.write_tables returns (beside the statuses and reasons).
+COUNT_WRITTEN = "dicom written"
+COUNT_NOT_WRITTEN = "dicom not_written"
 
 
 def dicom_not_written(row: dict[str, Any]) -> bool:
@@ -148,10 +151,17 @@ class Outputs:
         return (maps["fusion"][k, 0].numpy(), f"fusion {method} of {label} (probability {p:.2f})",
                 f"{label} {p:.2f} ({method})")
 
-    def summary(self) -> dict[str, Any]:
-        """For the manifest: DICOM results written / not written in this run, corrections by kind."""
-        return {"written": self.dicom[WRITTEN], "not_written": self.dicom[NOT_WRITTEN],
-                "source_attributes_corrected": dict(sorted(self.fixes.items()))}
+    def manifest_entries(self, total_counts: Counter, tally: libmessages.Tally) -> dict[str, Any]:
+        """For the manifest: the DICOM results of all rows and of this run (with the corrections
+        of copied attributes by kind), and the library messages by kind and file (never their text)."""
+        out: dict[str, Any] = {"library_messages": tally.as_dict()}
+        if self.dicom_out is not None:
+            out["dicom_results"] = {
+                "written": total_counts.get(COUNT_WRITTEN, 0), "not_written": total_counts.get(COUNT_NOT_WRITTEN, 0),
+                "this_run": {"written": self.dicom[WRITTEN], "not_written": self.dicom[NOT_WRITTEN],
+                             "source_attributes_corrected": dict(sorted(self.fixes.items()))},
+            }
+        return out
 
 
 def _method_name(maps: dict[str, Any], prefix: str = "") -> str:

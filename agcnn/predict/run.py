@@ -34,7 +34,7 @@ from agcnn.predict.journal import (
 )
 from agcnn.predict.listing import Listing, list_files, shard_of
 from agcnn.predict.options import PredictOptions, UsageError
-from agcnn.predict.outputs import Outputs, prepare_dicom_out
+from agcnn.predict.outputs import COUNT_NOT_WRITTEN, COUNT_WRITTEN, Outputs, prepare_dicom_out
 from agcnn.predict.records import FileRecords, collate, take_library_messages, worker_init
 from agcnn.predict.rows import BatchProbabilities, build_rows, columns_for
 from agcnn.runtime import cpu_count, resolve_device
@@ -57,13 +57,13 @@ class Summary:
     @property
     def dicom_not_written(self) -> int:
         """DICOM images predicted with --dicom-out whose SR and SC could not be written (all rows)."""
-        return self.counts.get("dicom not_written", 0)
+        return self.counts.get(COUNT_NOT_WRITTEN, 0)
 
     def line(self) -> str:
         total = self.counts.get("ok", 0) + self.counts.get("skipped", 0) + self.counts.get("failed", 0)
         reasons = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(self.counts.items()) if ":" in k)
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
-        written = self.counts.get("dicom written", 0)
+        written = self.counts.get(COUNT_WRITTEN, 0)
         dicom = (f"; {written} of {written + self.dicom_not_written} DICOM results written"
                  + (" (the notes column says why not)" if self.dicom_not_written else "")
                  if written + self.dicom_not_written else "")
@@ -250,12 +250,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         reasons={k: v for k, v in sorted(total_counts.items()) if ":" in k},
         complete=True,
     )
-    if dicom_out is not None:
-        manifest["dicom_results"] = {"written": total_counts.get("dicom written", 0),
-                                     "not_written": total_counts.get("dicom not_written", 0),
-                                     "this_run": outputs.summary()}
-    # Counts by kind and the files that caused them; the messages themselves are not kept.
-    manifest["library_messages"] = tally.as_dict()
+    manifest.update(outputs.manifest_entries(total_counts, tally))
     write_manifest(out_dir, manifest)
     if not mine:
         log.warning("no files found under %s", in_dir)
