@@ -63,6 +63,13 @@ AWKWARD = {
     "identity_removed.dcm": {"PatientIdentityRemoved": "YES", "PatientSex": DELETE},
     "identity_removed_method.dcm": {"PatientIdentityRemoved": "YES", "DeidentificationMethod": "PS3.15 basic profile"},
 }
+# Other kinds of source: a secondary capture of a film (no body part), MONOCHROME1 in RLE, CR in
+# JPEG 2000 (each as write_dicom's keyword arguments).
+KINDS = {
+    "capture_ot.dcm": {"modality": "OT", "BodyPartExamined": None},
+    "mono1_rle.dcm": {"photometric": "MONOCHROME1", "transfer_syntax": "1.2.840.10008.1.2.5"},
+    "cr_j2k.dcm": {"modality": "CR", "transfer_syntax": "1.2.840.10008.1.2.4.90"},
+}
 RG1 = ("RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm")
 
 
@@ -87,9 +94,9 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
     return rng.integers(0, 4000, (h, w)).astype(np.uint16)
 
 
-def write_awkward(path: Path, edits: dict, seed: int) -> pydicom.Dataset:
-    """A small chest DX with the header edits applied, written without value validation."""
-    write_dicom(path, _image(96, 80, seed), modality="DX", ViewPosition="PA",
+def write_awkward(path: Path, edits: dict, seed: int, **kind) -> pydicom.Dataset:
+    """A small chest DX (or ``kind``) with the header edits applied, written without value validation."""
+    write_dicom(path, _image(96, 80, seed), **{"modality": "DX", "ViewPosition": "PA", **kind},
                 patient_name=f"LEAKqz^PATIENT{seed}", patient_id=f"LEAKID{seed:04d}qz",
                 AccessionNumber=f"LEAKACC{seed:03d}", PatientBirthDate="19400305")
     ds = pydicom.dcmread(path)
@@ -138,6 +145,8 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, pydicom.Dataset]]:
     (root / "deid").mkdir()
     for seed, (name, edits) in enumerate(AWKWARD.items()):
         headers[name] = write_awkward(root / "deid" / name, edits, seed)
+    for seed, (name, kind) in enumerate(KINDS.items(), start=len(AWKWARD)):
+        headers[name] = write_awkward(root / name, {}, seed, **kind)
     for name in RG1:
         src = pydicom_data(name)
         if src is not None:
