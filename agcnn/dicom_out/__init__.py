@@ -28,9 +28,9 @@ file them with the study -- and is why they go to a folder of their own: they ho
 the CSV / JSONL do not. What is copied is first made valid for its VR
 (:mod:`agcnn.dicom_out.source`: "62" becomes "062Y", a hash in a birth date is dropped, a Type 2
 attribute the source lacks is written empty), so the objects pass a validator (``dciodvfy``)
-whatever the de-identifier left; each correction is counted by kind, never with its value. Every object gets a new
-SOP Instance UID; the series UID is derived from (study, checkpoint, object kind), so one
-model's results on one study share a series across runs. Each file is written to a temporary
+whatever the de-identifier left; each correction is counted by kind, never with its value.
+Every object gets a new SOP Instance UID; the series UID is derived from (study, checkpoint,
+object kind), so one model's results on one study share a series across runs. Each file is written to a temporary
 name and renamed, so a kill never leaves half an object; writing the same instance again
 replaces both files.
 

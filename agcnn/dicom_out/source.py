@@ -51,7 +51,7 @@ COPIED = {
 # PS3.5 6.2: no control characters in these VRs but ESC (ISO 2022 escapes); the text VRs also
 # allow CR, LF, TAB and FF.
 _TEXT_VRS = frozenset({"LT", "ST", "UT"})
-_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI", "UR"}) | _TEXT_VRS
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI", "UR", *_TEXT_VRS})
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _CONTROL_STRICT = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
 _SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
@@ -181,7 +181,9 @@ def _correct(keyword: str, vr: str, text: str) -> tuple[str | None, str | None]:
         if not m:
             return None, "not a valid AS, dropped"
         fixed = f"{int(m.group(1)):03d}{(m.group(2) or 'Y').upper()}"
-        return fixed, (None if fixed == text else "AS without unit, read as years" if not m.group(2) else "AS reformatted")
+        if fixed == text:
+            return fixed, None
+        return fixed, "AS reformatted" if m.group(2) else "AS without unit, read as years"
     if vr == "DA":
         for fmt in ("%Y%m%d", "%Y.%m.%d", "%Y-%m-%d"):
             try:

@@ -13,7 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from agcnn.dicom_out import CODING_SCHEME, MANUFACTURER, SR_SERIES_NUMBER, DicomResult, call_code, finding_code, series_uid
+from agcnn.dicom_out import (
+    CODING_SCHEME,
+    MANUFACTURER,
+    SR_SERIES_NUMBER,
+    DicomResult,
+    call_code,
+    finding_code,
+    series_uid,
+)
 
 __all__ = ["SR_DESCRIPTION", "algorithm_parameters", "build_sr"]
 

@@ -31,7 +31,10 @@ from typing import Any
 from agcnn import libmessages
 from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original
 
-__all__ = ["DICOM_KEY", "WRITTEN", "NOT_WRITTEN", "COUNT_WRITTEN", "COUNT_NOT_WRITTEN", "Outputs", "prepare_dicom_out", "dicom_not_written"]
+__all__ = [
+    "DICOM_KEY", "WRITTEN", "NOT_WRITTEN", "COUNT_WRITTEN", "COUNT_NOT_WRITTEN",
+    "Outputs", "prepare_dicom_out", "dicom_not_written",
+]
 
 log = logging.getLogger("agcnn.predict")
 
