@@ -202,7 +202,7 @@ def test_dciodvfy_reports_no_error_on_any_object(predicted):
 
 
 def test_invalid_source_values_are_corrected_or_dropped_and_counted(predicted):
-    out, dicom, _ = predicted
+    out, dicom, proc = predicted
     rows = _rows(out)
 
     def sr(name):
@@ -231,6 +231,9 @@ def test_invalid_source_values_are_corrected_or_dropped_and_counted(predicted):
     assert fixes["PatientSex: sex written as M / F / O"] == 1
     assert fixes["ReferringPhysicianName: PN with more than 5 components or 3 groups, dropped"] == 1
     assert fixes["PatientOrientation: 3 values where 2 allowed, dropped"] == 1
+    # The console lists them by kind too (a count, the attribute and the rule).
+    assert "values of the sources corrected or dropped in the DICOM results" in proc.stderr
+    assert "1 x PatientAge: AS without unit, read as years" in proc.stderr
 
 
 def test_no_identifier_reaches_the_console(predicted, corpus):

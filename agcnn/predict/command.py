@@ -113,5 +113,11 @@ def run(args: argparse.Namespace) -> int:
     )
     summary = predict(options)
     libmessages.report("agcnn predict")
+    if summary.dicom_fixes:
+        # By attribute and rule, never the value: the per-file detail is in predictions.jsonl.
+        print(f"agcnn predict: values of the sources corrected or dropped in the DICOM results "
+              f"({sum(summary.dicom_fixes.values())}):", file=sys.stderr)
+        for kind, n in sorted(summary.dicom_fixes.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"  {n} x {kind}", file=sys.stderr)
     print(summary.line(), file=sys.stderr)
     return EXIT_FAILED if summary.counts.get("failed", 0) or summary.dicom_not_written else EXIT_OK

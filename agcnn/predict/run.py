@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Summary:
     counts: Counter
     new_rows: int
     seconds: float  # of the decode + predict loop, without start-up
+    # Values of the sources corrected or dropped in this run's DICOM results, by kind.
+    dicom_fixes: Counter = field(default_factory=Counter)
 
     @property
     def dicom_not_written(self) -> int:
@@ -254,7 +256,8 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     write_manifest(out_dir, manifest)
     if not mine:
         log.warning("no files found under %s", in_dir)
-    return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
+    return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds,
+                   dicom_fixes=outputs.fixes)
 
 
 class _Inference:
