@@ -34,10 +34,11 @@ from torch import Tensor, nn
 from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
 from agcnn.config import Config
 from agcnn.errors import CheckpointError
-from agcnn.explain import BRANCHES, Explanation, cam_from_features, explain, feature_maps
+from agcnn.explain import Explanation, cam_from_features, explain, feature_maps
 from agcnn.fileio import sha256_file
 from agcnn.precision import inference_precision
 from agcnn.runtime import resolve_device
+from agcnn.stages import BRANCHES
 
 __all__ = ["InferenceModel", "Scores", "explain_scores", "load_for_inference", "memory_format_of", "score"]
 
