@@ -236,14 +236,7 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     out = Path(out_dir).resolve()
     cfg = demo_config(out, quick, overrides, long=long)
     run_dir = out / "run"
-    # Re-running the demo into the same folder continues (or skips) the stages it finished; a
-    # folder trained with other settings is not mixed in.
-    resume = False
-    if (run_dir / "config.yaml").is_file():
-        if Config.load(run_dir / "config.yaml").to_dict() != cfg.to_dict():
-            raise ConfigError(f"{str(run_dir)!r} holds a demo run with other settings (e.g. --quick or not); "
-                              f"pass another --out or delete that folder")
-        resume = True
+    resume = _resumable(run_dir, cfg)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -278,7 +271,26 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
         predicted = summary.line()
     timings["predict"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
+    result = _result(cfg, out, results, report, shown, predicted=predicted, samples=bool(samples), timings=timings)
+    _print_summary(result, quick, say)
+    return result
 
+
+def _resumable(run_dir: Path, cfg: Config) -> bool:
+    """Re-running the demo into the same folder continues (or skips) the stages it finished; a
+    folder trained with other settings is not mixed in."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    if Config.load(run_dir / "config.yaml").to_dict() != cfg.to_dict():
+        raise ConfigError(f"{str(run_dir)!r} holds a demo run with other settings (e.g. --quick or not); "
+                          f"pass another --out or delete that folder")
+    return True
+
+
+def _result(cfg: Config, out: Path, results: dict[str, Any], report: dict[str, Any], shown: dict[str, Any], *,
+            predicted: str | None, samples: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """What run_demo returns and prints: mean AUCs, the evidence, timings and every path written."""
+    run_dir = out / "run"
     branches = report["branches"]
     means = {b: branches[b].get("mean_auc") for b in ("global", "local", "fusion")}
     result = {
@@ -302,7 +314,6 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     }
     if shown["overlay"]:
         result["paths"]["overlay"] = shown["overlay"]["path"]
-    _print_summary(result, quick, say)
     return result
 
 
