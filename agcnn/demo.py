@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config
+from agcnn.errors import ConfigError
 
 DEMO_CONFIG = "demo.yaml"
 

@@ -60,8 +60,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
 from agcnn.checkpoint import load_checkpoint, save_checkpoint
-from agcnn.config import Config, ConfigError, apply_override
-from agcnn.errors import UsageError
+from agcnn.config import Config, apply_override
+from agcnn.errors import ConfigError, UsageError
 from agcnn.fileio import atomic_write_bytes
 from agcnn.inference import load_for_inference, score
 from agcnn.labels import LabelMismatchError

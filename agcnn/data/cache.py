@@ -91,7 +91,7 @@ def cache_folder(data_cfg) -> Path | None:
 
 def require_cache(data_cfg, config_path: str | None = None) -> Path | None:
     """:func:`cache_folder`, with a message naming the command that builds it when it is absent."""
-    from agcnn.config import ConfigError
+    from agcnn.errors import ConfigError
 
     folder = cache_folder(data_cfg)
     if folder is None or (folder / "meta.json").is_file() or data_cfg.cache:
