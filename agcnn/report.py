@@ -60,7 +60,6 @@ def build_report(
     fit. ``youden``: per-class Youden thresholds of every trained branch, on the validation
     split only (``header["split"]["name"] == "val"``), else None.
     """
-    n_boot = int(bootstrap["n"])
     report: dict[str, Any] = {
         **header,
         "labels": list(names),

@@ -68,9 +68,7 @@ def merge_shards(output: str | Path) -> Counter:
     first = states[0]
     try:
         counts = write_tables([d / JOURNAL for d in dirs], out, first["columns"])
-    except ValueError as e:
-        for name in (f".{JOURNAL}.tmp", f".{CSV_NAME}.tmp"):
-            (out / name).unlink(missing_ok=True)
+    except ValueError as e:  # found before anything is written
         raise MergeError(f"the shares overlap: {e}; remove the duplicated share folders and re-run them") from None
     rows = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
     listed = manifests[0]["listing"]["files"]
