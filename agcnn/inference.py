@@ -106,9 +106,10 @@ def score(
     taps = feature_maps(model) if keep else contextlib.nullcontext({})
     with torch.no_grad(), taps as feats, inference_precision(precision, device):
         out = model(x, stage=stage)
-    logits = {b: out.logits(b).float() for b in BRANCHES if getattr(out, f"{b}_logits") is not None}
+    logits = {b: out.logits(b).float() for b in (("global",) if stage == "global" else BRANCHES)}
     pooled = {b: getattr(out, f"{b}_pooled").float() for b in ("global", "local") if getattr(out, f"{b}_pooled", None) is not None}
-    result = Scores(logits=logits, boxes=out.boxes, heatmap=None if out.heatmap is None else out.heatmap.float(),
+    heatmap = getattr(out, "heatmap", None)
+    result = Scores(logits=logits, boxes=getattr(out, "boxes", None), heatmap=None if heatmap is None else heatmap.float(),
                     output=out, input=x, precision=precision, features=dict(feats) if keep else None, pooled=pooled)
     if classes is not None:
         result.explanation = explain_scores(model, result, classes, method=method, branches=branches)

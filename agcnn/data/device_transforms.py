@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from agcnn.config import AUGMENTS
 from agcnn.data.geometry import Geometry
 from agcnn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_SCALE
 
-AUGMENTS = ("paper", "resized_crop")
 # torchvision's RandomResizedCrop aspect-ratio range and number of tries.
 RATIO = (3 / 4, 4 / 3)
 TRIES = 10
