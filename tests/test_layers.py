@@ -35,14 +35,15 @@ LAYERS = {
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
-    "agcnn.data.prepare": 6,  # `agcnn prepare`
-    "agcnn.train": 6,
-    "agcnn.evaluate": 6,
-    "agcnn.predict": 6,
-    "agcnn.localize": 6,  # `agcnn localize`
-    "agcnn.demo": 7,  # runs train, evaluate and predict
-    "agcnn.cli": 8,
-    "agcnn.__main__": 9,
+    "agcnn.inference": 6,  # checkpoint -> model for inference, and scoring at its precision
+    "agcnn.data.prepare": 7,  # `agcnn prepare`
+    "agcnn.train": 7,
+    "agcnn.evaluate": 7,
+    "agcnn.predict": 7,
+    "agcnn.localize": 7,  # `agcnn localize`
+    "agcnn.demo": 8,  # runs train, evaluate and predict
+    "agcnn.cli": 9,
+    "agcnn.__main__": 10,
 }
 
 

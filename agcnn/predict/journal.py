@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agcnn.fileio import atomic_write_bytes, fsync_dir
-from agcnn.predict.options import UsageError
+from agcnn.errors import UsageError
 
 JOURNAL = "predictions.jsonl"
 CSV_NAME = "predictions.csv"

@@ -28,7 +28,7 @@ from typing import Any
 from agcnn.fileio import utc_now
 from agcnn.predict.journal import CSV_NAME, JOURNAL, MANIFEST, STATE, iter_rows, write_manifest, write_tables
 from agcnn.predict.listing import shard_of
-from agcnn.predict.options import EXIT_FAILED, EXIT_OK, UsageError
+from agcnn.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
