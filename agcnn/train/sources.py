@@ -11,6 +11,12 @@ Which cache a stage may use is its row's ``cache`` in :data:`agcnn.stages.STAGE_
 deterministic function of its input in eval mode, so what it computes from an un-augmented
 (evaluation-transform) training image never changes; the cached stages are given such a
 training set.
+
+Validation scores the way ``evaluate`` scores a checkpoint: images through
+:func:`agcnn.inference.score` at ``train.inference_precision`` and the checkpoint's memory
+format, so ``best.pt`` and its operating points are chosen on the scores evaluate and predict
+give. The cached sources score their cached features and crops inside the same
+:func:`~agcnn.precision.inference_precision`; the features come from :func:`~agcnn.inference.score`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from agcnn.config import Config, ConfigError
+from agcnn.inference import memory_format_of, score
 from agcnn.precision import inference_precision
 from agcnn.stages import Stage, set_train_mode
 from agcnn.train.context import TrainContext
@@ -64,6 +71,17 @@ def make_source(model: nn.Module, plan: Stage, ctx: TrainContext, datasets: dict
     """The stage's source: its row's cache when switched on, else the images."""
     kind = CACHED_SOURCES[plan.cache] if trains_on_cache(ctx.cfg, plan) else ImageSource
     return kind(model, plan, ctx, datasets, batch_size)
+
+
+def forward_stage(plan: Stage) -> str:
+    """The forward pass that computes every branch the stage reports: the global branch alone
+    for a stage that reports only it, else the whole model."""
+    return "global" if plan.reports == ("global",) else "fusion"
+
+
+def scored(model: nn.Module, x: Tensor, cfg: Config, stage: str = "fusion"):
+    """``x`` scored as evaluate scores a checkpoint of this config (:func:`agcnn.inference.score`)."""
+    return score(model, x, precision=cfg.train.inference_precision, memory_format=memory_format_of(cfg), stage=stage)
 
 
 def trains_head_only(plan: Stage) -> bool:
@@ -141,11 +159,9 @@ class ImageSource:
             for batch in self.skips.batches(self._val_loader(part)):
                 rows.append(rows_of(batch, idx))
                 x, y = batch_xy(batch)
-                with inference_precision(self.cfg.train.inference_precision, self.rt.device):
-                    # The stage's own forward pass computes every branch it reports.
-                    out = self.model(model_input(x, self.val_ds, self.cfg, self.rt), stage=self.plan.name)
+                out = scored(self.model, model_input(x, self.val_ds, self.cfg, self.rt), self.cfg, forward_stage(self.plan))
                 for b in self.plan.reports:
-                    probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
+                    probs[b].append(out.probabilities(b).cpu().numpy())
                 labels.append(y.float().numpy())
         k = len(self.cfg.labels)
         arrays = {b: np.concatenate(v) if v else np.zeros((0, k), np.float32) for b, v in probs.items()}
@@ -158,9 +174,9 @@ class ImageSource:
 @torch.no_grad()
 def frozen_pass(model: nn.Module, plan: Stage, ctx: TrainContext, skips: Skips, ds: Dataset, batch_size: int,
                 compute: Callable[[Tensor], dict[str, Tensor]], empty: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """``compute`` of every image of ``ds`` through the model in eval mode, at the inference
-    precision, with the labels: arrays in dataset order on every process. ``empty``: each
-    array's shape when no image is left (every one unreadable)."""
+    """``compute`` of every image of ``ds`` through the model in eval mode (``compute`` runs it
+    at the inference precision), with the labels: arrays in dataset order on every process.
+    ``empty``: each array's shape when no image is left (every one unreadable)."""
     cfg, rt = ctx.cfg, ctx.rt
     model.eval()
     part, idx = shard(ds, rt)
@@ -171,8 +187,7 @@ def frozen_pass(model: nn.Module, plan: Stage, ctx: TrainContext, skips: Skips, 
     for batch in skips.batches(loader):
         rows.append(rows_of(batch, idx))
         x, lab = batch_xy(batch)
-        with inference_precision(cfg.train.inference_precision, rt.device):
-            out = compute(model_input(x, ds, cfg, rt))
+        out = compute(model_input(x, ds, cfg, rt))
         for k, v in out.items():
             parts[k].append(v.cpu().numpy())
         parts["labels"].append(lab.float().numpy())
@@ -213,8 +228,8 @@ class CachedFusionSource:
         model = self.model
 
         def pooled(x: Tensor) -> dict[str, Tensor]:
-            out = model(x, stage="fusion")
-            return {"global": out.global_pooled.float(), "local": out.local_pooled.float()}
+            out = scored(model, x, self.cfg)
+            return {"global": out.pooled["global"], "local": out.pooled["local"]}
 
         empty = {"global": (0, model.global_branch.num_features), "local": (0, model.local_branch.num_features)}
         return frozen_pass(model, self.plan, self.ctx, self.skips, ds, self.batch_size, pooled, empty)
@@ -265,7 +280,8 @@ class CachedCropSource:
         store = torch.float16 if dtype == np.float16 else torch.float32
 
         def attended(x: Tensor) -> dict[str, Tensor]:
-            out, crops = model.attend(x)
+            with inference_precision(self.cfg.train.inference_precision, self.rt.device):
+                out, crops = model.attend(x)
             # With the frozen global branch's probabilities: its validation scores every epoch.
             return {"crops": crops.to(store), "global": torch.sigmoid(model.findings(out.global_logits).float())}
 
