@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from agcnn.config import Config, ConfigError
 from agcnn.metrics import mean_auc, per_class_auc
 from agcnn.runtime import barrier, init_runtime, mean_over_ranks
-from agcnn.stages import set_train_mode, stage_plan
+from agcnn.stages import STAGES, set_train_mode, stage_plan
 from agcnn.train.context import TrainContext
 from agcnn.train.loaders import augment_on_device, batch_len, without_augmentation
 from agcnn.train.outputs import open_writer, save_epoch, write_config
@@ -33,7 +33,7 @@ from agcnn.train.step import train_step, with_targets
 def train(
     cfg: Config,
     run_dir: str | Path,
-    stages: Sequence[str] = ("global", "local", "fusion"),
+    stages: Sequence[str] = tuple(STAGES),
     *,
     resume: bool = False,
     seed_from: str | Path | None = None,
