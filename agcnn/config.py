@@ -23,8 +23,8 @@ import yaml
 from agcnn.errors import ConfigError
 from agcnn.labels import LABELS
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
-           "setting", "Check", "OneOf", "Range", "Rule"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
+           "setting", "valid_device", "Check", "OneOf", "Range", "Rule"]
 
 
 # ---------------------------------------------------------------------- value checks

@@ -106,3 +106,48 @@ def test_maps_come_from_the_scored_pass(tmp_path, small_config, method, one_thre
     # CAM's einsums run in float32 on the kept feature maps, explain's inside autocast in bf16.
     tol = 1e-2 * float(ex.maps["fusion"].abs().max())
     torch.testing.assert_close(ref.maps["fusion"], ex.maps["fusion"], rtol=0, atol=tol)
+
+
+def test_localize_on_a_bf16_checkpoint_scores_the_boxes_predict_writes(tmp_path, small_config, one_thread):
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from agcnn.data.geometry import Geometry
+    from agcnn.data.transforms import transforms_from_config
+    from agcnn.localize import LocalizeOptions, localize
+    from agcnn.predict import predict_folder
+
+    cfg = small_config(resize=72)
+    cfg.train.inference_precision = "bf16"
+    torch.manual_seed(0)
+    model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
+    save_checkpoint(tmp_path / "m.pt", model_state=model.state_dict(), config=cfg, stage="fusion")
+    images = tmp_path / "img"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:80]
+    boxes = []
+    for i in range(6):
+        img = (40 * np.sin(xx / (3 + i)) + 30 * np.cos(yy / 5) + rng.normal(0, 25, xx.shape) + 128).clip(0, 255)
+        cv2.imwrite(str(images / f"{i}.png"), img.astype(np.uint8))
+        boxes.append((f"{i}.png", "Nodule", 20, 30, 50, 60))
+    pd.DataFrame(boxes, columns=["path", "label", "x0", "y0", "x1", "y1"]).to_csv(tmp_path / "boxes.csv", index=False)
+
+    localize(LocalizeOptions(tmp_path / "m.pt", tmp_path / "boxes.csv", images, tmp_path / "loc", device="cpu", bootstrap=0,
+                             cases=0))
+    predict_folder(tmp_path / "m.pt", images, tmp_path / "pred", device="cpu", workers=0, batch_size=4, progress=False)
+    scored = pd.read_csv(tmp_path / "loc" / "localization_boxes.csv")
+    attended = scored[scored["method"] == "attended"].set_index("path")
+    written = pd.read_csv(tmp_path / "pred" / "predictions.csv").set_index("path")
+    g = Geometry.from_config(cfg)
+    assert len(attended) == len(written) == 6
+    for rel, row in attended.iterrows():
+        box = [row[f"pred_{c}"] for c in ("x0", "y0", "x1", "y1")]
+        assert g.to_original(box, height=96, width=80) == tuple(written.loc[rel, ["box_x0", "box_y0", "box_x1", "box_y1"]]), rel
+
+    # The check can fail: at fp32 (TF32 on CUDA) this model attends other boxes on these images.
+    tf = transforms_from_config(cfg.data, train=False)
+    x = torch.stack([tf(torch.from_numpy(cv2.imread(str(images / f"{i}.png"), 0) / 255.0).float()[None]) for i in range(6)])
+    loaded = load_for_inference(tmp_path / "m.pt")
+    assert (score(loaded.model, x, precision="fp32").boxes != loaded.score(x).boxes).any()

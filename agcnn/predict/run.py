@@ -136,8 +136,6 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     import torch
     from tqdm import tqdm
 
-    import agcnn
-
     in_dir, cfg = Path(options.input), loaded.cfg
     dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
     listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
@@ -148,46 +146,12 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     if dicom_out is not None:
         _prepare_dicom_out(dicom_out, shard)
 
-    manifest = {
-        "agcnn_version": agcnn.__version__,
-        "checkpoint": {"path": loaded.path, "sha256": loaded.sha256},
-        "arguments": {
-            "checkpoint": str(options.checkpoint), "input": str(options.input), "output": str(options.output),
-            "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
-            **options.row_options(), "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-            "retry_failed": options.retry_failed, "dicom_out": str(dicom_out) if dicom_out else None,
-        },
-        # What was predicted: frontal chest radiographs unless a check was switched off.
-        "scope": {"any_body_part": options.any_body_part, "any_view": options.any_view},
-        "labels": loaded.labels,
-        "config": cfg.to_dict(),
-        "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
-        # Which pixels the model saw, and which ones the operating points were chosen on
-        # (agcnn.data.datasets.XrayDataset.pixels): predict always decodes the originals.
-        "pixels": {"source": "original"},
-        "operating_points_pixels": ((loaded.inference.meta.get("operating_points_info") or {}).get("pixels")
-                                    if loaded.thresholds is not None else None),
-        "columns": columns,
-        "versions": _library_versions(),
-        "device": _device_name(device),
-        "inference_precision": cfg.train.inference_precision,
-        "listing": {"files": len(listing.paths), "sha256": listing.digest(), "duplicates_via_links": listing.duplicates,
-                    "directory_loops": listing.loops},
-        "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
-        "resumed_rows": len(journal.done),
-        "retried_failed_rows": len(retried),
-        "started": started,
-        "complete": False,
-    }
+    manifest = _manifest(options, loaded, device, columns, listing, mine, resumed=len(journal.done),
+                         retried=len(retried), started=started)
     write_manifest(out_dir, manifest)
 
     threads_before = torch.get_num_threads()
-    if device.type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to each decoding worker: oversubscribed OpenMP threads spin at their
-        # barriers and slow the model several-fold (measured: 5x with 2 threads + 2 workers on
-        # 2 busy cores). OMP_NUM_THREADS, when set, is the user's choice and is kept.
-        torch.set_num_threads(max(1, cpu_count() - options.workers))
-    manifest["torch_threads"] = torch.get_num_threads()
+    manifest["torch_threads"] = _share_cores(device, options.workers)
 
     infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None,
                        cams=options.overlays or dicom_out is not None,
@@ -226,6 +190,45 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     if not mine:
         log.warning("no files found under %s", in_dir)
     return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
+
+
+def _manifest(options: PredictOptions, loaded: LoadedModel, device, columns: list[str], listing: Listing, mine: list[str], *,
+              resumed: int, retried: int, started: str) -> dict[str, Any]:
+    """manifest.json at the start of a run: what is predicted, with what, on what (``complete``: False)."""
+    import agcnn
+
+    shard, dicom_out = options.shard, options.dicom_out
+    return {
+        "agcnn_version": agcnn.__version__,
+        "checkpoint": {"path": loaded.path, "sha256": loaded.sha256},
+        "arguments": {
+            "checkpoint": str(options.checkpoint), "input": str(options.input), "output": str(options.output),
+            "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
+            **options.row_options(), "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "retry_failed": options.retry_failed, "dicom_out": str(Path(dicom_out)) if dicom_out else None,
+        },
+        # What was predicted: frontal chest radiographs unless a check was switched off.
+        "scope": {"any_body_part": options.any_body_part, "any_view": options.any_view},
+        "labels": loaded.labels,
+        "config": loaded.cfg.to_dict(),
+        "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
+        # Which pixels the model saw, and which ones the operating points were chosen on
+        # (agcnn.data.datasets.XrayDataset.pixels): predict always decodes the originals.
+        "pixels": {"source": "original"},
+        "operating_points_pixels": ((loaded.inference.meta.get("operating_points_info") or {}).get("pixels")
+                                    if loaded.thresholds is not None else None),
+        "columns": columns,
+        "versions": _library_versions(),
+        "device": _device_name(device),
+        "inference_precision": loaded.cfg.train.inference_precision,
+        "listing": {"files": len(listing.paths), "sha256": listing.digest(), "duplicates_via_links": listing.duplicates,
+                    "directory_loops": listing.loops},
+        "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
+        "resumed_rows": resumed,
+        "retried_failed_rows": retried,
+        "started": started,
+        "complete": False,
+    }
 
 
 class _Inference:
@@ -482,6 +485,18 @@ def _decode_isolated(make_loader: Callable, path: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the machine, for the manifest
+
+def _share_cores(device, workers: int) -> int:
+    """The model's CPU threads beside ``workers`` decoding processes; returns their number."""
+    import torch
+
+    if device.type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to each decoding worker: oversubscribed OpenMP threads spin at their
+        # barriers and slow the model several-fold (measured: 5x with 2 threads + 2 workers on
+        # 2 busy cores). OMP_NUM_THREADS, when set, is the user's choice and is kept.
+        torch.set_num_threads(max(1, cpu_count() - workers))
+    return torch.get_num_threads()
+
 
 @contextlib.contextmanager
 def _restore_threads(n: int):
