@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config
+from agcnn.errors import ConfigError
 from agcnn.stages import STAGES
 from agcnn.train.loop import train
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config
+from agcnn.errors import ConfigError
 from agcnn.metrics import mean_auc, per_class_auc
 from agcnn.runtime import barrier, init_runtime, mean_over_ranks
 from agcnn.stages import STAGES, set_train_mode, stage_plan

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agcnn.checkpoint import atomic_write_bytes, save_checkpoint
+from agcnn.checkpoint import save_checkpoint
 from agcnn.config import Config
+from agcnn.fileio import atomic_write_bytes
 from agcnn.metrics import youden_thresholds
 from agcnn.runtime import Runtime, all_gather
 from agcnn.train.seeds import rng_state

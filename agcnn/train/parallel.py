@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from agcnn.config import ConfigError
+from agcnn.errors import ConfigError
 from agcnn.runtime import Runtime, all_gather
 from agcnn.stages import Stage
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from agcnn.checkpoint import CheckpointError, load_checkpoint
-from agcnn.config import Config, ConfigError
-from agcnn.errors import MissingFileError
+from agcnn.checkpoint import load_checkpoint
+from agcnn.config import Config
+from agcnn.errors import CheckpointError, ConfigError, MissingFileError
 from agcnn.labels import check_labels
 from agcnn.runtime import Runtime
 from agcnn.stages import Stage, stage_plan

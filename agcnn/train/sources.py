@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config
+from agcnn.errors import ConfigError
 from agcnn.inference import memory_format_of, score
 from agcnn.precision import inference_precision
 from agcnn.stages import Stage, set_train_mode

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from agcnn.checkpoint import trained_branches
-from agcnn.config import Config, ConfigError, StageConfig
+from agcnn.config import Config, StageConfig
+from agcnn.errors import ConfigError
 from agcnn.runtime import Runtime
 from agcnn.stages import Stage, apply_freezing, stage_plan
 from agcnn.train.context import TrainContext
