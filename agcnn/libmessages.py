@@ -183,19 +183,26 @@ def report(prefix: str, tally: Tally | None = None) -> None:
 
 
 @contextlib.contextmanager
-def for_file(rel: str, *, merge: bool = True) -> Iterator[Counter]:
+def for_file(rel: str, *, merge: bool = True, native: bool = False) -> Iterator[Counter]:
     """Count every warning (any origin) and library log record of the block against ``rel``.
 
     Yields the block's counter. ``merge``: also add it to this process's tally at the end;
     False where the counts travel with a record to another process (the loader's workers).
-    Outside :func:`installed` the block's warnings are still counted and kept from the console.
+    ``native``: also keep what native code writes to the process's stderr (file descriptor 2)
+    during the block -- a codec's panic message and backtrace, a C++ library's warnings -- and
+    count it as one message. Outside :func:`installed` the block's warnings are still counted
+    and kept from the console.
     """
     counter: Counter = Counter()
     token = _block.set((rel, counter))
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _native_stderr(native) as written:
             warnings.simplefilter("always")
             yield counter
+        if written:
+            counter[_native_kind(written)] += 1
+            if debug_enabled():
+                sys.stderr.write("".join(written))
         for w in caught:
             counter[warning_kind(w.category, w.filename, w.lineno)] += 1
             if debug_enabled():
@@ -204,3 +211,50 @@ def for_file(rel: str, *, merge: bool = True) -> Iterator[Counter]:
         _block.reset(token)
         if merge and _state is not None and counter:
             _state.tally.add(counter, rel)
+
+
+@contextlib.contextmanager
+def _native_stderr(enabled: bool) -> Iterator[list[str]]:
+    """Point file descriptor 2 at a scratch file for the block; yields a list that then holds
+    what was written (empty when nothing was). Python's ``sys.stderr`` is flushed around it."""
+    out: list[str] = []
+    if not enabled:
+        yield out
+        return
+    scratch = _scratch_file()
+    scratch.seek(0)
+    scratch.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(scratch.fileno(), 2)
+        yield out
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        scratch.seek(0)
+        text = scratch.read().decode("utf-8", "replace")
+        if text:
+            out.append(text)
+
+
+_scratch = None
+
+
+def _scratch_file():
+    global _scratch
+    if _scratch is None or _scratch.closed:
+        import atexit
+        import tempfile
+
+        _scratch = tempfile.TemporaryFile()
+        atexit.register(_scratch.close)
+    return _scratch
+
+
+def _native_kind(written: list[str]) -> str:
+    text = "".join(written)
+    # Which native code wrote it can be told apart without quoting it: the text may hold values.
+    what = "a Rust panic" if "panicked at" in text else "native code"
+    return f"stderr output of {what}"

@@ -11,6 +11,7 @@ headers' names, IDs, dates or UIDs may reach stdout or stderr.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -434,6 +435,14 @@ def _mutants(folder: Path, n: int = 24) -> list[str]:
         path = folder.parent / f"source{i}.dcm"
         write_dicom(path, _image(128, 112, 30 + i), modality="CR", ViewPosition="PA", patient_name="DAMAGEDqz^PATIENT",
                     **({"transfer_syntax": ts} if ts else {}))
+        # Fixed UIDs and dates: the same bits are flipped on every run.
+        ds = pydicom.dcmread(path)
+        for j, kw in enumerate(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+            setattr(ds, kw, f"1.2.826.0.1.3680043.8.498.{i}.{j}")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200101"
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+        ds.save_as(path)
         sources.append(path.read_bytes())
     names = []
     for i in range(n):
@@ -446,12 +455,21 @@ def _mutants(folder: Path, n: int = 24) -> list[str]:
                 data[p] ^= 1 << rng.randrange(8)
         names.append(f"mutant{i:02d}.dcm")
         (folder / names[-1]).write_bytes(bytes(data))
+    if RLELossless in codecs:
+        # One byte of the RLE stream that makes pylibjpeg-rle panic (Rust prints its own
+        # message and, with RUST_BACKTRACE set, a backtrace on stderr). Found by trying bytes.
+        data = bytearray(sources[1 + codecs.index(RLELossless)])
+        frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(io.BytesIO(bytes(data))).PixelData,
+                                                    number_of_frames=1))
+        data[bytes(data).find(frame) + 22323] = 165
+        names.append("rle_codec_panic.dcm")
+        (folder / names[-1]).write_bytes(bytes(data))
     return names
 
 
 @pytest.mark.slow
 def test_damaged_files_each_get_a_row_and_no_traceback(checkpoint, tmp_path):
-    names = _mutants(tmp_path / "damaged")
+    names = sorted(_mutants(tmp_path / "damaged"))
     out = tmp_path / "out"
     proc = _cli("predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "damaged"), "--output", str(out),
                 "--dicom-out", str(tmp_path / "dicom"), "--workers", "1", "--batch-size", "4")
@@ -465,10 +483,14 @@ def test_damaged_files_each_get_a_row_and_no_traceback(checkpoint, tmp_path):
     lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("predict:")]
     assert len(lines) <= 12, lines
     assert f"{len(names)} files: {counts['ok']} ok, 0 skipped, {counts['failed']} failed" in lines[-1]
-    # pydicom did log about them (a decoder's traceback among them): counted by kind, with files.
-    assert "messages of the DICOM libraries (not shown" in proc.stderr and "pydicom ERROR" in proc.stderr
+    # pydicom did log about them, a codec panicked: counted by kind, with the files.
+    assert "messages of the DICOM libraries (not shown" in proc.stderr and "pydicom WARNING" in proc.stderr
+    if "rle_codec_panic.dcm" in names:
+        assert "stderr output of a Rust panic, first in rle_codec_panic.dcm" in proc.stderr
+        assert rows["rle_codec_panic.dcm"]["status"] == "failed"
     # --debug shows what was kept back.
     debug = _cli("--debug", "predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "damaged"),
                  "--output", str(tmp_path / "out-debug"), "--workers", "0")
     assert debug.returncode == proc.returncode, debug.stderr
-    assert "messages of the DICOM libraries (shown above)" in debug.stderr and "Traceback" in debug.stderr
+    assert "messages of the DICOM libraries (shown above)" in debug.stderr
+    assert "End of file reached" in debug.stderr and ("panicked at" in debug.stderr or "rle_codec_panic.dcm" not in names)

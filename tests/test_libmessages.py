@@ -57,3 +57,18 @@ def test_nested_installs_share_one_tally():
         assert inner is outer
         logging.getLogger("pydicom").warning("x")
     assert sum(outer.counts.values()) == 1
+
+
+def test_native_stderr_of_a_block_is_kept_and_counted(capfd):
+    import os
+
+    with libmessages.installed() as tally:
+        with libmessages.for_file("a.dcm", native=True):
+            os.write(2, b"thread '<unnamed>' panicked at src/lib.rs:1:1:\nSECRETNAME\n")
+        with libmessages.for_file("b.dcm", native=True):
+            pass  # nothing written: nothing counted
+        os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert "SECRETNAME" not in err and "after the block" in err
+    assert dict(tally.counts) == {"stderr output of a Rust panic": 1}
+    assert tally.files["stderr output of a Rust panic"] == ["a.dcm"]

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from agcnn import libmessages
-from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original
+from agcnn.data.geometry import Geometry
+from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities
 
 __all__ = [
     "DICOM_KEY", "WRITTEN", "NOT_WRITTEN", "COUNT_WRITTEN", "COUNT_NOT_WRITTEN",
@@ -57,7 +58,7 @@ class Outputs:
     """The pictures and DICOM results of one run, and what became of them."""
 
     labels: Sequence[str]
-    geometry: dict[str, int]
+    geometry: Geometry
     overlays: Path | None = None
     dicom_out: Path | None = None
     thresholds: Sequence[float | None] | None = None  # the checkpoint's fusion operating points
@@ -81,8 +82,7 @@ class Outputs:
 
     def field_of_view(self, rec: dict[str, Any]) -> tuple[int, int, int, int]:
         """The model's field of view (the centre crop) in the original image's pixels."""
-        size = self.geometry["image_size"]
-        return box_to_original([0, 0, size, size], height=rec["height"], width=rec["width"], **self.geometry)
+        return self.geometry.field(height=rec["height"], width=rec["width"])
 
     def _overlay(self, rec, row, p, maps, k: int) -> None:
         from agcnn import overlays
@@ -183,7 +183,7 @@ def prepare_dicom_out(folder: Path, shard: tuple[int, int] | None) -> None:
     """
     from agcnn.dicom_out import is_temporary
     from agcnn.predict.listing import shard_of
-    from agcnn.predict.options import UsageError
+    from agcnn.errors import UsageError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,9 @@ class FileRecords:
             status, reason = self.decided[rel]
             return {"path": rel, "status": status, "reason": reason}
         # The libraries' messages about this file travel with its record to the main process,
-        # counted by kind (agcnn.libmessages): they can quote header values.
-        with libmessages.for_file(rel, merge=False) as messages:
+        # counted by kind (agcnn.libmessages): they can quote header values. A codec's own
+        # output on stderr (a Rust panic and its backtrace) is kept and counted too.
+        with libmessages.for_file(rel, merge=False, native=True) as messages:
             rec = load_record(os.path.join(self.root, rel), rel, self.transform, identifiers=self.identifiers,
                               previews=self.previews, scope=self.scope, headers=self.headers)
         if messages:
