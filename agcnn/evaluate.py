@@ -60,6 +60,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
+from agcnn.calibration import Calibration, ece_summary, score_reference, site_check
+from agcnn.calibration_report import calibration_markdown, write_reliability_figure
 from agcnn.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -250,6 +252,53 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
     return dataset, info, None
 
 
+def _check_calibration_data(calibration: Calibration, evaluated: pd.DataFrame, info: dict[str, Any], allow: bool) -> None:
+    """Refuse a set that shares patients (or, without patient IDs, image files) with the data the
+    checkpoint's calibration was fitted on: its maps and operating points were chosen on them."""
+    from agcnn.data.provenance import hashed_patients
+
+    data = calibration.record.get("data") or {}
+    salt = data.get("salt")
+    if not salt:
+        return
+    if info["patient_ids"] and data.get("patients_hashed"):
+        mine = hashed_patients(evaluated["patient"].astype(str), salt)
+        overlap, unit = len(mine & set(data["patients_hashed"])), "patients"
+    else:
+        names = evaluated["path"].astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
+        mine = hashed_patients(names, salt)
+        overlap, unit = len(mine & set(data.get("images_hashed") or [])), "image files"
+    if not overlap:
+        return
+    problem = (f"{overlap} of the {len(mine)} {unit} of the {info['name']} set are in the data the checkpoint's calibration "
+               f"{calibration.id} was fitted on ({data.get('name')})")
+    if not allow:
+        raise EvaluationError(
+            f"refusing to evaluate: {problem}. Calibration and operating points were chosen on them, so the numbers would "
+            f"not be held out. Evaluate on other data, evaluate the checkpoint before calibration, or pass "
+            f"--allow-other-split (every report then says so)")
+    info["training_split"]["problems"].append(problem)
+
+
+def _site_check(report: dict[str, Any], ckpt: dict[str, Any], raw: dict[str, np.ndarray], labels: np.ndarray,
+                names: list[str], branches: Sequence[str]) -> None:
+    """Compare the raw scores of the deployed branch with the checkpoint's reference summary.
+
+    The shift is measured on raw scores (a calibration map does not change it); the shares called
+    positive use the checkpoint's calibration, in whose scale its operating points are.
+    """
+    reference = ckpt.get("reference")
+    branch = "fusion" if "fusion" in branches else branches[0]
+    if not reference or branch not in reference.get("branches", {}):
+        report["site_check_note"] = ("The checkpoint carries no reference score summary, so this set was not compared with "
+                                     "the training site's: `agcnn evaluate --split val --write-operating-points` or "
+                                     "`agcnn calibrate` stores one.")
+        return
+    points = (ckpt.get("operating_points") or {}).get(branch)
+    report["site_check"] = site_check(reference, raw[branch], names, thresholds=points, calibration=Calibration.of(ckpt),
+                                      branch=branch, labels=labels)
+
+
 # ---------------------------------------------------------------------- inference
 
 @torch.inference_mode()
@@ -307,13 +356,17 @@ def _operating_point_scores(probs: np.ndarray, labels: np.ndarray, thresholds: S
     return out
 
 
-def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any]) -> None:
-    """Rewrite the checkpoint (atomically) with ``operating_points`` added; everything else is kept."""
+def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any],
+                           reference: dict[str, Any] | None = None) -> None:
+    """Rewrite the checkpoint (atomically) with ``operating_points`` (and the ``reference`` score
+    summary the site check compares with) added; everything else is kept."""
     ckpt = load_checkpoint(checkpoint)
     own = {"format", "format_version", "agcnn_version", "config", "labels", "model"}
     extra = {k: v for k, v in ckpt.items() if k not in own}
     extra["operating_points"] = {b: [float(t) for t in v] for b, v in points.items()}
     extra["operating_points_info"] = info
+    if reference is not None:
+        extra["reference"] = reference
     save_checkpoint(checkpoint, model_state=ckpt["model"], config=Config.from_dict(ckpt["config"]), **extra)
 
 
@@ -336,6 +389,8 @@ def evaluate_checkpoint(
     roc: bool = True,
     include_identifiers: bool = False,
     allow_other_split: bool = False,
+    calibrated: bool = True,
+    keep_scores: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
 
@@ -345,6 +400,10 @@ def evaluate_checkpoint(
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
     ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
     trained with, or holds its training patients (refused otherwise, before anything is written).
+    ``calibrated``: apply the checkpoint's calibration (``agcnn calibrate``) to the probabilities;
+    a set that holds the calibration's fitting data is refused as training patients are.
+    ``keep_scores``: add ``scores`` (raw probabilities, labels, table, bootstrap groups) to the
+    returned report (not to auc.json), for commands built on this one.
     """
     t0 = time.monotonic()
     checkpoint = Path(checkpoint)
@@ -377,6 +436,9 @@ def evaluate_checkpoint(
             f"validation split, never on the data the model is finally scored on"
         )
 
+    if write_operating_points and not calibrated and ckpt.get("calibration"):
+        raise EvaluationError("--write-operating-points with --uncalibrated: the checkpoint's operating points apply to its "
+                              "calibrated probabilities; drop --uncalibrated, or re-run agcnn calibrate to choose new ones")
     dev = resolve_device(device)
     model, _ = model_from_checkpoint(ckpt, map_location=dev)
     try:
@@ -393,6 +455,9 @@ def evaluate_checkpoint(
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
     split_info["training_split"] = _check_training_split(ckpt, cfg, whole, dataset, split_info, allow_other_split)
+    calibration = Calibration.of(ckpt) if calibrated else None
+    if calibration is not None:
+        _check_calibration_data(calibration, dataset.table, split_info, allow_other_split)
     # Files that are missing or not images, listed before the model runs; like every file that
     # fails to decode they are left out of the numbers and listed in skipped.csv.
     from agcnn.data.precheck import find_problems, listing
@@ -409,6 +474,9 @@ def evaluate_checkpoint(
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
         precision=cfg.train.inference_precision, channels_last=cfg.train.channels_last,
     )
+    raw = probs
+    if calibration is not None:
+        probs = {b: calibration.apply(p, b) for b, p in raw.items()}
     unreadable.sort()
     skipped = pd.DataFrame({"path": dataset.table["path"].iloc[[r for r, _ in unreadable]].to_numpy(),
                             "reason": [m for _, m in unreadable]})
@@ -443,8 +511,11 @@ def evaluate_checkpoint(
         "data": cfg.to_dict()["data"],
         "device": str(dev),
         "inference_precision": cfg.train.inference_precision,
+        "calibration": calibration.describe() if calibration is not None else None,
         "branches": {},
     }
+    if not calibrated and ckpt.get("calibration"):
+        report["calibration_skipped"] = ckpt["calibration"].get("id")
     aucs = {}
     for b in BRANCHES:
         if b not in branches:
@@ -460,6 +531,8 @@ def evaluate_checkpoint(
             r["ci_lo"] = {n: json_number(x) for n, x in zip(names, lo)}
             r["ci_hi"] = {n: json_number(x) for n, x in zip(names, hi)}
             r["mean_ci"] = [json_number(mlo), json_number(mhi)]
+        # The same resamples as the AUC intervals (same seed and unit).
+        r["ece"] = ece_summary(probs[b], labels, names, n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
         report["branches"][b] = r
 
     youden = None
@@ -467,6 +540,7 @@ def evaluate_checkpoint(
         youden = {b: [float(t) for t in youden_thresholds(probs[b], labels)] for b in branches}
         report["youden_operating_points"] = {b: {n: json_number(t) for n, t in zip(names, v)} for b, v in youden.items()}
     stored = ckpt.get("operating_points")
+    _site_check(report, ckpt, raw, labels, names, branches)
     if isinstance(stored, dict):
         use = "fusion" if "fusion" in stored and "fusion" in branches else next((b for b in branches if b in stored), None)
         if use is not None and len(stored[use]) == len(names):
@@ -486,17 +560,26 @@ def evaluate_checkpoint(
                          title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}"
                          + (" [--allow-other-split: not the training run's split]" if split_info["training_split"]["problems"] else ""),
                          points=youden)
-    (out / "auc.md").write_text(auc_markdown(report, names))
+    if roc:
+        write_reliability_figure(out / "reliability.png", probs, labels, names,
+                                 {b: [report["branches"][b]["ece"]["width"]["ece"][n] for n in names] for b in branches},
+                                 title=f"Reliability, {split_name} split ({len(labels)} images), {checkpoint.name}"
+                                 + (f", {calibration.summary()}" if calibration is not None else ", raw probabilities"))
+    (out / "auc.md").write_text(auc_markdown(report, names) + calibration_markdown(report, names))
 
     if write_operating_points:
         info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
                 "inference_precision": cfg.train.inference_precision,
                 "other_split_problems": split_info["training_split"]["problems"]}
-        store_operating_points(checkpoint, youden, info)
+        reference = {"name": "the validation split", "source": split_info["source"], "images": int(len(labels)),
+                     "branches": {b: score_reference(raw[b], labels, names) for b in branches}}
+        store_operating_points(checkpoint, youden, info, reference=reference)
         report["operating_points_written"] = True
         log.info("stored the validation Youden operating points in %s", checkpoint)
     report["seconds"] = round(time.monotonic() - t0, 2)
     (out / "auc.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False) + "\n")
+    if keep_scores:
+        report["scores"] = {"raw": raw, "labels": labels, "table": table, "groups": groups}
     return report
 
 
@@ -524,6 +607,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-other-split", action="store_true",
                         help="evaluate even when the split differs from the checkpoint's training split or holds its "
                              "training patients (refused otherwise); every report then says so")
+    parser.add_argument("--uncalibrated", dest="calibrated", action="store_false",
+                        help="score the model's raw probabilities, without the checkpoint's calibration (agcnn calibrate)")
     parser.add_argument("--write-operating-points", action="store_true",
                         help="with --split val: store the per-class Youden thresholds in the checkpoint for `agcnn predict`")
 
@@ -534,6 +619,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
         include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split,
+        calibrated=args.calibrated,
     )
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]

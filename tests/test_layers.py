@@ -25,6 +25,7 @@ LAYERS = {
     "agcnn.metrics": 1,
     "agcnn": 2,  # the package itself: __version__, and the label list re-exported (any module may import it)
     "agcnn.config": 2,
+    "agcnn.calibration": 2,  # the calibration math (imports metrics)
     "agcnn.stages": 3,
     "agcnn.runtime": 3,
     "agcnn.precision": 3,
@@ -35,12 +36,14 @@ LAYERS = {
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
+    "agcnn.calibration_report": 5,  # renders what evaluate computed on calibration
     "agcnn.data.prepare": 6,  # `agcnn prepare`
     "agcnn.train": 6,
     "agcnn.evaluate": 6,
     "agcnn.predict": 6,
     "agcnn.localize": 6,  # `agcnn localize`
     "agcnn.demo": 7,  # runs train, evaluate and predict
+    "agcnn.calibrate": 7,  # `agcnn calibrate`: scores its data with evaluate
     "agcnn.cli": 8,
     "agcnn.__main__": 9,
 }

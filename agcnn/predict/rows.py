@@ -35,12 +35,14 @@ def build_rows(
     geometry: Mapping[str, int],
     thresholds: Any = None,
     all_branches: bool = False,
+    calibration: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per record, in order; the ``ok`` records take the probabilities in turn.
 
     ``geometry`` holds the config's ``resize``, ``image_size`` and ``highres_size`` (to map the
     box back to the original pixels); ``thresholds`` is a float tensor of fusion operating
     points per label (NaN: none for that label), or None for no ``call_`` columns.
+    ``calibration``: the id of the calibration the probabilities carry, written to each ``ok`` row.
     """
     rows = []
     k = 0
@@ -56,6 +58,8 @@ def build_rows(
                 for j, lab in enumerate(labels):
                     row[f"global_{lab}"] = probability(float(probs.global_[k, j]))
                     row[f"local_{lab}"] = probability(float(probs.local[k, j]))
+            if calibration is not None:
+                row["calibration"] = calibration
             box = box_to_original(probs.boxes[k].tolist(), height=rec["height"], width=rec["width"], **geometry)
             row.update(zip(BOX_COLUMNS, box))
             if thresholds is not None:
@@ -97,7 +101,8 @@ def box_to_original(
     return ox0, oy0, max(ox1, ox0 + 1), max(oy1, oy0 + 1)
 
 
-def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool) -> list[str]:
+def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool,
+                calibration: bool = False) -> list[str]:
     cols = ["path", "status", "reason", "format", "height", "width", *UID_COLUMNS]
     if identifiers:
         cols += list(IDENTIFIER_COLUMNS)
@@ -107,6 +112,8 @@ def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool,
     cols += list(BOX_COLUMNS)
     if calls:
         cols += [f"call_{c}" for c in labels]
+    if calibration:
+        cols.append("calibration")  # the id of the checkpoint's calibration (agcnn calibrate)
     cols.append("notes")
     return cols
 

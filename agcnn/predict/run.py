@@ -83,7 +83,7 @@ def predict(options: PredictOptions) -> Summary:
     out_dir = options.out_dir()
     check_writable(out_dir)
     columns = columns_for(loaded.labels, identifiers=options.include_identifiers, all_branches=options.all_branches,
-                          calls=loaded.thresholds is not None)
+                          calls=loaded.thresholds is not None, calibration=loaded.calibration is not None)
     lock = lock_output(out_dir)
     try:
         check_state(out_dir, {
@@ -112,6 +112,7 @@ class LoadedModel:
     thresholds: list[float | None] | None  # fusion operating points, one per label
     path: str
     sha256: str
+    calibration: Any = None  # agcnn.calibration.Calibration of the checkpoint, or None
 
 
 def load_model(checkpoint: str | os.PathLike[str]) -> LoadedModel:
@@ -143,8 +144,14 @@ def load_model(checkpoint: str | os.PathLike[str]) -> LoadedModel:
             f"checkpoint {str(checkpoint)!r} has {len(thresholds)} fusion operating points for {len(labels)} labels; "
             f"re-run the operating-point selection"
         )
+    from agcnn.calibration import Calibration, CalibrationError
+
+    try:
+        calibration = Calibration.of(ckpt)
+    except CalibrationError as e:
+        raise UsageError(f"checkpoint {str(checkpoint)!r}: {e}") from None
     return LoadedModel(model=model, cfg=cfg, labels=labels, thresholds=thresholds, path=str(checkpoint),
-                       sha256=sha256_file(checkpoint))
+                       sha256=sha256_file(checkpoint), calibration=calibration)
 
 
 # ---------------------------------------------------------------------- the batch loop
@@ -180,6 +187,8 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         "labels": loaded.labels,
         "config": cfg.to_dict(),
         "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
+        # Which map turned the model's outputs into the probabilities written (None: raw sigmoid).
+        "calibration": loaded.calibration.describe() if loaded.calibration is not None else None,
         "columns": columns,
         "versions": _library_versions(),
         "device": _device_name(device),
@@ -258,6 +267,7 @@ class _Inference:
         self.maps, self.cams, self.method, self.top = maps or cams, cams, method, top
         self.thresholds = loaded.thresholds
         self.precision = loaded.cfg.train.inference_precision
+        self.calibration = loaded.calibration
 
     def __call__(self, images) -> tuple[BatchProbabilities, dict[str, Any] | None]:
         import torch
@@ -277,6 +287,12 @@ class _Inference:
             local=torch.sigmoid(out.local_logits.float()).cpu(),
             boxes=out.boxes.cpu(),
         )
+        if self.calibration is not None:
+            # The checkpoint's calibration, as evaluate applies it: rows, calls, overlays and the
+            # SR all read these probabilities.
+            for name, b in (("fusion", "fusion"), ("global_", "global"), ("local", "local")):
+                p = getattr(probs, name)
+                setattr(probs, name, torch.from_numpy(self.calibration.apply(p.numpy(), b)).float())
         if not self.maps:
             return probs, None
         if not self.cams:
@@ -312,7 +328,8 @@ class _BatchWriter:
     def __call__(self, records: list[dict[str, Any]], images) -> None:
         probs, maps = self.infer(images) if images is not None else (None, None)
         rows = build_rows(records, probs, columns=self.columns, labels=self.labels, geometry=self.geometry,
-                          thresholds=self.thresholds, all_branches=self.all_branches)
+                          thresholds=self.thresholds, all_branches=self.all_branches,
+                          calibration=self.loaded.calibration.id if self.loaded and self.loaded.calibration else None)
         if self.overlays is not None and probs is not None:
             _write_overlays(self.overlays, records, rows, probs, maps, labels=self.labels, geometry=self.geometry)
         if self.dicom_out is not None and probs is not None:
@@ -419,7 +436,8 @@ def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: 
                                      field=field, heat=heat, caption=caption)
             result = DicomResult(labels=labels, probabilities=[row[lab] for lab in labels],
                                  thresholds=loaded.thresholds, box=box, algorithm_version=agcnn.__version__,
-                                 checkpoint_sha256=loaded.sha256)
+                                 checkpoint_sha256=loaded.sha256,
+                                 calibration=loaded.calibration.summary() if loaded.calibration is not None else None)
             write_dicom_results(folder, rec["path"], header, result, picture=picture, map_name=map_name)
         except Exception as e:  # noqa: BLE001 - the prediction stands without its DICOM copy
             # Only the error's kind: messages about a header can quote its identifying values.
