@@ -13,6 +13,10 @@ Written into ``--out``:
   in brackets) and footnotes that say which split the numbers come from.
 * ``roc.png`` -- a 4 x 4 grid, one panel per finding with the three branches overlaid: a reader
   compares branches on one finding at a time, and 14 curves on one axis cannot be told apart.
+* ``reliability.png`` -- the same grid of reliability diagrams (equal-width bins, per branch);
+  ``auc.json`` holds each branch's expected calibration error per finding (``branches.<branch>.ece``,
+  equal-width and equal-mass bins, bootstrap intervals) and ``auc.md`` its table
+  (:mod:`agcnn.calibration`).
 * ``predictions.csv`` -- per image: ``path`` (and ``patient`` with ``--include-identifiers``), the reference labels (1 / 0 / empty, the
   checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
@@ -30,6 +34,13 @@ taken from the test split. On any split, operating points already in the checkpo
 The AG-CNN paper's mean AUC of 0.868 (Table I) was measured on a random image-level split of
 ChestX-ray14, on which one patient's images fall on both sides; on the official patient-wise split
 comparable methods score about 0.80-0.83. The report says which kind of split it used.
+
+A checkpoint written by ``agcnn calibrate`` carries a calibration: every probability is
+calibrated (``--uncalibrated``: the raw ones), the reports name it, and a set that shares
+patients with the data it was fitted on is refused like training patients. A checkpoint with a
+reference score summary (stored with ``--write-operating-points`` and by ``agcnn calibrate``)
+gets a site check: per finding, the shift of this set's scores from the reference's (PSI, KS)
+and the shares called positive at the operating points here and there (``site_check``).
 
 What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance). A
 split that differs from the one the weights were trained and validated on, or an evaluated set
