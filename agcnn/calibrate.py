@@ -43,12 +43,12 @@ from agcnn.calibration import (
     ece_summary,
     fit_calibration,
     operating_points,
-    score_reference,
 )
-from agcnn.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from agcnn.checkpoint import load_checkpoint, save_checkpoint
 from agcnn.config import Config
+from agcnn.drift import score_reference
 from agcnn.evaluate import evaluate_checkpoint
-from agcnn.fileio import atomic_write_bytes, utc_now
+from agcnn.fileio import atomic_write_bytes, sha256_file, utc_now
 from agcnn.metrics import per_class_auc
 from agcnn.report import fmt
 
@@ -97,6 +97,41 @@ def calibrate_checkpoint(
     """Fit the calibration on ``split`` (``val`` or ``test`` of the checkpoint's data) or on the
     table ``data``; write the calibrated checkpoint to ``out``. Returns ``calibration.json``'s content."""
     checkpoint, out = Path(checkpoint), Path(out)
+    rule, target = check_arguments(checkpoint, out, split=split, data=data, method=method, sensitivity=sensitivity,
+                                   specificity=specificity)
+    report_dir = Path(report_dir) if report_dir is not None else out.with_suffix(".calibration")
+    ckpt = load_checkpoint(checkpoint)
+    names = list(ckpt["labels"])
+    # The fitting set scored as evaluate scores it: the split checks refuse training patients, and
+    # the set's uncalibrated report (ECE, reliability diagram) is written on the way.
+    base = evaluate_checkpoint(checkpoint, split=split or str(data), out_dir=report_dir, device=device, batch_size=batch_size,
+                               num_workers=num_workers, bootstrap=bootstrap, seed=seed, data_overrides=data_overrides,
+                               calibrated=False, keep_scores=True)
+    scores = base.pop("scores")
+    where = "the validation split" if split == "val" else "the test split" if split == "test" else f"the table {Path(data).name}"
+    record = fit_calibration(scores["raw"], scores["labels"], names, method)
+    record["data"] = fitting_record(scores["table"], patient_ids=base["split"]["patient_ids"], name=where,
+                                    source=base["split"]["source"])
+    record["id"] = calibration_id(record)
+    record.update(agcnn_version=__version__, base_checkpoint_sha256=base["checkpoint_sha256"])
+    summary = _summary(record, scores, names, rule=rule, target=target, n_boot=base["bootstrap"]["n"], seed=seed)
+    summary.update(checkpoint=str(checkpoint), out=str(out))
+    extra = _checkpoint_extra(ckpt, record, summary, base, scores, names, where=where, refresh_reference=split == "val")
+    save_checkpoint(out, model_state=ckpt["model"], config=Config.from_dict(ckpt["config"]), **extra)
+    summary["out_sha256"] = sha256_file(out)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, indent=1, default=_jsonable, allow_nan=False) + "\n"
+    atomic_write_bytes(report_dir / "calibration.json", lambda f: f.write(text.encode()))
+    (report_dir / "calibration.md").write_text(calibration_markdown(summary, names))
+    if split == "test":
+        log.warning("calibrated on the test split: evaluate refuses it for %s from now on; report held-out numbers from "
+                    "other data", out.name)
+    return summary
+
+
+def check_arguments(checkpoint: Path, out: Path, *, split: str | None, data: str | Path | None, method: str,
+                    sensitivity: float | None, specificity: float | None) -> tuple[str, float | None]:
+    """Refuse options that cannot work, naming the fix; return the operating-point rule and its target."""
     if (split is None) == (data is None):
         raise CalibrationError("give the labelled data to calibrate on: --split val (the training run's validation split) "
                                "or --data TABLE.csv (your site's labelled sample), not both")
@@ -118,34 +153,21 @@ def calibrate_checkpoint(
                                f"(the uncalibrated one stays for comparison)")
     if out.suffix != ".pt":
         raise CalibrationError(f"--out {str(out)!r}: name the new checkpoint with .pt")
-    report_dir = Path(report_dir) if report_dir is not None else out.with_suffix(".calibration")
+    return rule, target
 
-    ckpt = load_checkpoint(checkpoint)
-    names = list(ckpt["labels"])
-    # The fitting set scored as evaluate scores it: the split checks refuse training patients, and
-    # the set's uncalibrated report (ECE, reliability diagram) is written on the way.
-    base = evaluate_checkpoint(checkpoint, split=split or str(data), out_dir=report_dir, device=device, batch_size=batch_size,
-                               num_workers=num_workers, bootstrap=bootstrap, seed=seed, data_overrides=data_overrides,
-                               calibrated=False, keep_scores=True)
-    scores = base.pop("scores")
-    raw, labels, table, groups = scores["raw"], scores["labels"], scores["table"], scores["groups"]
-    n_boot = base["bootstrap"]["n"]
-    info = base["split"]
-    where = "the validation split" if split == "val" else "the test split" if split == "test" else f"the table {Path(data).name}"
 
-    record = fit_calibration(raw, labels, names, method)
-    record["data"] = fitting_record(table, patient_ids=info["patient_ids"], name=where, source=info["source"])
-    record["id"] = calibration_id(record)
-    record.update(agcnn_version=__version__, base_checkpoint_sha256=base["checkpoint_sha256"])
+def _summary(record: dict[str, Any], scores: dict[str, Any], names: list[str], *, rule: str, target: float | None,
+             n_boot: int, seed: int) -> dict[str, Any]:
+    """ECE before and after, AUC change, maps and operating points on the fitting set (``calibration.json``)."""
+    raw, labels, groups = scores["raw"], scores["labels"], scores["groups"]
     calibration = Calibration(record, names)
     probs = {b: calibration.apply(p, b) for b, p in raw.items()}
-
     ops = {b: operating_points(probs[b], labels, names, rule=rule, target=target, n_boot=n_boot, seed=seed, groups=groups)
            for b in probs}
     auc_change = max(float(np.nanmax(np.abs(per_class_auc(probs[b], labels) - per_class_auc(raw[b], labels)), initial=0.0))
                      for b in probs)
-    summary = {
-        "calibration": calibration.describe(), "method": method, "checkpoint": str(checkpoint), "out": str(out),
+    return {
+        "calibration": calibration.describe(), "method": record["method"],
         "fitting_data": {k: record["data"][k] for k in ("name", "source", "images", "patients")},
         "ece_before": {b: ece_summary(raw[b], labels, names, n_boot=n_boot, seed=seed, groups=groups) for b in raw},
         "ece_after": {b: ece_summary(probs[b], labels, names, n_boot=n_boot, seed=seed, groups=groups) for b in raw},
@@ -153,33 +175,30 @@ def calibrate_checkpoint(
         "maps": record["branches"],
         "operating_points": {"rule": rule, "target": target, "branches": ops},
     }
-    record["ece_before"] = {b: {k: summary["ece_before"][b][k]["mean"] for k in ("width", "mass")} for b in raw}
-    record["ece_after"] = {b: {k: summary["ece_after"][b][k]["mean"] for k in ("width", "mass")} for b in raw}
 
+
+def _checkpoint_extra(ckpt: dict[str, Any], record: dict[str, Any], summary: dict[str, Any], base: dict[str, Any],
+                      scores: dict[str, Any], names: list[str], *, where: str, refresh_reference: bool) -> dict[str, Any]:
+    """Everything the calibrated checkpoint carries besides its weights and config."""
+    record["ece_before"] = {b: {k: v[k]["mean"] for k in ("width", "mass")} for b, v in summary["ece_before"].items()}
+    record["ece_after"] = {b: {k: v[k]["mean"] for k in ("width", "mass")} for b, v in summary["ece_after"].items()}
+    ops = summary["operating_points"]
     own = {"format", "format_version", "agcnn_version", "config", "labels", "model"}
     extra = {k: v for k, v in ckpt.items() if k not in own}
     extra["calibration"] = record
     extra["operating_points"] = {b: [float("nan") if r["threshold"] is None else r["threshold"] for r in v.values()]
-                                 for b, v in ops.items()}
+                                 for b, v in ops["branches"].items()}
+    keys = ("threshold_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")
     extra["operating_points_info"] = {
-        "rule": rule, "target": target, "split": where, "n_images": int(len(labels)), "calibration": record["id"],
-        "evaluated_with": __version__, "inference_precision": base["inference_precision"],
-        "intervals": {b: {n: {k: r[k] for k in ("threshold_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci")}
-                          for n, r in v.items()} for b, v in ops.items()},
+        "rule": ops["rule"], "target": ops["target"], "split": where, "n_images": int(len(scores["labels"])),
+        "calibration": record["id"], "evaluated_with": __version__, "inference_precision": base["inference_precision"],
+        "intervals": {b: {n: {k: r[k] for k in keys} for n, r in v.items()} for b, v in ops["branches"].items()},
     }
-    if not ckpt.get("reference") or split == "val":
-        extra["reference"] = {"name": where, "source": info["source"], "images": int(len(labels)),
-                              "branches": {b: score_reference(raw[b], labels, names) for b in raw}}
-    save_checkpoint(out, model_state=ckpt["model"], config=Config.from_dict(ckpt["config"]), **extra)
-    summary["out_sha256"] = sha256_file(out)
-    report_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary, indent=1, default=_jsonable, allow_nan=False) + "\n"
-    atomic_write_bytes(report_dir / "calibration.json", lambda f: f.write(text.encode()))
-    (report_dir / "calibration.md").write_text(calibration_markdown(summary, names))
-    if split == "test":
-        log.warning("calibrated on the test split: evaluate refuses it for %s from now on; report held-out numbers from "
-                    "other data", out.name)
-    return summary
+    # The site check's reference stays the training site's validation split when the checkpoint has it.
+    if refresh_reference or not ckpt.get("reference"):
+        extra["reference"] = {"name": where, "source": base["split"]["source"], "images": int(len(scores["labels"])),
+                              "branches": {b: score_reference(p, scores["labels"], names) for b, p in scores["raw"].items()}}
+    return extra
 
 
 def _jsonable(x: Any) -> Any:

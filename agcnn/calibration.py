@@ -39,13 +39,6 @@ calibration set keeps its probabilities (an ``identity`` map, with the reason).
 The maps act on the probabilities agcnn has always reported (float32 sigmoid outputs), through
 ``logit(p)`` in float64: images whose probabilities were tied stay tied, the others stay in
 order, so an AUC of calibrated probabilities equals the AUC of the raw ones exactly.
-
-**Site shift.** :func:`score_reference` summarises a reference set's raw probabilities per
-finding (201 quantiles, prevalence); :func:`shift` compares a site's raw probabilities with it:
-the population stability index over the reference's deciles (PSI; 0.10-0.25 is a moderate,
-above 0.25 a major shift, the thresholds used in credit-risk monitoring) and the two-sample
-Kolmogorov-Smirnov distance. Both depend only on the order of the scores, so they are the same
-for calibrated and raw probabilities.
 """
 
 from __future__ import annotations
@@ -63,11 +56,10 @@ from agcnn.errors import UsageError
 from agcnn.metrics import resample_weights
 
 __all__ = [
-    "BINNINGS", "ECE_BINS", "METHODS", "DEFAULT_METHOD", "RULES", "PSI_WATCH", "PSI_MOVED",
+    "BINNINGS", "ECE_BINS", "METHODS", "DEFAULT_METHOD", "RULES",
     "Calibration", "CalibrationError",
-    "ece", "bootstrap_ece_ci", "reliability_bins",
-    "fit_map", "apply_map", "fit_calibration",
-    "operating_points", "score_reference", "shift", "called_rate",
+    "ece", "bootstrap_ece_ci", "reliability_bins", "ece_summary", "mean_over_findings",
+    "fit_map", "apply_map", "fit_calibration", "calibration_id", "operating_points",
 ]
 
 ECE_BINS = 15
@@ -79,9 +71,6 @@ RULES = ("youden", "sensitivity", "specificity")
 MIN_EACH = 5
 # Share of the raw probability blended into the isotonic map, so that it is strictly increasing.
 ISOTONIC_BLEND = 1e-3
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 201)
-PSI_BINS = 10
-PSI_WATCH, PSI_MOVED = 0.10, 0.25
 # Logits are clipped here for fitting only (a probability of exactly 0 or 1 has an infinite logit).
 _FIT_CLIP = 50.0
 
@@ -92,7 +81,7 @@ class CalibrationError(UsageError, ValueError):
 
 # ---------------------------------------------------------------------- checks
 
-def _check(probs: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def check_scores(probs: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim == 1:
         probs = probs[:, None]
@@ -167,7 +156,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS, binning: 
     ``width``: MONAI's :class:`~monai.metrics.CalibrationErrorMetric` (equal-width bins,
     expected reduction) on the observed images of each finding. ``mass``: equal-mass bins.
     """
-    probs, labels = _check(probs, labels)
+    probs, labels = check_scores(probs, labels)
     _check_bins(n_bins, binning)
     out = np.full(probs.shape[1], np.nan)
     for k in range(probs.shape[1]):
@@ -198,7 +187,7 @@ def bootstrap_ece_ci(probs: np.ndarray, labels: np.ndarray, *, n_boot: int = 100
     ``groups``; the same seed gives the same draws), so the two intervals describe the same
     resamples. The mean covers the findings with both label values (those with an AUC).
     """
-    probs, labels = _check(probs, labels)
+    probs, labels = check_scores(probs, labels)
     _check_bins(n_bins, binning)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}; 0.05 gives a 95% interval")
@@ -336,7 +325,7 @@ def fit_calibration(probs: Mapping[str, np.ndarray], labels: np.ndarray, names: 
     labels = np.asarray(labels, dtype=np.float64)
     branches = {}
     for b, p in probs.items():
-        p, _ = _check(p, labels)
+        p, _ = check_scores(p, labels)
         branches[b] = {name: fit_map(p[:, k], labels[:, k], method) for k, name in enumerate(names)}
     return {"method": method, "branches": branches}
 
@@ -454,7 +443,7 @@ def operating_points(probs: np.ndarray, labels: np.ndarray, names: Sequence[str]
         raise CalibrationError(f"operating-point rule {rule!r} is not known; use one of {list(RULES)}")
     if rule != "youden" and (target is None or not 0.0 < target < 1.0):
         raise CalibrationError(f"a {rule} target must lie strictly between 0 and 1 (e.g. 0.9), got {target!r}")
-    probs, labels = _check(probs, labels)
+    probs, labels = check_scores(probs, labels)
     n = len(probs)
     weights = resample_weights(n_boot, n, seed=seed, groups=groups) if n_boot > 0 else None
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
@@ -490,73 +479,9 @@ def operating_points(probs: np.ndarray, labels: np.ndarray, names: Sequence[str]
     return out
 
 
-# ---------------------------------------------------------------------- site shift
-
-def score_reference(probs: np.ndarray, labels: np.ndarray | None, names: Sequence[str]) -> dict[str, Any]:
-    """Per finding the raw probabilities' quantiles at :data:`QUANTILE_LEVELS` and the
-    prevalence: what :func:`shift` compares a site with (a few kB, no image-level value)."""
-    probs, labels = _check(probs, labels)
-    out = {"levels": [float(v) for v in QUANTILE_LEVELS], "images": int(len(probs)), "findings": {}}
-    for k, name in enumerate(names):
-        y = labels[:, k] if labels is not None else np.array([])
-        y = y[~np.isnan(y)]
-        out["findings"][name] = {"quantiles": [float(v) for v in np.quantile(probs[:, k], QUANTILE_LEVELS)],
-                                 "prevalence": float(y.mean()) if y.size else None}
-    return out
-
-
-def _reference_cdf(q: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The reference's distribution function at ``x``, read off its quantile table (right-continuous)."""
-    idx = np.searchsorted(q, x, side="right")
-    return np.where(idx == 0, 0.0, levels[np.maximum(idx - 1, 0)])
-
-
-def shift(reference: Mapping[str, Any], probs: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per finding: PSI of the site's raw probabilities over the reference's deciles, the KS
-    distance to the reference, and a ``flag`` (``moved`` at PSI >= 0.25, ``watch`` at >= 0.10, else ``-``).
-
-    KS is read off the reference's 201 quantiles, so it is exact to about 0.005.
-    """
-    probs, _ = _check(probs)
-    levels = np.asarray(reference["levels"], dtype=np.float64)
-    out = {}
-    for k, name in enumerate(names):
-        ref = reference["findings"].get(name)
-        if ref is None:
-            continue
-        q = np.asarray(ref["quantiles"], dtype=np.float64)
-        site = np.sort(probs[:, k])
-        edges = np.unique(np.interp(np.linspace(0, 1, PSI_BINS + 1)[1:-1], levels, q))
-        expected = np.diff(np.r_[0.0, _reference_cdf(q, levels, edges), 1.0])
-        actual = np.bincount(np.searchsorted(edges, site, side="left"), minlength=len(edges) + 1) / max(len(site), 1)
-        # Empty bins would make the index infinite; 1e-4 is the customary floor.
-        e, a = np.maximum(expected, 1e-4), np.maximum(actual, 1e-4)
-        psi = float(((a - e) * np.log(a / e)).sum())
-        points = np.r_[q, site]
-        site_cdf = np.searchsorted(site, points, side="right") / max(len(site), 1)
-        ks = float(np.abs(site_cdf - _reference_cdf(q, levels, points)).max())
-        flag = "moved" if psi >= PSI_MOVED else "watch" if psi >= PSI_WATCH else "-"
-        out[name] = {"psi": psi, "ks": ks, "flag": flag}
-    return out
-
-
-def called_rate(quantiles: np.ndarray, levels: np.ndarray, threshold: float) -> float:
-    """Share of a reference called positive at ``threshold`` (``p >= t``), read off its quantiles
-    (after any calibration map: a monotone map moves quantiles with the scores)."""
-    q = np.asarray(quantiles, dtype=np.float64)
-    if threshold > q[-1]:
-        return 0.0
-    if threshold <= q[0]:
-        return 1.0
-    # The first quantile at or above the threshold: everything from that level up is called positive.
-    i = int(np.searchsorted(q, threshold, side="left"))
-    lo = levels[i - 1] + (levels[i] - levels[i - 1]) * (threshold - q[i - 1]) / (q[i] - q[i - 1]) if q[i] > q[i - 1] else levels[i]
-    return float(1.0 - lo)
-
-
 # ---------------------------------------------------------------------- what a report holds
 
-def _num(x: Any) -> float | None:
+def json_value(x: Any) -> float | None:
     x = float(x)
     return None if math.isnan(x) else x
 
@@ -568,47 +493,13 @@ def ece_summary(probs: np.ndarray, labels: np.ndarray, names: Sequence[str], *, 
     out: dict[str, Any] = {"bins": n_bins}
     for binning in BINNINGS:
         e = ece(probs, labels, n_bins=n_bins, binning=binning)
-        r = {"ece": {n: _num(v) for n, v in zip(names, e)}, "lo": {n: None for n in names}, "hi": {n: None for n in names},
-             "mean": _num(mean_over_findings(e, labels)), "mean_ci": [None, None]}
+        r = {"ece": {n: json_value(v) for n, v in zip(names, e)}, "lo": {n: None for n in names}, "hi": {n: None for n in names},
+             "mean": json_value(mean_over_findings(e, labels)), "mean_ci": [None, None]}
         if n_boot > 0:
             lo, hi, mlo, mhi = bootstrap_ece_ci(probs, labels, n_boot=n_boot, seed=seed, alpha=alpha, groups=groups,
                                                 n_bins=n_bins, binning=binning)
-            r["lo"] = {n: _num(v) for n, v in zip(names, lo)}
-            r["hi"] = {n: _num(v) for n, v in zip(names, hi)}
-            r["mean_ci"] = [_num(mlo), _num(mhi)]
+            r["lo"] = {n: json_value(v) for n, v in zip(names, lo)}
+            r["hi"] = {n: json_value(v) for n, v in zip(names, hi)}
+            r["mean_ci"] = [json_value(mlo), json_value(mhi)]
         out[binning] = r
     return out
-
-
-def site_check(reference: Mapping[str, Any], raw: np.ndarray, names: Sequence[str], *,
-               thresholds: Sequence[float | None] | None = None, calibration: Calibration | None = None,
-               branch: str = "fusion", labels: np.ndarray | None = None) -> dict[str, Any]:
-    """A site's raw ``branch`` probabilities against a checkpoint's reference summary, per finding:
-    PSI, KS and flag (:func:`shift`), the share called positive at the operating point here and
-    in the reference (both on calibrated probabilities when there is a ``calibration``), and the
-    observed prevalence here and there."""
-    raw, labels = _check(raw, labels)
-    ref = reference["branches"][branch]
-    levels = np.asarray(ref["levels"], dtype=np.float64)
-    moved = shift(ref, raw, names)
-    probs = calibration.apply(raw, branch) if calibration is not None else raw
-    rows = {}
-    for k, name in enumerate(names):
-        if name not in moved:
-            continue
-        r = dict(moved[name])
-        t = None if thresholds is None or thresholds[k] is None or math.isnan(float(thresholds[k])) else float(thresholds[k])
-        q = np.asarray(ref["findings"][name]["quantiles"], dtype=np.float64)
-        if calibration is not None:
-            q = calibration.apply_one(q, branch, name)
-        r["threshold"] = t
-        r["called_here"] = float((probs[:, k] >= t).mean()) if t is not None and len(probs) else None
-        r["called_reference"] = called_rate(q, levels, t) if t is not None else None
-        y = labels[:, k][~np.isnan(labels[:, k])] if labels is not None else np.array([])
-        r["prevalence_here"] = float(y.mean()) if y.size else None
-        r["prevalence_reference"] = ref["findings"][name]["prevalence"]
-        rows[name] = r
-    return {"branch": branch, "reference": {k: reference.get(k) for k in ("name", "source", "images")},
-            "images": int(len(raw)), "psi_watch": PSI_WATCH, "psi_moved": PSI_MOVED, "findings": rows,
-            "moved": [n for n, r in rows.items() if r["flag"] == "moved"],
-            "watch": [n for n, r in rows.items() if r["flag"] == "watch"]}

@@ -71,7 +71,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
-from agcnn.calibration import Calibration, ece_summary, score_reference, site_check
+from agcnn.calibration import Calibration, ece_summary
+from agcnn.drift import score_reference, site_check
 from agcnn.calibration_report import calibration_markdown, write_reliability_figure
 from agcnn.checkpoint import (
     load_checkpoint,

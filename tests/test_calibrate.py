@@ -169,24 +169,36 @@ def test_predict_writes_the_calibrated_probabilities_evaluate_reports(phantoms, 
     assert "calibration" not in raw.columns
 
 
-def test_a_site_whose_population_moved_is_flagged(phantoms, calibrated, tmp_path):
-    root, ckpt = phantoms
-    new = calibrated
+def test_a_site_whose_films_look_different_is_flagged(phantoms, calibrated, tmp_path):
+    import cv2
+
+    root, _ = phantoms
     table = pd.read_csv(root / "labels.csv")
-    test = table[table["split"] == "test"]
-    # A "site" that sends only films with cardiomegaly (and a few without).
-    site = pd.concat([test[test["Cardiomegaly"] == 1], test[test["Cardiomegaly"] == 0].head(15)])
-    site.to_csv(root / "site.csv", index=False)
-    report = evaluate_checkpoint(new, split=str(root / "site.csv"), out_dir=tmp_path / "site", device="cpu", bootstrap=0,
-                                 num_workers=0, roc=False)
+    test = table[table["split"] == "test"].head(300)
+    # A "site" whose films come out of another pipeline: grey levels inverted, as a MONOCHROME1
+    # film read without its photometric interpretation would be.
+    (tmp_path / "site").mkdir()
+    for p in test["path"]:
+        img = cv2.imread(str(root / p), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(tmp_path / "site" / p.rsplit("/", 1)[-1]), (img.max() - img).astype(img.dtype))
+    site = test.assign(path=[f"site/{p.rsplit('/', 1)[-1]}" for p in test["path"]])
+    site.to_csv(tmp_path / "site.csv", index=False)
+    report = evaluate_checkpoint(calibrated, split=str(tmp_path / "site.csv"), out_dir=tmp_path / "eval", device="cpu",
+                                 bootstrap=0, num_workers=0, roc=False)
     check = report["site_check"]
-    assert "Cardiomegaly" in check["moved"], check["findings"]["Cardiomegaly"]
-    r = check["findings"]["Cardiomegaly"]
-    assert r["called_here"] > r["called_reference"] + 0.2 and r["prevalence_here"] > 0.8
-    md = (tmp_path / "site" / "auc.md").read_text()
-    assert "| Cardiomegaly | " in md.split("## Site check")[1] and "**moved**" in md
+    assert check["moved"], check["findings"]
+    for name in check["moved"]:
+        assert check["findings"][name]["psi"] >= 0.25
+    md = (tmp_path / "eval" / "auc.md").read_text()
+    assert "## Site check" in md and "**moved**" in md and f"The scores of {', '.join(check['moved'])} moved" in md
+    # The same films as they are: the training site's own population, nothing moved.
+    same = test.assign(path=[str(root / p) for p in test["path"]])
+    same.to_csv(tmp_path / "same.csv", index=False)
+    plain = evaluate_checkpoint(calibrated, split=str(tmp_path / "same.csv"), out_dir=tmp_path / "same", device="cpu",
+                                bootstrap=0, num_workers=0, roc=False)
+    assert plain["site_check"]["moved"] == [], plain["site_check"]["findings"]
     # The operating points were chosen on validation (Youden), with patient-bootstrap intervals.
-    info = load_checkpoint(new)["operating_points_info"]
+    info = load_checkpoint(calibrated)["operating_points_info"]
     assert info["rule"] == "youden" and info["split"] == "the validation split"
     ci = info["intervals"]["fusion"]["Cardiomegaly"]
     assert ci["specificity_ci"][0] <= ci["specificity"] <= ci["specificity_ci"][1]

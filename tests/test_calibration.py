@@ -1,4 +1,4 @@
-"""The calibration math (agcnn.calibration): ECE against MONAI and by hand, the maps, operating
+"""The calibration math (agcnn.calibration, agcnn.drift): ECE against MONAI and by hand, the maps, operating
 points with intervals, and the site-shift measures -- on generated scores with known answers."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import pytest
 from scipy.special import expit
 
 from agcnn import calibration as C
+from agcnn import drift as D
 from agcnn.metrics import per_class_auc, youden_thresholds
 
 NAMES = ["a", "b", "c"]
@@ -174,35 +175,35 @@ def test_youden_points_match_metrics_and_targets_are_met():
 
 def test_site_shift_flags_a_moved_population_and_ignores_monotone_maps():
     ref_p, ref_y = scores(3000, seed=5)
-    ref = C.score_reference(ref_p, ref_y, NAMES)
+    ref = D.score_reference(ref_p, ref_y, NAMES)
     same_p, _ = scores(1500, seed=6)
-    same = C.shift(ref, same_p, NAMES)
+    same = D.shift(ref, same_p, NAMES)
     assert all(r["flag"] == "-" and r["psi"] < 0.05 and r["ks"] < 0.06 for r in same.values()), same
     # A site where nearly every film has finding a: its scores move up.
     site_p, site_y = scores(6000, seed=7)
     keep = np.r_[np.flatnonzero(site_y[:, 0] == 1), np.flatnonzero(site_y[:, 0] == 0)[:100]]
-    moved = C.shift(ref, site_p[keep], NAMES)
-    assert moved["a"]["flag"] == "moved" and moved["a"]["psi"] > C.PSI_MOVED
+    moved = D.shift(ref, site_p[keep], NAMES)
+    assert moved["a"]["flag"] == "moved" and moved["a"]["psi"] > D.PSI_MOVED
     # Order statistics only: calibrating reference and site alike changes nothing.
     cal = record(ref_p, ref_y, "platt")
-    ref_cal = C.score_reference(cal.apply(ref_p, "fusion"), ref_y, NAMES)
-    again = C.shift(ref_cal, cal.apply(site_p[keep], "fusion"), NAMES)
+    ref_cal = D.score_reference(cal.apply(ref_p, "fusion"), ref_y, NAMES)
+    again = D.shift(ref_cal, cal.apply(site_p[keep], "fusion"), NAMES)
     for n in NAMES:
         assert again[n]["psi"] == pytest.approx(moved[n]["psi"], abs=0.02)
         assert again[n]["ks"] == pytest.approx(moved[n]["ks"], abs=0.01)
     levels = np.array(ref["levels"])
     for t in (0.1, 0.37, 0.8):
-        assert C.called_rate(ref["findings"]["a"]["quantiles"], levels, t) == pytest.approx((ref_p[:, 0] >= t).mean(), abs=0.006)
+        assert D.called_rate(ref["findings"]["a"]["quantiles"], levels, t) == pytest.approx((ref_p[:, 0] >= t).mean(), abs=0.006)
 
 
 def test_site_check_reports_called_shares_on_the_calibrated_scale():
     ref_p, ref_y = scores(3000, scale=3.0, seed=8)
     cal = record(ref_p, ref_y, "platt")
-    reference = {"name": "val", "images": 3000, "branches": {"fusion": C.score_reference(ref_p, ref_y, NAMES)}}
+    reference = {"name": "val", "images": 3000, "branches": {"fusion": D.score_reference(ref_p, ref_y, NAMES)}}
     cal_ref = cal.apply(ref_p, "fusion")
     thresholds = [0.3, 0.5, 0.7]
     site_p, site_y = scores(2000, scale=3.0, seed=9)
-    out = C.site_check(reference, site_p, NAMES, thresholds=thresholds, calibration=cal, labels=site_y)
+    out = D.site_check(reference, site_p, NAMES, thresholds=thresholds, calibration=cal, labels=site_y)
     site_cal = cal.apply(site_p, "fusion")
     for k, n in enumerate(NAMES):
         r = out["findings"][n]

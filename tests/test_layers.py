@@ -30,6 +30,7 @@ LAYERS = {
     "agcnn.runtime": 3,
     "agcnn.precision": 3,
     "agcnn.data": 3,
+    "agcnn.drift": 3,  # the site check (imports calibration)
     "agcnn.overlays": 3,
     "agcnn.dicom_out": 3,
     "agcnn.models": 4,
