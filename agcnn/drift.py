@@ -87,7 +87,7 @@ def called_rate(quantiles: np.ndarray, levels: np.ndarray, threshold: float) -> 
     return float(1.0 - lo)
 
 
-def sitecheck_scores(reference: Mapping[str, Any], raw: np.ndarray, names: Sequence[str], *,
+def site_check(reference: Mapping[str, Any], raw: np.ndarray, names: Sequence[str], *,
                thresholds: Sequence[float | None] | None = None, calibration: Calibration | None = None,
                branch: str = "fusion", labels: np.ndarray | None = None) -> dict[str, Any]:
     """A site's raw ``branch`` probabilities against a checkpoint's reference summary, per finding:
