@@ -1,8 +1,9 @@
-"""The calibration parts of the evaluation report: the ECE and site-check tables of ``auc.md``
-and ``reliability.png``.
+"""The calibration parts of an evaluation: which calibration applies (and the refusal of the
+data it was fitted on), the ECE and site-check numbers of ``auc.json``, their tables in
+``auc.md`` and ``reliability.png``.
 
-Rendering only: :func:`agcnn.evaluate.evaluate_checkpoint` computes the numbers
-(:mod:`agcnn.calibration`) and hands them over. Imports :mod:`agcnn.calibration`,
+:func:`agcnn.evaluate.evaluate` calls these with its scores; the math is in
+:mod:`agcnn.calibration` and :mod:`agcnn.drift`. Imports those, :mod:`agcnn.data.provenance`,
 :mod:`agcnn.report` and :mod:`agcnn.stages`.
 """
 
@@ -14,12 +15,69 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from agcnn.calibration import ECE_BINS, reliability_bins
+from agcnn.calibration import ECE_BINS, Calibration, CalibrationError, ece_summary, reliability_bins
+from agcnn.drift import site_check
 from agcnn.report import fmt
 from agcnn.stages import BRANCHES
 
 COLOURS = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
+
+
+def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, write_points: bool, allow: bool,
+                         evaluated: pd.DataFrame, info: dict[str, Any]) -> Calibration | None:
+    """The checkpoint's calibration to apply (None: none, or --uncalibrated), after refusing a set
+    that shares patients (or, without patient IDs, image files) with the data it was fitted on:
+    its maps and operating points were chosen on them."""
+    from agcnn.data.provenance import hashed_patients
+
+    if calibration is not None and not calibrated and write_points:
+        raise CalibrationError("--write-operating-points with --uncalibrated: the checkpoint's operating points apply to its "
+                              "calibrated probabilities; drop --uncalibrated, or re-run agcnn calibrate to choose new ones")
+    if calibration is None or not calibrated:
+        return None
+    data = calibration.record.get("data") or {}
+    if not data.get("salt"):
+        return calibration
+    if info["patient_ids"] and data.get("patients_hashed"):
+        mine, unit, theirs = hashed_patients(evaluated["patient"].astype(str), data["salt"]), "patients", data["patients_hashed"]
+    else:
+        names = evaluated["path"].astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
+        mine, unit, theirs = hashed_patients(names, data["salt"]), "image files", data.get("images_hashed") or []
+    overlap = len(mine & set(theirs))
+    if overlap:
+        problem = (f"{overlap} of the {len(mine)} {unit} of the {info['name']} set are in the data the checkpoint's "
+                   f"calibration {calibration.id} was fitted on ({data.get('name')})")
+        if not allow:
+            raise CalibrationError(
+                f"refusing to evaluate: {problem}. Calibration and operating points were chosen on them, so the numbers "
+                f"would not be held out. Evaluate on other data, use --uncalibrated, or pass --allow-other-split (every "
+                f"report then says so)")
+        info["training_split"]["problems"].append(problem)
+    return calibration
+
+
+def add_calibration(report: dict[str, Any], raw: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray],
+                    labels: np.ndarray, groups: np.ndarray | None, *, calibration: Calibration | None, calibrated: bool,
+                    reference: Mapping[str, Any] | None, points: Mapping[str, Any] | None) -> None:
+    """ECE of every branch (on the resamples of the AUC intervals), and the site check of the
+    deployed branch's raw scores against the checkpoint's reference summary."""
+    names, bs = report["labels"], report["bootstrap"]
+    for b, p in probs.items():
+        report["branches"][b]["ece"] = ece_summary(p, labels, names, n_boot=bs["n"], seed=bs["seed"], alpha=bs["alpha"],
+                                                   groups=groups)
+    if not calibrated and calibration is not None:
+        report["calibration_skipped"] = calibration.id
+    branch = "fusion" if "fusion" in raw else next(iter(raw))
+    if not reference or branch not in reference.get("branches", {}):
+        report["site_check_note"] = ("The checkpoint carries no reference score summary, so this set was not compared with "
+                                     "the training site's: `agcnn evaluate --split val --write-operating-points` or "
+                                     "`agcnn calibrate` stores one.")
+        return
+    # The operating points are on the calibrated scale: the shares called use the calibration even with --uncalibrated.
+    report["site_check"] = site_check(reference, raw[branch], names, thresholds=(points or {}).get(branch),
+                                      calibration=calibration, branch=branch, labels=labels)
 
 
 def _interval(v: float | None, lo: float | None, hi: float | None) -> str:

@@ -22,7 +22,7 @@ from agcnn.calibrate import calibrate_checkpoint
 from agcnn.calibration import CalibrationError
 from agcnn.checkpoint import load_checkpoint, save_checkpoint
 from agcnn.cli import main
-from agcnn.evaluate import EvaluationError, evaluate_checkpoint
+from agcnn.evaluate import evaluate_checkpoint
 from agcnn.labels import LABELS
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_a_set_the_calibration_was_fitted_on_is_refused(phantoms, tmp_path, caps
     new = tmp_path / "on_test.pt"
     calibrate_checkpoint(ckpt, new, split="test", device="cpu", bootstrap=0, num_workers=0)
     out = tmp_path / "eval"
-    with pytest.raises(EvaluationError, match=r"patients of the test set are in the data the checkpoint's calibration"):
+    with pytest.raises(CalibrationError, match=r"patients of the test set are in the data the checkpoint's calibration"):
         evaluate_checkpoint(new, split="test", out_dir=out, device="cpu", bootstrap=0, num_workers=0)
     assert not out.exists()
     assert main(["evaluate", "--checkpoint", str(new), "--split", "test", "--out", str(out), "--device", "cpu",
