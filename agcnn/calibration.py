@@ -186,6 +186,10 @@ def bootstrap_ece_ci(probs: np.ndarray, labels: np.ndarray, *, n_boot: int = 100
     Resampled as :func:`agcnn.metrics.bootstrap_auc_ci` resamples (whole patients with
     ``groups``; the same seed gives the same draws), so the two intervals describe the same
     resamples. The mean covers the findings with both label values (those with an AUC).
+
+    ECE is biased upward, and more so in a resample, whose repeated images count as fewer
+    distinct ones: for a well-calibrated model the interval can lie above the value itself. It
+    is the spread of the ECE over resamples, not an interval that can contain zero.
     """
     probs, labels = check_scores(probs, labels)
     _check_bins(n_bins, binning)

@@ -118,7 +118,9 @@ def calibration_markdown(report: Mapping[str, Any], names: Sequence[str]) -> str
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "ECE is biased upward on small samples (a perfectly calibrated model scores about 0.02-0.04 on 200 "
                   "images); equal-mass bins show miscalibration among the many low probabilities of a rare finding that "
-                  "equal-width bins average away. reliability.png shows the bins (equal width)."]
+                  "equal-width bins average away. In brackets: the spread over the AUC's bootstrap resamples, which "
+                  "are biased upward more (repeated images), so for a well-calibrated model it can lie above the value. "
+                  "reliability.png shows the bins (equal width)."]
     site = report.get("site_check")
     if site:
         lines += ["", f"## Site check ({site['branch']} branch) against {site['reference'].get('name')}", "",

@@ -42,7 +42,7 @@ def phantoms(tmp_path_factory, tiny_config):
 
     root = tmp_path_factory.mktemp("calib") / "phantoms"
     generate_phantoms(root, count=N_PHANTOMS, size=64, seed=0, workers=1, dicom_fraction=0.0)
-    cfg = tiny_config(f"data.root={root}", f"data.synthetic_count={N_PHANTOMS}", "data.synthetic_size=64", "model.width=8")
+    cfg = tiny_config(f"data.root={root}", f"data.synthetic_count={N_PHANTOMS}", "data.synthetic_size=64", "model.width=32")
     torch.manual_seed(0)
     model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=cfg.data.image_size).eval()
     train = build_datasets(cfg, splits=("train",))["train"]

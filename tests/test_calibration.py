@@ -211,3 +211,33 @@ def test_site_check_reports_called_shares_on_the_calibrated_scale():
         assert r["called_reference"] == pytest.approx((cal_ref[:, k] >= thresholds[k]).mean(), abs=0.006)
         assert r["prevalence_here"] == pytest.approx(site_y[:, k].mean())
     assert out["moved"] == []
+
+
+def test_calibrate_refuses_options_that_cannot_work_naming_the_fix(tmp_path):
+    from agcnn.calibrate import check_arguments
+
+    ckpt, out = tmp_path / "model.pt", tmp_path / "new.pt"
+    table = tmp_path / "site.csv"
+    table.write_text("path,Effusion\na.png,1\n")
+
+    def check(**kw):
+        args = dict(split="val", data=None, method="platt", sensitivity=None, specificity=None)
+        args.update(kw)
+        return check_arguments(ckpt, kw.pop("out", out), **{k: v for k, v in args.items() if k != "out"})
+
+    assert check() == ("youden", None)
+    assert check(split=None, data=table, sensitivity=0.9) == ("sensitivity", 0.9)
+    assert check(specificity=0.95) == ("specificity", 0.95)
+    for kw, message in [
+        (dict(split="train"), "'train' cannot be calibrated on .training patients"),
+        (dict(split=None), "give the labelled data"),
+        (dict(data=table), "not both"),
+        (dict(split=None, data=tmp_path / "missing.csv"), "not an existing .csv"),
+        (dict(method="beta"), "'beta' is not known"),
+        (dict(sensitivity=0.9, specificity=0.9), "not both"),
+        (dict(sensitivity=90.0), "strictly between 0 and 1"),
+        (dict(out=ckpt), "is the checkpoint itself"),
+        (dict(out=tmp_path / "new.pth"), "name the new checkpoint with .pt"),
+    ]:
+        with pytest.raises(C.CalibrationError, match=message):
+            check(**kw)
