@@ -49,7 +49,7 @@ AUGMENT_PLACES = ("auto", "device", "loader")
 AUGMENTS = ("paper", "resized_crop")
 # Inference precisions (agcnn.precision).
 PRECISIONS = ("fp32", "bf16")
-# Stage optimisers and learning-rate schedules (agcnn.train.build_optimizer).
+# Stage optimisers and learning-rate schedules (agcnn.train.step.build_optimizer).
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 # How a finding's map is drawn (agcnn.explain): class activation maps, or Grad-CAM.

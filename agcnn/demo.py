@@ -232,7 +232,7 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
 def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrides: list[str] | None = None,
              progress: bool = True, say: Callable[[str], None] = print, long: bool = False) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the mean AUCs, timings and paths."""
-    from agcnn.train import train
+    from agcnn.train.loop import train
 
     out = Path(out_dir).resolve()
     cfg = demo_config(out, quick, overrides, long=long)

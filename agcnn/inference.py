@@ -36,7 +36,7 @@ from agcnn.calibration import Calibration, CalibrationError
 from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
 from agcnn.config import Config
 from agcnn.errors import CheckpointError
-from agcnn.explain import Explanation, cam_from_features, explain, feature_maps
+from agcnn.explain import Explanation, cam_from_features, check_classes, explain, feature_maps
 from agcnn.fileio import sha256_file
 from agcnn.precision import inference_precision
 from agcnn.runtime import resolve_device
@@ -126,8 +126,6 @@ def explain_scores(model: nn.Module, scores: Scores, classes: Tensor | Sequence[
     belong to the boxes and logits of ``scores``; Grad-CAM repeats the forward pass with
     gradients, at the same precision, so its boxes are those of ``scores`` too.
     """
-    from agcnn.explain import check_classes
-
     x = scores.input
     classes = check_classes(classes, x.shape[0], model.num_classes, x.device)
     if method == "cam":

@@ -270,6 +270,6 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
         if stored:
             from agcnn.data.device_transforms import DeviceTransform
 
-            # Applied by the training loop to each batch on its device (agcnn.train.model_input).
+            # Applied by the training loop to each batch on its device (agcnn.train.loaders.model_input).
             out[split].batch_transform = DeviceTransform.from_config(cfg.data, train=split == "train")
     return out
