@@ -280,6 +280,11 @@ def run(args: argparse.Namespace) -> int:
     fit = summary["fitting_data"]
     print(f"{summary['method']} calibration {summary['calibration']['id']} fitted on {fit['name']} ({fit['images']} images); "
           f"mean ECE on it {ece}; wrote {args.out}")
+    maps = summary["maps"].get("fusion") or next(iter(summary["maps"].values()))
+    kept = [n for n, m in maps.items() if m["kind"] == "identity"]
+    if kept:
+        print(f"note: {len(kept)} of {len(maps)} findings keep their raw probabilities (fewer than 5 positives or "
+              f"negatives in the data); see {Path(args.report or Path(args.out).with_suffix('.calibration'))}/calibration.md")
     if math.isfinite(summary["max_auc_change"]) and summary["max_auc_change"] > 0:
         print(f"note: the AUCs on the fitting data moved by up to {summary['max_auc_change']:.2g} (ties of the isotonic map)")
     return 0
