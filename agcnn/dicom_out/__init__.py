@@ -108,6 +108,8 @@ class DicomResult:
     algorithm_version: str
     checkpoint_sha256: str
     algorithm_name: str = "agcnn AG-CNN"
+    # Which calibration turned the model's outputs into these probabilities (None: raw sigmoid).
+    calibration: str | None = None
 
 
 def object_paths(out_dir: str | os.PathLike[str], rel: str) -> tuple[Path, Path]:

@@ -30,7 +30,8 @@ SR_DESCRIPTION = "agcnn findings (research, not for diagnosis)"
 
 def algorithm_parameters(result: DicomResult) -> list[str]:
     """The Algorithm Parameters lines of the SR: what else a reader needs to redo the numbers."""
-    params = [f"checkpoint sha256 {result.checkpoint_sha256}"]
+    params = [f"checkpoint sha256 {result.checkpoint_sha256}",
+              f"probabilities: {result.calibration or 'raw model output, no calibration'}"]
     if result.thresholds is not None:
         params.append("operating points " + ", ".join(
             f"{lab} {'none' if t is None else format(float(t), 'g')}" for lab, t in zip(result.labels, result.thresholds)

@@ -63,8 +63,16 @@ class Outputs:
     dicom_out: Path | None = None
     thresholds: Sequence[float | None] | None = None  # the checkpoint's fusion operating points
     checkpoint_sha256: str = ""
+    calibration: str | None = None  # what turned the model's outputs into the probabilities (None: raw)
     dicom: Counter = field(default_factory=Counter)  # WRITTEN / NOT_WRITTEN, this run
     fixes: Counter = field(default_factory=Counter)  # corrections of copied attributes, by kind
+
+    @classmethod
+    def of_model(cls, loaded: Any, geometry: Geometry, *, overlays: Path | None, dicom_out: Path | None) -> Outputs:
+        """The outputs of a run with ``loaded`` (:class:`agcnn.predict.run.LoadedModel`)."""
+        calibration = loaded.calibration.summary() if loaded.calibration is not None else None
+        return cls(labels=loaded.labels, geometry=geometry, overlays=overlays, dicom_out=dicom_out,
+                   thresholds=loaded.thresholds, checkpoint_sha256=loaded.sha256, calibration=calibration)
 
     def write(self, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]], probs: BatchProbabilities,
               maps: dict[str, Any]) -> None:
@@ -116,7 +124,7 @@ class Outputs:
                                      field=self.field_of_view(rec), heat=heat, caption=caption)
             result = DicomResult(labels=self.labels, probabilities=[row[lab] for lab in self.labels],
                                  thresholds=self.thresholds, box=box, algorithm_version=agcnn.__version__,
-                                 checkpoint_sha256=self.checkpoint_sha256)
+                                 checkpoint_sha256=self.checkpoint_sha256, calibration=self.calibration)
             write_dicom_results(self.dicom_out, rec["path"], header, result, picture=picture, map_name=map_name,
                                 fixes=fixes)
         except DicomWriteError as e:

@@ -99,7 +99,7 @@ def predict(options: PredictOptions) -> Summary:
     out_dir = options.out_dir()
     check_writable(out_dir)
     columns = columns_for(loaded.labels, identifiers=options.include_identifiers, all_branches=options.all_branches,
-                          calls=loaded.thresholds is not None)
+                          calls=loaded.thresholds is not None, calibration=loaded.calibration is not None)
     lock = lock_output(out_dir)
     try:
         check_state(out_dir, {
@@ -134,6 +134,8 @@ class LoadedModel:
     device = property(lambda self: self.inference.device)
     path = property(lambda self: str(self.inference.path))
     sha256 = property(lambda self: self.inference.sha256)
+    # The checkpoint's calibration (agcnn calibrate), or None: the probabilities predict writes.
+    calibration = property(lambda self: self.inference.calibration)
 
 
 def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
@@ -156,7 +158,6 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
     shard = options.shard
     mine = [p for p in listing.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
-    # With --dicom-out, a row whose DICOM results could not be written is retried too.
     retried = journal.drop_failed(dicom=dicom_out is not None) if options.retry_failed else []
     pending = [p for p in mine if p not in journal.done]
     if dicom_out is not None:
@@ -179,10 +180,11 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     t_loop = time.perf_counter()
     bar = tqdm(total=len(pending), unit="file", desc="predict", disable=not options.progress or not pending,
                dynamic_ncols=True, file=sys.stderr)
-    outputs = Outputs(labels=loaded.labels, geometry=geometry, overlays=out_dir / OVERLAYS if options.overlays else None,
-                      dicom_out=dicom_out, thresholds=loaded.thresholds, checkpoint_sha256=loaded.sha256)
+    outputs = Outputs.of_model(loaded, geometry, overlays=out_dir / OVERLAYS if options.overlays else None,
+                               dicom_out=dicom_out)
     writer = _BatchWriter(infer, journal, bar, columns=columns, labels=loaded.labels, geometry=geometry,
-                          thresholds=thresholds, all_branches=options.all_branches, outputs=outputs)
+                          thresholds=thresholds, all_branches=options.all_branches, outputs=outputs,
+                          calibration=loaded.calibration.id if loaded.calibration is not None else None)
     with torch.inference_mode(), _restore_threads(threads_before):
         run_batches(pending, make_loader, writer, done=journal.done, workers=options.workers,
                     batch_size=options.batch_size)
@@ -228,6 +230,8 @@ def _manifest(options: PredictOptions, loaded: LoadedModel, device, columns: lis
         "labels": loaded.labels,
         "config": loaded.cfg.to_dict(),
         "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
+        # Which map turned the model's outputs into the probabilities written (None: raw sigmoid).
+        "calibration": loaded.calibration.describe() if loaded.calibration is not None else None,
         # Which pixels the model saw, and which ones the operating points were chosen on
         # (agcnn.data.datasets.XrayDataset.pixels): predict always decodes the originals.
         "pixels": {"source": "original"},
@@ -271,10 +275,12 @@ class _Inference:
         # The checkpoint's precision and memory format on every device: its operating points
         # were chosen on validation scores computed the same way (agcnn.inference).
         scored = self.inference.score(images, stage="fusion", features=self.cams and self.method == "cam")
+        # Sigmoid, then the checkpoint's calibration (if any), as evaluate applies it: rows, calls,
+        # overlays and the SR all read these probabilities.
         probs = BatchProbabilities(
-            fusion=scored.probabilities("fusion").cpu(),
-            global_=scored.probabilities("global").cpu(),
-            local=scored.probabilities("local").cpu(),
+            fusion=self.inference.probabilities(scored, "fusion"),
+            global_=self.inference.probabilities(scored, "global"),
+            local=self.inference.probabilities(scored, "local"),
             boxes=scored.boxes.cpu(),
         )
         if not self.maps:
@@ -297,8 +303,8 @@ class _BatchWriter:
     """Each decoded batch -> the model -> rows (and pictures, DICOM results) -> one journal append."""
 
     def __init__(self, infer: _Inference, journal: Journal, bar, *, columns: list[str], labels: list[str],
-                 geometry: Geometry, thresholds, all_branches: bool, outputs: Outputs):
-        self.infer, self.journal, self.bar = infer, journal, bar
+                 geometry: Geometry, thresholds, all_branches: bool, outputs: Outputs, calibration: str | None = None):
+        self.infer, self.journal, self.bar, self.calibration = infer, journal, bar, calibration
         self.columns, self.labels, self.geometry = columns, labels, geometry
         self.thresholds, self.all_branches, self.outputs = thresholds, all_branches, outputs
         self.counts: Counter = Counter()
@@ -308,7 +314,7 @@ class _BatchWriter:
         take_library_messages(records)
         probs, maps = self.infer(images) if images is not None else (None, None)
         rows = build_rows(records, probs, columns=self.columns, labels=self.labels, geometry=self.geometry,
-                          thresholds=self.thresholds, all_branches=self.all_branches)
+                          thresholds=self.thresholds, all_branches=self.all_branches, calibration=self.calibration)
         if probs is not None:
             # Before the rows: a kill in between re-predicts these files, which rewrites their
             # pictures and objects under the same names -- never a second set.
