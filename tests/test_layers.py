@@ -41,6 +41,7 @@ LAYERS = {
     "agcnn.predict": 6,
     "agcnn.localize": 6,  # `agcnn localize`
     "agcnn.demo": 7,  # runs train, evaluate and predict
+    "agcnn.dicomnet": 7,  # `agcnn send` and `agcnn serve`, which runs predict
     "agcnn.cli": 8,
     "agcnn.__main__": 9,
 }

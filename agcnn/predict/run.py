@@ -69,15 +69,18 @@ def predict_folder(
     return predict(PredictOptions(checkpoint, input_dir, output_dir, **options))
 
 
-def predict(options: PredictOptions) -> Summary:
+def predict(options: PredictOptions, *, loaded: LoadedModel | None = None) -> Summary:
     """Predict every file under ``options.input`` into ``options.output`` (see :mod:`agcnn.predict`).
 
-    Raises :class:`UsageError` for problems found before any work (nothing is written then,
-    except the output folder itself when it had to be created).
+    ``loaded``: the checkpoint's model, already loaded by :func:`load_model` (a node that
+    predicts every few seconds loads it once). Raises :class:`UsageError` for problems found
+    before any work (nothing is written then, except the output folder itself when it had to be
+    created).
     """
     started, t0 = utc_now(), time.perf_counter()
     options.check()
-    loaded = load_model(options.checkpoint)
+    if loaded is None:
+        loaded = load_model(options.checkpoint)
     device = resolve_device(options.device)
 
     out_dir = options.out_dir()
