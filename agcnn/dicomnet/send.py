@@ -304,7 +304,7 @@ def _send_chunk(chunk: Sequence[DicomObject], destination: Destination,
     """One association: (the outcome of each object sent, the objects to try again)."""
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     from pynetdicom.status import code_to_category
 
     ae = AE(ae_title=settings.calling_ae)
@@ -312,13 +312,15 @@ def _send_chunk(chunk: Sequence[DicomObject], destination: Destination,
         setattr(ae, attr, settings.timeout)
     for sop_class, ts in sorted({_context_key(o) for o in chunk}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian] if ts == "native" else [ts])
+    connected: list[bool] = []
     try:
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=(settings.tls, destination.host) if settings.tls is not None else None)
+                             tls_args=(settings.tls, destination.host) if settings.tls is not None else None,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
     except (OSError, ValueError, RuntimeError) as e:
-        return [], _all_failed(chunk, f"cannot connect: {e}")
+        return _all_failed(chunk, f"cannot connect to {destination}: {e}")
     if not assoc.is_established:
-        reason = _association_failure(assoc, destination)
+        reason = _association_failure(assoc, destination, connected=bool(connected))
         return [_failed(o, reason) for o in chunk], list(chunk)
 
     outcomes: list[Outcome] = []
@@ -370,16 +372,18 @@ def _all_failed(chunk: Sequence[DicomObject], reason: str) -> tuple[list[Outcome
     return [_failed(o, reason) for o in chunk], list(chunk)
 
 
-def _association_failure(assoc, destination: Destination) -> str:
+def _association_failure(assoc, destination: Destination, *, connected: bool) -> str:
     if assoc.is_rejected:
         rsp = getattr(assoc.acceptor, "primitive", None)
         detail = f" ({rsp.result_str}, {rsp.source_str}: {rsp.reason_str})" if rsp is not None else ""
         return f"the association was rejected by {destination}{detail}; check the calling AE title and its registration there"
-    if assoc.is_aborted:
-        if not assoc.accepted_contexts and assoc.rejected_contexts:
-            return f"{destination} accepted none of the proposed SOP classes / transfer syntaxes"
-        return f"the association with {destination} was aborted (a TLS mismatch, or the peer closed it)"
-    return f"no association with {destination} (nothing listens there, or no answer within the timeout)"
+    if not connected:
+        return (f"cannot connect to {destination.host}:{destination.port} (nothing listens there, the host name "
+                f"does not resolve, or a firewall drops it)")
+    if not assoc.accepted_contexts and assoc.rejected_contexts:
+        return f"{destination} accepted none of the proposed SOP classes / transfer syntaxes"
+    return (f"{destination} closed the connection without an association (TLS on one side only, a certificate "
+            f"it or this node does not trust, or no answer within the timeout)")
 
 
 # ---------------------------------------------------------------------- the command line
@@ -440,7 +444,14 @@ def settings_from(args: argparse.Namespace, *, prefix: str = "", calling_ae: str
                         retries=get("retries"), retry_wait=get("retry-wait"), tls=tls)
 
 
+def quiet_pynetdicom(args: argparse.Namespace, level: int) -> None:
+    """pynetdicom logs each rejection or abort itself; the summary says the same once, with the fix."""
+    if not getattr(args, "debug", False) and os.environ.get("AGCNN_DEBUG", "") in ("", "0"):
+        logging.getLogger("pynetdicom").setLevel(level)
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet_pynetdicom(args, logging.CRITICAL)
     destination = parse_destination(args.to, "--to")
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:

@@ -69,7 +69,7 @@ from agcnn.dicomnet.address import (
     parse_size,
     server_tls,
 )
-from agcnn.dicomnet.send import SendSettings, add_connection_arguments, send_folder, settings_from
+from agcnn.dicomnet.send import SendSettings, add_connection_arguments, quiet_pynetdicom, send_folder, settings_from
 from agcnn.errors import EXIT_OK, UsageError
 from agcnn.fileio import fsync_dir, utc_now
 
@@ -227,7 +227,6 @@ class Node:
         from pynetdicom.sop_class import Verification
 
         o = self.options
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         ae = AE(ae_title=o.ae_title)
         ae.require_called_aet = True
         if o.allow_ae:
@@ -495,6 +494,10 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    # pynetdicom's errors (a handler that failed) stay visible; its per-association chatter does not.
+    quiet_pynetdicom(args, logging.ERROR)
+    # highdicom narrates each SR it builds ("copy attributes of module ...") at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     options = options_from(args)
     node = Node(options)
     stop = threading.Event()
