@@ -9,7 +9,6 @@ chooses; Orthanc learns it through its REST API.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import signal
