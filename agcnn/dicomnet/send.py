@@ -49,6 +49,7 @@ JOURNAL_COLUMNS = ["time", "destination", "path", "sop_instance_uid", "file_mtim
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255, so at most 128 per association.
 MAX_CONTEXTS = 128
 DEFAULT_AE_TITLE = "AGCNN"
+SHOWN = 20  # refused / failed objects listed on the console; the journal has them all
 
 log = logging.getLogger("agcnn.send")
 
@@ -89,6 +90,7 @@ class SendSummary:
     refused: list[Outcome] = field(default_factory=list)
     failed: list[Outcome] = field(default_factory=list)
     not_dicom: list[str] = field(default_factory=list)  # files that are not DICOM: listed, not sent
+    journal: Path | None = None
 
     @property
     def all_accepted(self) -> bool:
@@ -234,7 +236,7 @@ def send_folder(folder: str | os.PathLike[str], destination: Destination, settin
                          f"(e.g. the --dicom-out folder of agcnn predict)")
     journal_path = Path(journal) if journal is not None else folder / JOURNAL_NAME
     sent = SentJournal(journal_path)
-    summary = SendSummary(destination)
+    summary = SendSummary(destination, journal=journal_path)
     pending: list[DicomObject] = []
     for rel, full in list_files(folder, exclude=[journal_path]):
         try:
@@ -458,7 +460,10 @@ def run(args: argparse.Namespace) -> int:
         tls = client_tls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
     settings = settings_from(args, calling_ae=args.ae_title, tls=tls)
     summary = send_folder(args.folder, destination, settings, journal=args.journal)
-    for o in summary.refused + summary.failed:
+    problems = summary.refused + summary.failed
+    for o in problems[:SHOWN]:
         print(f"agcnn send: {o.describe()}", file=sys.stderr)
+    if len(problems) > SHOWN:
+        print(f"agcnn send: ... and {len(problems) - SHOWN} more (each with its status in {summary.journal})", file=sys.stderr)
     print(summary.line(), file=sys.stderr)
     return EXIT_OK if summary.all_accepted else EXIT_FAILED

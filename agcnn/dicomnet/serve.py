@@ -390,8 +390,11 @@ class Node:
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - the node keeps receiving; the inbox keeps the work
-            log.error("agcnn serve: a batch failed (%s: %s); the inbox keeps its instances, tried again in %g s",
-                      type(e).__name__, e, self.options.forward_every)
+            # The kind of error only (and an OSError's reason): a message about a header can quote its values.
+            what = f"{type(e).__name__}: {e.strerror}" if isinstance(e, OSError) and e.strerror else type(e).__name__
+            log.error("agcnn serve: a batch failed (%s); the inbox keeps its instances, tried again in %g s "
+                      "(--debug shows the traceback)", what, self.options.forward_every)
+            log.debug("agcnn serve: the batch's traceback", exc_info=True)
             self.retry_due = time.monotonic() + self.options.forward_every
 
     def close(self) -> None:
@@ -496,6 +499,8 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
 def run(args: argparse.Namespace) -> int:
     # pynetdicom's errors (a handler that failed) stay visible; its per-association chatter does not.
     quiet_pynetdicom(args, logging.ERROR)
+    if getattr(args, "debug", False):
+        log.setLevel(logging.DEBUG)
     # highdicom narrates each SR it builds ("copy attributes of module ...") at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     options = options_from(args)

@@ -32,7 +32,7 @@ class NodeProcess:
     def __init__(self, checkpoint: Path, out: Path, orthanc, *extra: str):
         cmd = [sys.executable, "-m", "agcnn", "serve", "--checkpoint", str(checkpoint), "--output", str(out),
                "--ae-title", "AGCNN", "--port", "0", "--bind", "127.0.0.1", "--allow-ae", "ORTHANC",
-               "--forward", orthanc.address, "--device", "cpu", "--batch-wait", "0.3", "--workers", "0",
+               "--forward", orthanc.address, "--device", "cpu", "--batch-wait", "0.3",
                "--forward-retry-wait", "1", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
