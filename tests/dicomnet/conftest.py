@@ -12,6 +12,7 @@ film with pydicom, each in a study of its own, with patient names the logs must 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
 LIFETIME_S = 600  # an Orthanc a killed test run leaves behind ends by itself
@@ -72,7 +72,7 @@ class Orthanc:
         (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
         self.log = open(folder / "orthanc.log", "wb")
         self.proc = subprocess.Popen(["timeout", "-s", "KILL", str(LIFETIME_S), ORTHANC, str(folder / "orthanc.json")],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -194,17 +194,20 @@ def study_files() -> Callable[[Path], dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def node_checkpoint(tmp_path_factory) -> Path:
-    """A small untrained fusion checkpoint with operating points (the tests check the plumbing, not the model)."""
-    from agcnn.checkpoint import save_checkpoint
-    from agcnn.config import Config
+def node_checkpoint(untrained_checkpoint, tmp_path_factory) -> Path:
+    """The shared small untrained checkpoint, with fusion operating points (the tests check the
+    plumbing, not the model)."""
     from agcnn.labels import LABELS
-    from agcnn.models import AGCNN
 
-    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 32},
-                            "data": {"image_size": 32, "highres_size": 48, "resize": 32}})
-    torch.manual_seed(0)
-    model = AGCNN.from_config(cfg.model, num_classes=len(LABELS), image_size=32)
-    path = tmp_path_factory.mktemp("node-ckpt") / "model.pt"
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg, operating_points={"fusion": [0.5] * len(LABELS)})
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("node-ckpt") / "model.pt",
+                                operating_points={"fusion": [0.5] * len(LABELS)})
+
+
+def die_with_parent() -> None:
+    """For ``Popen(preexec_fn=...)``: the child is killed when the test process dies (Linux), so a
+    killed test run leaves no node or PACS behind."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -78,6 +78,26 @@ def test_echo_and_calling_ae_titles(node):
     assert "Called AE title not recognised" in misdirected.acceptor.primitive.reason_str
 
 
+def _truncated(path: Path) -> str:
+    """A file whose data set ends inside its SOP Instance UID (a value length past the end); its UID."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(f, meta, enforce_standard=True)
+        sop_class = DigitalXRayImageStorageForPresentation.encode().ljust(30, b"\0")
+        f.write(b"\x08\x00\x16\x00UI" + len(sop_class).to_bytes(2, "little") + sop_class)
+        f.write(b"\x08\x00\x18\x00UI\xff\x7f" + uid.encode())
+    return uid
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the bad UID below, as the client encodes it
 def test_stores_predicts_once_and_refuses_bad_data_sets_with_a_row(node, study_files, tmp_path):
     files = study_files(tmp_path / "studies")
     n, port = node()
@@ -92,20 +112,25 @@ def test_stores_predicts_once_and_refuses_bad_data_sets_with_a_row(node, study_f
     assert (n.inbox / f"{sop}.dcm").exists() or f"{sop}.dcm" in n.done
     assert assoc.send_c_store(lateral).Status == 0x0000
     assert assoc.send_c_store(bad_uid).Status == 0xC000
+    # A data set cut short: stored as received; predict gives it its row.
+    truncated = _truncated(tmp_path / "truncated.dcm")
+    assert assoc.send_c_store(tmp_path / "truncated.dcm").Status == 0x0000
     assoc.release()
-    _wait_for(lambda: len(n.done) == 2)
+    _wait_for(lambda: len(n.done) == 3)
     assoc = _associate(port)
     assert assoc.send_c_store(chest).Status == 0x0000  # again: Success, and nothing new
     assoc.release()
 
     rows = _received(n)
     assert [(r["outcome"], r["status"]) for r in rows] == [
-        ("stored", "0x0000"), ("stored", "0x0000"), ("refused", "0xC000"), ("duplicate", "0x0000")]
+        ("stored", "0x0000"), ("stored", "0x0000"), ("refused", "0xC000"), ("stored", "0x0000"), ("duplicate", "0x0000")]
     assert "no valid SOP Instance UID" in rows[2]["reason"]
     assert rows[0]["calling_ae"] == "MODALITY" and rows[0]["sop_instance_uid"] == sop
     with open(n.out / "predictions.csv", newline="") as f:
         predicted = {r["path"]: r for r in csv.DictReader(f)}
-    assert sorted(predicted) == sorted([f"{sop}.dcm", f"{lateral.SOPInstanceUID}.dcm"])
+    assert sorted(predicted) == sorted([f"{sop}.dcm", f"{lateral.SOPInstanceUID}.dcm", f"{truncated}.dcm"])
+    cut = predicted[f"{truncated}.dcm"]
+    assert (cut["status"], cut["reason"].split(":")[0]) == ("failed", "truncated")
     assert predicted[f"{sop}.dcm"]["status"] == "ok"
     assert predicted[f"{lateral.SOPInstanceUID}.dcm"]["reason"].startswith("not_frontal")
     # The scope gate: an SR and a capture for the frontal film, none for the lateral one.

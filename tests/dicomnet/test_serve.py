@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PATIENT_IDS, PATIENT_NAMES, STUDIES
+from conftest import PATIENT_IDS, PATIENT_NAMES, STUDIES, die_with_parent
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -35,7 +35,8 @@ class NodeProcess:
                "--forward", orthanc.address, "--device", "cpu", "--batch-wait", "0.3",
                "--forward-retry-wait", "1", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=die_with_parent)
         self.lines: list[str] = []
         self.port: int | None = None
         ready = threading.Event()
