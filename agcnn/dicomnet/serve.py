@@ -30,14 +30,16 @@ Refusals, each answered with a DICOM status and recorded in ``OUT/received.csv``
 C-STORE: time, calling AE title, SOP Instance / Class UID, outcome, status, reason):
 
 * 0xC000 (cannot understand) -- a data set that does not decode, or without a valid SOP
-  Instance UID (it names the file);
+  Instance UID (the UID names its file in the inbox);
 * 0xA900 -- the data set's SOP Class UID is not the one the request announced;
 * 0xA700 (out of resources) -- the inbox would grow past ``--inbox-limit``, or the disk is full;
 * a calling AE title not in ``--allow-ae``: the association itself is rejected.
 
-The console and the logs show counts, AE titles, and SOP Instance UIDs of refused data sets at
-most: never a patient's name, ID or date (the files in ``OUT/inbox`` and ``OUT/results`` hold
-them, like any DICOM file).
+A data set that decodes far enough to name itself but is damaged further on (cut short, pixel
+data a decoder rejects) is stored and gets predict's ``failed`` row with the reason.
+
+The console and the logs show counts, AE titles, statuses and reasons: never a patient's name,
+ID or date (the files in ``OUT/inbox`` and ``OUT/results`` hold them, like any DICOM file).
 """
 
 from __future__ import annotations
@@ -374,7 +376,7 @@ class Node:
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Predict the backlog, then each batch as it arrives, until ``stop`` is set."""
-        self.cycle()
+        self._guarded(self.cycle)
         while not stop.is_set():
             if self.wake.wait(timeout=0.5):
                 # Let the rest of a study arrive, so its images share a model batch.
@@ -481,6 +483,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> ServeOptions:
     tls = None
+    if args.tls_ca and not (args.tls_cert or args.forward_tls):
+        raise UsageError("--tls-ca needs --tls-cert (listen with TLS and require client certificates) or "
+                         "--forward-tls (verify the --forward destination)")
     if args.tls_cert or args.tls_key:
         if not args.tls_cert:
             raise UsageError("--tls-key needs --tls-cert (the certificate the key belongs to)")
