@@ -501,13 +501,42 @@ def options_from(args: argparse.Namespace) -> ServeOptions:
     )
 
 
+def withhold_library_texts() -> None:
+    """Keep header values out of the node's console (a container log that hospitals keep).
+
+    pydicom and highdicom quote the value they warn about -- a patient's or a physician's name
+    that is "unlikely to represent the intended person name", a date that is not a date. The
+    console shows each kind of warning once, with the library it came from, not its text;
+    ``--debug`` shows everything.
+    """
+    import warnings
+
+    seen: set[tuple[str, str]] = set()
+    lock = threading.Lock()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        parts = Path(str(filename)).parts
+        source = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else Path(str(filename)).stem
+        with lock:
+            if (category.__name__, source) in seen:
+                return
+            seen.add((category.__name__, source))
+        log.warning("agcnn serve: %s from %s (its text is not shown: it can quote header values; --debug shows it)",
+                    category.__name__, source)
+
+    warnings.showwarning = show
+    # pydicom also logs what it warns about, value included; highdicom narrates each SR it builds.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.ERROR)
+
+
 def run(args: argparse.Namespace) -> int:
     # pynetdicom's errors (a handler that failed) stay visible; its per-association chatter does not.
     quiet_pynetdicom(args, logging.ERROR)
-    if getattr(args, "debug", False):
+    if getattr(args, "debug", False) or os.environ.get("AGCNN_DEBUG", "") not in ("", "0"):
         log.setLevel(logging.DEBUG)
-    # highdicom narrates each SR it builds ("copy attributes of module ...") at INFO.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    else:
+        withhold_library_texts()
     options = options_from(args)
     node = Node(options)
     stop = threading.Event()
