@@ -7,8 +7,8 @@ with the C-STORE service (pynetdicom), each over an association that proposes it
 in its transfer syntax (and, for an uncompressed one, both little-endian syntaxes, so either
 can be accepted). The outcome of each file is appended to the journal ``DIR/sent.csv``
 (``--journal``) with the DICOM status the destination answered, one fsync'd line per file; a
-re-run sends only what that destination has not accepted yet (a file rewritten since it was
-accepted, with another SOP Instance UID, is sent again).
+re-run sends only what that destination has not accepted yet (and a file rewritten since it was
+accepted: its modification time is journalled with it).
 
 * ``accepted`` -- status Success (0x0000) or a Warning (0xB000 coercion, 0xB006, 0xB007);
 * ``refused`` -- a Failure status (0xA7xx out of resources, 0xA9xx, 0xCxxx, ...): the
