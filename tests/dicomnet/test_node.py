@@ -193,3 +193,35 @@ def test_tls_node_accepts_a_send_that_trusts_its_certificate(node, study_files, 
     assert "1 accepted now" in capsys.readouterr().err
     assert [r["outcome"] for r in _received(n)] == ["stored"]
     _wait_for(lambda: len(n.done) == 1)
+
+
+def test_results_the_destination_missed_are_forwarded_when_it_comes_back(node, study_files, tmp_path):
+    from pynetdicom import AllStoragePresentationContexts, evt
+
+    from agcnn.dicomnet.address import Destination
+    from agcnn.dicomnet.send import SendSettings
+    from conftest import free_port
+
+    study_files(tmp_path / "studies")
+    port_sink = free_port()
+    n, port = node(forward=Destination("SINK", "127.0.0.1", port_sink), forward_every=0.5,
+                   forward_settings=SendSettings(calling_ae="AGCNN", timeout=5, retries=0))
+    assoc = _associate(port)
+    assert assoc.send_c_store(dcmread(tmp_path / "studies" / "chest1.dcm")).Status == 0x0000
+    assoc.release()
+    sent = n.out / "sent.csv"
+    _wait_for(lambda: sent.exists() and "failed" in sent.read_text())  # nobody listens yet
+
+    got: list[str] = []
+    sink = AE(ae_title="SINK")
+    sink.supported_contexts = AllStoragePresentationContexts
+    server = sink.start_server(("127.0.0.1", port_sink), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(e.dataset.Modality) or 0x0000)])
+    try:
+        _wait_for(lambda: len(got) == 2)
+    finally:
+        server.shutdown()
+    assert got.count("SR") == 1  # the SR, and the capture beside it
+    with open(sent, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows if r["outcome"] == "accepted") == sorted(p.name for p in n.results.iterdir())
