@@ -170,14 +170,13 @@ class Node:
         from agcnn.predict import PredictOptions
         from agcnn.predict.journal import check_writable
         from agcnn.predict.run import load_model
-        from agcnn.runtime import resolve_device
 
         self.options = options.check()
         self.out = Path(options.output)
         check_writable(self.out)
         self._lock_file = _lock(self.out / LOCK)
-        resolve_device(options.device)  # a bad --device fails now, not at the first image
-        self.loaded = load_model(options.checkpoint)
+        # Once, on its device: a bad checkpoint or --device fails now, not at the first image.
+        self.loaded = load_model(options.checkpoint, options.device)
         self._check_state()
         self.inbox, self.tmp, self.results = self.out / INBOX, self.out / INBOX_TMP, self.out / RESULTS
         for folder in (self.inbox, self.tmp, self.results):
@@ -460,7 +459,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept associations only from these calling AE titles (default: any)")
     parser.add_argument("--forward", default=None, metavar="AE@HOST:PORT",
                         help="send each SR and Secondary Capture there (usually the PACS that sent the images)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per model batch (default 8)")
     parser.add_argument("--batch-wait", type=_non_negative_float, default=2.0, metavar="S",
                         help="seconds to wait after an arrival for the rest of the study (default 2)")
