@@ -5,8 +5,13 @@
 #       -v /data/xrays:/input:ro -v "$PWD/out":/output -v "$PWD/models":/models:ro \
 #       agcnn predict --checkpoint /models/model.pt --input /input --output /output
 #
+#   docker run -d -p 11112:11112 --read-only --tmpfs /tmp -v "$PWD/models":/models:ro -v /srv/node:/output \
+#       agcnn serve --checkpoint /models/model.pt --output /output --ae-title AGCNN --port 11112 \
+#       --forward PACS@pacs.example.org:104
+#
 # See the README's Deploy section. The image runs as the unprivileged user 10001, needs no network at run
-# time and writes only to /output and /tmp (mount a tmpfs there when the root is read-only).
+# time (except `send` and `serve`, which talk DICOM) and writes only to /output and /tmp (mount a tmpfs
+# there when the root is read-only).
 #
 # BASE may be any Debian bookworm image: the official Python image (default) or a bare Debian
 # root file system; Python 3.11 is installed from Debian when the base has none. Either way the
@@ -80,5 +85,7 @@ ENV HOME=/tmp \
 USER 10001:10001
 WORKDIR /output
 VOLUME ["/input", "/output", "/models"]
+# `agcnn serve`'s default DICOM port (unprivileged: the container does not run as root).
+EXPOSE 11112
 ENTRYPOINT ["agcnn"]
 CMD ["--help"]

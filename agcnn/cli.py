@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "localize": ("agcnn.localize", "score the attended box and each branch's CAM against ground-truth boxes"),
     "merge": ("agcnn.predict.merge", "merge the shares of a sharded predict run"),
     "prepare": ("agcnn.data.prepare", "decode and resize every image once into a training cache"),
+    "send": ("agcnn.dicomnet.send", "send DICOM objects (the SRs and captures predict wrote) to a PACS by C-STORE"),
+    "serve": ("agcnn.dicomnet.serve", "a DICOM node: receive images by C-STORE, predict them, send the results back"),
     "phantoms": ("agcnn.data.synthetic", "write a generated phantom data set (PNG, DICOM, labels CSV)"),
 }
 

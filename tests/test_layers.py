@@ -48,6 +48,7 @@ LAYERS = {
     "agcnn.localize": 7,  # `agcnn localize`
     "agcnn.demo": 8,  # runs train, evaluate and predict
     "agcnn.calibrate": 8,  # `agcnn calibrate`: scores its data with evaluate
+    "agcnn.dicomnet": 8,  # `agcnn send` and `agcnn serve`, which runs predict
     "agcnn.cli": 9,
     "agcnn.__main__": 10,
 }

@@ -84,16 +84,18 @@ def predict_folder(
     return predict(PredictOptions(checkpoint, input_dir, output_dir, **options))
 
 
-def predict(options: PredictOptions) -> Summary:
+def predict(options: PredictOptions, *, loaded: LoadedModel | None = None) -> Summary:
     """Predict every file under ``options.input`` into ``options.output`` (see :mod:`agcnn.predict`).
 
-    Raises :class:`UsageError` (or :class:`~agcnn.errors.CheckpointError`) for problems found
-    before any work (nothing is written then, except the output folder itself when it had to be
-    created).
+    ``loaded``: the checkpoint's model, already loaded by :func:`load_model` on the device it
+    runs on (a node that predicts every few seconds loads it once). Raises :class:`UsageError`
+    (or :class:`~agcnn.errors.CheckpointError`) for problems found before any work (nothing is
+    written then, except the output folder itself when it had to be created).
     """
     started, t0 = utc_now(), time.perf_counter()
     options.check()
-    loaded = load_model(options.checkpoint, options.device)
+    if loaded is None:
+        loaded = load_model(options.checkpoint, options.device)
     device = loaded.device
 
     out_dir = options.out_dir()
