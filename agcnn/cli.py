@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("agcnn.predict.merge", "merge the shares of a sharded predict run"),
     "prepare": ("agcnn.data.prepare", "decode and resize every image once into a training cache"),
     "phantoms": ("agcnn.data.synthetic", "write a generated phantom data set (PNG, DICOM, labels CSV)"),
+    "report": ("agcnn.pages.command", "write DIR/report.html, one offline page for an evaluate, predict, localize or demo folder"),
+    "card": ("agcnn.card", "the model card of a checkpoint, in Markdown"),
 }
 
 DEBUG_ENV = "AGCNN_DEBUG"

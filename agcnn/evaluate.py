@@ -336,6 +336,7 @@ def evaluate_checkpoint(
     roc: bool = True,
     include_identifiers: bool = False,
     allow_other_split: bool = False,
+    html: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
 
@@ -345,6 +346,7 @@ def evaluate_checkpoint(
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
     ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
     trained with, or holds its training patients (refused otherwise, before anything is written).
+    ``html``: also write ``report.html`` (:mod:`agcnn.pages`).
     """
     t0 = time.monotonic()
     checkpoint = Path(checkpoint)
@@ -497,7 +499,20 @@ def evaluate_checkpoint(
         log.info("stored the validation Youden operating points in %s", checkpoint)
     report["seconds"] = round(time.monotonic() - t0, 2)
     (out / "auc.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False) + "\n")
+    if html:
+        write_html_report(out)
     return report
+
+
+def write_html_report(out: Path) -> Path | None:
+    """``report.html`` beside the numbers; a page that cannot be drawn costs a warning, not the evaluation."""
+    from agcnn.pages import write_report
+
+    try:
+        return write_report(out)
+    except Exception as e:  # noqa: BLE001 - the numbers are written; the page is their view
+        log.warning("report.html not written (%s: %s); `agcnn report %s` retries", type(e).__name__, e, out)
+        return None
 
 
 # ---------------------------------------------------------------------- CLI
@@ -521,6 +536,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-identifiers", action="store_true",
                         help="add the table's patient column to predictions.csv (left out by default)")
     parser.add_argument("--no-roc", dest="roc", action="store_false", help="skip roc.png (drawing it takes a few seconds)")
+    parser.add_argument("--no-html", dest="html", action="store_false",
+                        help="skip report.html (the page `agcnn report` writes: tables, pictures, model card)")
     parser.add_argument("--allow-other-split", action="store_true",
                         help="evaluate even when the split differs from the checkpoint's training split or holds its "
                              "training patients (refused otherwise); every report then says so")
@@ -533,12 +550,13 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
-        include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split,
+        include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split, html=args.html,
     )
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )
-    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md")
+    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md"
+          + (f" and {args.out}/report.html" if (Path(args.out) / "report.html").is_file() and args.html else ""))
     problems = report["split"]["training_split"]["problems"]
     if problems:
         print(f"agcnn evaluate: --allow-other-split: {'; and '.join(problems)}; not a held-out evaluation", file=sys.stderr)

@@ -474,9 +474,11 @@ def localize_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     cases: int = 4,
+    html: bool = True,
 ) -> dict[str, Any]:
     """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
-    ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report."""
+    ``localization_boxes.csv``, ``localization_cases.png``, with ``html`` ``report.html``) into
+    ``out_dir``; return the report."""
     from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
     from agcnn.runtime import resolve_device
 
@@ -523,6 +525,13 @@ def localize_checkpoint(
     (out / "localization.md").write_text(markdown_report(summary, counts, settings))
     method = "fusion_cam" if "fusion_cam" in methods else methods[-1]
     report["cases"] = write_cases(out / "localization_cases.png", scores, inputs, method=method, n=cases) if cases else False
+    if html:
+        from agcnn.pages import write_report
+
+        try:
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - the numbers are written; the page is their view
+            log.warning("report.html not written (%s: %s); `agcnn report %s` retries", type(e).__name__, e, out)
     return report
 
 

@@ -35,6 +35,8 @@ LAYERS = {
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
+    "agcnn.card": 5.2,  # a checkpoint's model card; above checkpoint, below the pages that show it
+    "agcnn.pages": 5.5,  # the HTML reports: redraw a few cases from checkpoint and explain; evaluate, localize, demo write them
     "agcnn.data.prepare": 6,  # `agcnn prepare`
     "agcnn.train": 6,
     "agcnn.evaluate": 6,

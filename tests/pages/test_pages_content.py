@@ -1,0 +1,193 @@
+"""What the report pages say, read back from their HTML (no browser: tests/pages/test_pages_browser.py)."""
+
+from __future__ import annotations
+
+import html as htmllib
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from agcnn.cli import main
+from agcnn.errors import UsageError
+from agcnn.pages import detect_kind, write_report
+from agcnn.pages.html import CSP, esc, page
+
+from conftest import MARKUP_NAME  # noqa: E402 - tests/pages/conftest.py
+
+# Anything a page could fetch: a URL in src / href / url(), an @import, a <link> or a frame.
+EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:|//|ftp:|file:)|url\(\s*['"]?(?!data:)|@import|<link\b|<iframe\b|<object\b|<embed\b""",
+                      re.IGNORECASE)
+
+
+class Cells(HTMLParser):
+    """Every element's attributes and text, enough to find a cell by its data-* attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str], list[str]]] = []
+        self.stack: list[int] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs), []))
+        self._in_script = tag == "script"
+        if tag not in ("img", "meta", "input", "br"):
+            self.stack.append(len(self.elements) - 1)
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+        if self.stack:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts.append(data)
+        for i in self.stack:
+            self.elements[i][2].append(data)
+
+    def find(self, **attrs) -> list[tuple[str, dict[str, str], str]]:
+        return [(t, a, "".join(x)) for t, a, x in self.elements if all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+def parse(path: Path) -> Cells:
+    p = Cells()
+    p.feed(path.read_text())
+    return p
+
+
+def test_escape_covers_markup_and_quotes():
+    assert esc('<img src=x onerror="a">&') == "&lt;img src=x onerror=&quot;a&quot;&gt;&amp;"
+    doc = page("<t>", "s & t", [("a", "<h>", "<p>body</p>")], kind="evaluate")
+    assert "<title>&lt;t&gt;</title>" in doc and "<h2>&lt;h&gt;</h2>" in doc
+    assert f'content="{CSP}"' in doc and not EXTERNAL.search(doc)
+
+
+def test_kind_is_read_from_the_files(evaluate_dir, predict_dir, localize_dir, demo_dir, tmp_path):
+    assert [detect_kind(d) for d in (evaluate_dir, predict_dir, localize_dir, demo_dir)] == [
+        "evaluate", "predict", "localize", "demo"]
+    with pytest.raises(UsageError, match="auc.json"):
+        detect_kind(tmp_path)
+
+
+def test_evaluate_page_shows_the_numbers_of_auc_json(evaluate_dir, tmp_path):
+    folder = tmp_path / "ev"
+    shutil.copytree(evaluate_dir, folder)
+    auc = json.loads((folder / "auc.json").read_text())
+    assert main(["report", str(folder), "--cases", "1"]) == 0
+    cells = parse(folder / "report.html")
+    for b in ("global", "local", "fusion"):
+        r = auc["branches"][b]
+        (mean,) = cells.find(data_branch=b, data_key="mean")
+        assert float(mean[1]["data-value"]) == pytest.approx(r["mean_auc"], abs=1e-12)
+        assert f"{r['mean_auc']:.3f}" in mean[2] and f"{r['mean_ci'][0]:.3f}" in mean[2]
+        for name, v in r["auc"].items():
+            (cell,) = cells.find(data_branch=b, data_key=name)
+            assert cell[1]["data-value"] == ("" if v is None else repr(float(v)))
+    ops = auc["operating_points_scored"]["classes"]
+    table = [c for c in cells.find(id="operating-points")]
+    assert table and all(f"{r['threshold']:.3f}" in table[0][2] for r in ops.values() if r["threshold"] is not None)
+    text = (folder / "report.html").read_text()
+    # The cases come from the checkpoint: one strip per finding with a positive image.
+    positives = [n for n, c in auc["positives"].items() if c]
+    strips = [a for t, a, _ in cells.elements if t == "img" and a.get("alt", "").startswith("cases of ")]
+    assert {a["alt"][len("cases of "):] for a in strips} <= set(positives) and strips
+    assert "Model card" in text and "TRIPOD+AI" in text and "Research use only, not for diagnosis" in text
+    assert 'id="calibration"' not in text  # nothing recorded, nothing shown
+    assert not EXTERNAL.search(text)
+
+
+def test_calibration_is_shown_when_evaluate_records_it(evaluate_dir, tmp_path):
+    from matplotlib.figure import Figure
+
+    folder = tmp_path / "ev"
+    shutil.copytree(evaluate_dir, folder)
+    auc = json.loads((folder / "auc.json").read_text())
+    auc["branches"]["fusion"]["ece"] = 0.0421
+    auc["branches"]["fusion"]["ece_per_class"] = {"Nodule": 0.1234}
+    (folder / "auc.json").write_text(json.dumps(auc))
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [0, 1])
+    fig.savefig(folder / "reliability.png")
+    write_report(folder, cases=0)
+    text = (folder / "report.html").read_text()
+    assert 'id="calibration"' in text and 'alt="reliability diagrams"' in text
+    assert 'data-value="0.0421"' in text and 'data-value="0.1234"' in text
+
+
+def test_predict_page_counts_equal_predictions_csv_and_lists_the_files_not_predicted(predict_dir, tmp_path):
+    folder = tmp_path / "pr"
+    shutil.copytree(predict_dir, folder)
+    rows = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    assert main(["report", str(folder)]) == 0
+    cells = parse(folder / "report.html")
+    text = (folder / "report.html").read_text()
+    for status, n in rows["status"].value_counts().items():
+        (cell,) = cells.find(data_status=status)
+        assert int(cell[2]) == n
+    skipped = rows[rows["status"] != "ok"]
+    assert "skull.dcm" in set(skipped["path"]) and "page.dcm" in set(skipped["path"])
+    (listed,) = cells.find(id="not-predicted")
+    for path, reason in zip(skipped["path"], skipped["reason"]):
+        assert path in listed[2] and reason in listed[2]
+    assert any(r.startswith("out_of_scope") for r in skipped["reason"])
+    (cell,) = cells.find(data_reason="out_of_scope")
+    assert int(cell[2]) == sum(r.startswith("out_of_scope") for r in skipped["reason"])
+    for name in json.loads((folder / "manifest.json").read_text())["labels"]:
+        (cell,) = cells.find(data_finding=name)
+        assert int(cell[2]) == int((rows[f"call_{name}"] == "1").sum())
+    # Every file once in the table, its name as text: the markup in a file name is escaped.
+    items = cells.find(id="files")
+    assert len([e for e in cells.elements if e[0] == "tr" and "data-item" in e[1]]) == len(rows)
+    assert MARKUP_NAME in items[0][2] and "<img src=x" not in text and htmllib.escape(MARKUP_NAME) in text
+    # The gallery embeds the overlays; UIDs never reach the page.
+    assert len([a for t, a, _ in cells.elements if t == "figure" and "data-item" in a]) == (rows["status"] == "ok").sum()
+    for uid in rows["study_instance_uid"]:
+        assert not uid or uid not in text
+    assert not EXTERNAL.search(text)
+
+
+def test_gallery_is_capped(predict_dir, tmp_path):
+    folder = tmp_path / "pr"
+    shutil.copytree(predict_dir, folder)
+    write_report(folder, gallery=2)
+    cells = parse(folder / "report.html")
+    assert len([a for t, a, _ in cells.elements if t == "figure" and "data-item" in a]) == 2
+
+
+def test_localize_page_sets_wang_beside_the_run(localize_dir, tmp_path):
+    folder = tmp_path / "lo"
+    shutil.copytree(localize_dir, folder)
+    loc = json.loads((folder / "localization.json").read_text())
+    write_report(folder)
+    cells = parse(folder / "report.html")
+    (wang,) = cells.find(id="wang")
+    for f, v in loc["wang2017_resnet50_iobb_0.5"].items():
+        if f in wang[2]:
+            assert f"{v:.2f}" in wang[2]
+    row = next(r for r in loc["summary"] if r["method"] == "attended" and r["finding"] == "all" and r["metric"] == "iobb"
+               and r["threshold"] == 0.5)
+    assert f"{row['value']:.2f}" in wang[2]
+    assert 'alt="best and worst cases"' in (folder / "report.html").read_text()
+
+
+def test_card_section_notes_a_checkpoint_that_moved(evaluate_dir, tmp_path):
+    folder = tmp_path / "ev"
+    shutil.copytree(evaluate_dir, folder)
+    auc = json.loads((folder / "auc.json").read_text())
+    auc["checkpoint"] = str(tmp_path / "gone" / "<best>.pt")
+    (folder / "auc.json").write_text(json.dumps(auc))
+    write_report(folder)
+    text = (folder / "report.html").read_text()
+    assert "no longer at its recorded path" in text and "&lt;best&gt;.pt" in text
+    assert "is not at its recorded path, so the cases cannot be drawn" in text
+
+
+def test_report_of_a_folder_of_nothing_exits_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "auc.json" in capsys.readouterr().err
