@@ -34,15 +34,20 @@ img.fig{max-width:100%;height:auto;border:1px solid #ddd}
 .gallery img{width:100%;height:auto;border:1px solid #ddd}.gallery figcaption{font-size:12px;word-break:break-all}
 .controls{margin:6px 0;display:flex;gap:10px;align-items:center;flex-wrap:wrap}
 .card td:first-child{width:200px;font-weight:600}.items{color:#666;font-size:12px;font-style:italic}
+.js [data-item]:not(.on){display:none}
 code{font-size:12px;word-break:break-all}pre{font-size:12px;background:#f7f7f7;padding:8px;overflow-x:auto}
 footer{margin-top:30px;color:#666;font-size:12px}
 @media print{nav,.controls{display:none}body{max-width:none;font-size:11px}
- tr.page-hidden,figure.page-hidden{display:table-row!important}figure.page-hidden{display:block!important}
+ .js tr[data-item]{display:table-row!important}.js figure[data-item]{display:block!important}
+ pre{white-space:pre-wrap}
  h2{break-after:avoid}img.fig,table,figure{break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 
-# Paging and filtering of the long tables and the gallery: rows carry data-* attributes, the
-# script only hides and shows them, so the page reads the same without it (every row shown).
+# Paging and filtering of the long tables and the gallery: rows carry data-* attributes and the
+# script marks the rows of the page shown ("on"). HEAD_SCRIPT marks the document "js" before the
+# body is parsed, so the browser never lays out the 10,000 rows it would hide; without scripts
+# (or printed) every row shows.
+HEAD_SCRIPT = "document.documentElement.className+=' js';"
 SCRIPT = """
 (function(){
 function pager(box){
@@ -52,9 +57,10 @@ function pager(box){
   function shown(){var f=filter?filter.value:'',q=search?search.value.toLowerCase():'';
     return items.filter(function(e){return (!f||(' '+e.dataset.tags+' ').indexOf(' '+f+' ')>=0)&&
       (!q||e.dataset.key.toLowerCase().indexOf(q)>=0);});}
+  var on=[];
   function draw(){var s=shown(),pages=Math.max(1,Math.ceil(s.length/size));page=Math.min(page,pages-1);
-    items.forEach(function(e){e.classList.add('page-hidden');e.style.display='none';});
-    s.slice(page*size,(page+1)*size).forEach(function(e){e.classList.remove('page-hidden');e.style.display='';});
+    on.forEach(function(e){e.classList.remove('on');});
+    on=s.slice(page*size,(page+1)*size);on.forEach(function(e){e.classList.add('on');});
     if(info)info.textContent=s.length+' of '+items.length+' shown; page '+(page+1)+' of '+pages;}
   box.querySelectorAll('button[data-step]').forEach(function(b){b.addEventListener('click',function(){
     page=Math.max(0,page+(+b.dataset.step));draw();});});
@@ -162,7 +168,7 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]], *,
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<meta name="generator" content="agcnn {esc(__version__)}"><meta name="agcnn-report" content="{esc(kind)}">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f"<title>{esc(title)}</title><style>{CSS}</style><script>{HEAD_SCRIPT}</script></head><body>"
         f"<h1>{esc(title)}</h1><p class=\"sub\">{esc(subtitle)}</p>"
         '<p class="warn">Research use only, not for diagnosis.</p>'
         f"<nav>{nav}</nav>{body}"
