@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -115,12 +116,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="agcnn-bench-report-") as tmp:
         tmp = Path(tmp)
         folder = make_folder(tmp, args.files, args.overlays)
+        # The same page without the gallery: what the 10,000-row table alone weighs.
+        no_gallery = write_report(folder, gallery=0).stat().st_size
         t0 = time.perf_counter()
         page = write_report(folder)
         build = time.perf_counter() - t0
         empty = tmp / "empty.html"
         empty.write_text("<!DOCTYPE html><html><body>empty</body></html>")
         result = {"files": args.files, "overlays_in_folder": args.overlays, "page_bytes": page.stat().st_size,
+                  "page_bytes_without_gallery": no_gallery, "load_average": os.getloadavg()[0],
                   "build_seconds": round(build, 2), "cpu": platform.processor() or platform.machine()}
         if chromium.find_chromium() is None:
             result["chromium"] = "not installed: load time not measured"
@@ -132,7 +136,10 @@ def main() -> int:
                 requests += opened.requests
                 assert f"of {args.files} shown; page 1 of" in opened.dom, "the paging script did not run"
                 blanks.append(chromium.open_page(empty).seconds)
-            result.update(chromium_seconds_median=round(statistics.median(loads), 2),
+            import subprocess
+
+            version = subprocess.run([chromium.find_chromium(), "--version"], capture_output=True, text=True).stdout.strip()
+            result.update(chromium=version, chromium_seconds_median=round(statistics.median(loads), 2),
                           empty_page_seconds_median=round(statistics.median(blanks), 2),
                           page_load_seconds=round(statistics.median(loads) - statistics.median(blanks), 2),
                           requests=requests)
