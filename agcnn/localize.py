@@ -554,13 +554,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
+    parser.add_argument("--no-html", dest="html", action="store_false",
+                        help="skip report.html (the page `agcnn report` writes: tables, cases, model card)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = localize_checkpoint(
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
         explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, cases=args.cases,
+        device=args.device, cases=args.cases, html=args.html,
     )
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0

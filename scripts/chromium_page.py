@@ -92,6 +92,19 @@ def open_page(page: Path, *, chromium: str | None = None, screenshot: Path | Non
     return out
 
 
+def print_pdf(page: Path, pdf: Path, *, chromium: str | None = None, timeout: float = 120.0) -> Path:
+    """Print ``page`` to ``pdf`` as the browser's print dialog would (print CSS applied)."""
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("chromium is not installed (Debian / Ubuntu: apt-get install chromium)")
+    pdf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="agcnn-chromium-") as tmp:
+        cmd = [chromium, *FLAGS, f"--user-data-dir={tmp}/profile", "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
+               Path(page).resolve().as_uri()]
+        subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    return pdf
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("page", type=Path)

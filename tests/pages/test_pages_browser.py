@@ -80,6 +80,10 @@ def test_evaluate_page_in_chromium(evaluate_dir, tmp_path):
         value, _ = _data_value(dom, data_branch="fusion", data_key=name)
         assert value == ("" if v is None else repr(float(v)))
     assert 'alt="ROC curves per finding"' in dom and "Model card" in dom
+    # Printable: the print style applies and the PDF holds the pictures (far more than text alone).
+    pdf = chromium_page.print_pdf(page, ARTIFACTS / "report-evaluate.pdf")
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF") and len(data) > 50_000 and data.count(b"/Type /Page") + data.count(b"/Type/Page") >= 2
 
 
 def test_predict_page_in_chromium_lists_the_out_of_scope_files(predict_dir, tmp_path):
