@@ -76,8 +76,6 @@ INTENDED_USE = (
 LIMITATIONS = (
     "Trained and validated on the data named under 'Training data' only: performance on another hospital's "
     "equipment, population or view mix is unknown until measured there (agcnn evaluate on a labelled sample).",
-    "ChestX-ray14 labels were mined from reports by natural-language processing and are noisy (Wang et al. 2017); "
-    "the AUCs are agreement with those labels, not with radiologists.",
     "Frontal (PA / AP) chest radiographs only; other body parts and lateral views are refused unless the "
     "scope checks are switched off.",
     "The attended box and the class activation maps show where the model looked, not why; a box on the right "
@@ -304,7 +302,14 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
                             fields=op_fields, table=op_table))
 
     sections.append(Section("Intended use", "TRIPOD+AI 3c; CLAIM 39", fields=[("use", INTENDED_USE)]))
-    sections.append(Section("Known limitations", "TRIPOD+AI 26; CLAIM 38", notes=list(LIMITATIONS)))
+    data_limits = {
+        "chestxray14": "ChestX-ray14 labels were mined from reports by natural-language processing and are noisy "
+                       "(Wang et al. 2017): the AUCs are agreement with those labels, not with radiologists.",
+        "synthetic": "Trained on generated phantoms (agcnn.data.synthetic): the weights show that the pipeline "
+                     "works and say nothing about real radiographs.",
+    }
+    limits = [*LIMITATIONS[:1], *([data_limits[d["dataset"]]] if d.get("dataset") in data_limits else []), *LIMITATIONS[1:]]
+    sections.append(Section("Known limitations", "TRIPOD+AI 26; CLAIM 38", notes=limits))
     sections.append(Section("Versions", "TRIPOD+AI 18f; CLAIM 23", fields=[
         ("trained with", f"agcnn {ckpt.get('agcnn_version', 'n/a')}"),
         ("card written by", f"agcnn {__version__}, Python {platform.python_version()}{_torch_version()}"),

@@ -65,6 +65,7 @@ def test_card_without_records_says_not_recorded(untrained_checkpoint, tmp_path, 
     assert main(["card", str(path)]) == 0
     text = capsys.readouterr().out
     assert "records no split" in text and "not recorded in this checkpoint" in text and "none stored" in text
+    assert "say nothing about real radiographs" in text and "natural-language" not in text  # a phantom model
 
 
 def test_card_takes_intervals_from_an_evaluation_of_the_same_checkpoint(untrained_checkpoint, tmp_path, capsys):
