@@ -191,3 +191,16 @@ def test_card_section_notes_a_checkpoint_that_moved(evaluate_dir, tmp_path):
 def test_report_of_a_folder_of_nothing_exits_2(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "auc.json" in capsys.readouterr().err
+
+
+def test_cases_are_the_surest_calls_right_and_wrong():
+    from agcnn.pages.cases import choose_cases, thresholds_of
+
+    preds = pd.DataFrame({"Nodule": [1, 1, 0, 0, 1, None, 1], "p_fusion_Nodule": [0.9, 0.6, 0.8, 0.3, 0.1, 0.99, 0.4]})
+    assert choose_cases(preds, "Nodule", 0.5, 1) == {"TP": [0], "FP": [2], "FN": [4]}
+    # A missing label is neither right nor wrong; the lowest-scored positive is the surest miss.
+    assert choose_cases(preds, "Nodule", 0.5, 2) == {"TP": [0, 1], "FP": [2], "FN": [4, 6]}
+    assert choose_cases(preds, "Nodule", 0.95, 3) == {"TP": [], "FP": [], "FN": [4, 6, 1]}
+    assert thresholds_of({}, ["Nodule"]) == ({"Nodule": 0.5}, "probability 0.5 (the checkpoint stores no operating points)")
+    scored = {"operating_points_scored": {"branch": "fusion", "classes": {"Nodule": {"threshold": 0.3}}}}
+    assert thresholds_of(scored, ["Nodule"])[0] == {"Nodule": 0.3}
