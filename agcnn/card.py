@@ -146,9 +146,6 @@ def departures(cfg: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             keys = [key]
         for k in keys:
             here = _get(cfg, k)
-            if k.startswith("train.") and here is None and k.count(".") == 2:
-                # The config calls the global stage's section "global" in YAML; some dumps use "global_".
-                here = _get(cfg, k.replace("train.global.", "train.global_."))
             if key == "model.pretrained":
                 if here not in (None, "", False, "none", "random"):
                     continue  # any ImageNet start, from a named file or the enum, is the paper's
@@ -234,7 +231,7 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
     deps = departures(cfg)
     stages = []
     for s in STAGE_NAMES:
-        st = t.get(s) or t.get(f"{s}_") or {}
+        st = t.get(s) or {}
         if st:
             stages.append(f"{s}: {st.get('optimizer', 'sgd')} lr {st.get('lr')} ({st.get('schedule', 'step')}), "
                           f"{st.get('epochs')} epochs, batch {st.get('batch_size')}")
