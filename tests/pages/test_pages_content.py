@@ -204,3 +204,15 @@ def test_cases_are_the_surest_calls_right_and_wrong():
     assert thresholds_of({}, ["Nodule"]) == ({"Nodule": 0.5}, "probability 0.5 (the checkpoint stores no operating points)")
     scored = {"operating_points_scored": {"branch": "fusion", "classes": {"Nodule": {"threshold": 0.3}}}}
     assert thresholds_of(scored, ["Nodule"])[0] == {"Nodule": 0.3}
+
+
+def test_evaluate_writes_its_page_unless_asked_not_to(phantom_checkpoint, tmp_path, capsys):
+    args = ["evaluate", "--checkpoint", str(phantom_checkpoint), "--split", "test", "--bootstrap", "0",
+            "--num-workers", "0", "--device", "cpu", "--no-roc"]
+    assert main([*args, "--out", str(tmp_path / "with")]) == 0
+    assert f"{tmp_path / 'with'}/report.html" in capsys.readouterr().out
+    auc = json.loads((tmp_path / "with" / "auc.json").read_text())
+    (mean,) = parse(tmp_path / "with" / "report.html").find(data_branch="fusion", data_key="mean")
+    assert float(mean[1]["data-value"]) == auc["branches"]["fusion"]["mean_auc"]
+    assert main([*args, "--out", str(tmp_path / "without"), "--no-html"]) == 0
+    assert not (tmp_path / "without" / "report.html").exists() and (tmp_path / "without" / "auc.json").is_file()
