@@ -12,11 +12,12 @@ from agcnn.report import PAPER_NOTE
 BRANCHES = ("global", "local", "fusion")
 
 
-def _ece(r: dict[str, Any], labels: list[str]) -> tuple[float | None, dict[str, float | None]]:
+def calibration_error(r: dict[str, Any], labels: list[str]) -> tuple[float | None, dict[str, float | None]]:
     """A branch's calibration error, as a number for the branch and per finding, where recorded.
 
-    ``ece`` may be a number (the branch's) or a mapping (per finding, with ``mean`` for the
-    branch); ``ece_per_class`` / ``ece_by_finding`` hold the per-finding values where kept apart.
+    ``ece`` may be a number (the branch's) or a mapping: per finding by name or under
+    ``per_class`` / ``per_finding``, with ``mean`` for the branch; ``ece_per_class`` /
+    ``ece_by_finding`` beside it hold the per-finding values where kept apart.
     """
     value = r.get("ece")
     per: dict[str, float | None] = {}
@@ -24,8 +25,11 @@ def _ece(r: dict[str, Any], labels: list[str]) -> tuple[float | None, dict[str, 
     if isinstance(value, (int, float)):
         mean = float(value)
     elif isinstance(value, dict):
-        mean = value.get("mean") if isinstance(value.get("mean"), (int, float)) else None
+        mean = next((value[k] for k in ("mean", "branch", "overall") if isinstance(value.get(k), (int, float))), None)
         per = {n: value.get(n) for n in labels if isinstance(value.get(n), (int, float))}
+        for key in ("per_class", "per_finding", "by_finding", "classes"):
+            if isinstance(value.get(key), dict):
+                per.update({n: value[key][n] for n in labels if isinstance(value[key].get(n), (int, float))})
     for key in ("ece_per_class", "ece_by_finding", "ece_per_finding"):
         if isinstance(r.get(key), dict):
             per.update({n: r[key].get(n) for n in labels if isinstance(r[key].get(n), (int, float))})
@@ -37,7 +41,7 @@ def auc_table(auc: dict[str, Any]) -> str:
     labels = list(auc["labels"])
     branches = auc["branches"]
     shown = [b for b in BRANCHES if branches.get(b, {}).get("trained")]
-    eces = {b: _ece(branches[b], labels) for b in shown}
+    eces = {b: calibration_error(branches[b], labels) for b in shown}
     with_ece = [b for b in shown if eces[b][0] is not None or eces[b][1]]
     header = ["finding", "positives", *(f"{b} AUC [95 % CI]" for b in shown), *(f"{b} ECE" for b in with_ece)]
 
@@ -122,7 +126,7 @@ def sections(folder: Path, auc: dict[str, Any], *, cases: int = 2, data_root: st
             f"<p>{esc(_split_text(auc))}</p>{auc_table(auc)}<p class=\"note\">{esc(PAPER_NOTE)}</p>")]
     if (folder / "roc.png").is_file():
         out.append(("roc", "ROC curves", img(file_uri(folder / "roc.png"), "ROC curves per finding")))
-    has_ece = any(_ece(r, list(auc["labels"]))[0] is not None for r in auc["branches"].values() if r.get("trained"))
+    has_ece = any(calibration_error(r, list(auc["labels"]))[0] is not None for r in auc["branches"].values() if r.get("trained"))
     if (folder / "reliability.png").is_file() or has_ece:
         body = ""
         if (folder / "reliability.png").is_file():

@@ -216,3 +216,12 @@ def test_evaluate_writes_its_page_unless_asked_not_to(phantom_checkpoint, tmp_pa
     assert float(mean[1]["data-value"]) == auc["branches"]["fusion"]["mean_auc"]
     assert main([*args, "--out", str(tmp_path / "without"), "--no-html"]) == 0
     assert not (tmp_path / "without" / "report.html").exists() and (tmp_path / "without" / "auc.json").is_file()
+
+
+@pytest.mark.parametrize("ece", [{"mean": 0.05, "per_class": {"Mass": 0.07}}, {"mean": 0.05, "Mass": 0.07}])
+def test_calibration_error_in_either_shape(ece):
+    from agcnn.pages.evaluate import calibration_error
+
+    assert calibration_error({"ece": ece}, ["Mass", "Nodule"]) == (0.05, {"Mass": 0.07})
+    assert calibration_error({"ece": 0.05, "ece_per_class": {"Mass": 0.07}}, ["Mass"]) == (0.05, {"Mass": 0.07})
+    assert calibration_error({}, ["Mass"]) == (None, {})
