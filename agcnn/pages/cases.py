@@ -81,7 +81,7 @@ def render_strips(auc: dict[str, Any], folder: Path, n: int, *, data_root: str |
         drawn = _score_rows(auc, ckpt_path, preds, rows, chosen, data_root)
     except Exception as e:  # noqa: BLE001 - a missing image or moved data must not cost the page
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return {}, f"The cases could not be drawn: {first}", how
+        return {}, f"The cases could not be drawn: {first} (agcnn report --data-root DIR names where the images are now)", how
     out = {}
     for f, picks in chosen.items():
         listed = [(kind, str(preds["path"].iloc[i]), float(preds[f"p_fusion_{f}"].iloc[i])) for kind in KINDS for i in picks[kind]]
@@ -109,7 +109,8 @@ def _score_rows(auc, ckpt_path: Path, preds: pd.DataFrame, rows: list[int], chos
     data = Config.from_dict(raw).data
     labels = list(ckpt["labels"])
     table = preds.iloc[rows][["path", *labels]].reset_index(drop=True)
-    dataset = XrayDataset(table, labels, root=data.root, transform=transforms_from_config(data, train=False), name="cases")
+    root = data.root if data_root else _image_root(auc, data.root, str(table["path"].iloc[0]))
+    dataset = XrayDataset(table, labels, root=root, transform=transforms_from_config(data, train=False), name="cases")
     model.eval()
     out = {}
     # A batch of films at a time: one pass gives the boxes and every wanted finding's map.
@@ -128,6 +129,19 @@ def _score_rows(auc, ckpt_path: Path, preds: pd.DataFrame, rows: list[int], chos
                 "cams": {labels[c]: ex.maps["fusion"][k, i].float().numpy() for i, c in enumerate(wanted[k])},
             }
     return out
+
+
+def _image_root(auc: dict[str, Any], root: str, first: str) -> str:
+    """Where evaluate read the images: ``data.root``, or for a table given by file (``--split
+    FILE.csv``) its folder, which evaluate reads relative paths from unless ``data.root`` was set."""
+    from agcnn.data.cache import resolve
+
+    source = str(auc.get("split", {}).get("source", ""))
+    if source.startswith("the table ") and not Path(resolve(first, Path(root))).exists():
+        table_dir = Path(source[len("the table "):]).parent
+        if Path(resolve(first, table_dir)).exists():
+            return str(table_dir)
+    return root
 
 
 def _strip_figure(finding: str, picks: dict[str, list[int]], drawn: dict, preds: pd.DataFrame):

@@ -225,3 +225,23 @@ def test_calibration_error_in_either_shape(ece):
     assert calibration_error({"ece": ece}, ["Mass", "Nodule"]) == (0.05, {"Mass": 0.07})
     assert calibration_error({"ece": 0.05, "ece_per_class": {"Mass": 0.07}}, ["Mass"]) == (0.05, {"Mass": 0.07})
     assert calibration_error({}, ["Mass"]) == (None, {})
+
+
+def test_cases_of_a_table_given_by_file_are_read_from_its_folder(phantom_checkpoint, tmp_path):
+    # evaluate --split FILE.csv reads relative paths from the file's folder, not data.root.
+    from agcnn.checkpoint import load_checkpoint
+    from agcnn.evaluate import evaluate_checkpoint
+
+    root = Path(load_checkpoint(phantom_checkpoint)["config"]["data"]["root"])
+    table = pd.read_csv(root / "labels.csv").head(12)
+    (tmp_path / "mine" / "films").mkdir(parents=True)
+    for i, p in enumerate(table["path"]):
+        shutil.copyfile(root / p, tmp_path / "mine" / "films" / f"{i}.png")
+    table["path"] = [f"films/{i}.png" for i in range(len(table))]  # no such file under data.root
+    table.to_csv(tmp_path / "mine" / "table.csv", index=False)
+    out = tmp_path / "ev"
+    evaluate_checkpoint(phantom_checkpoint, split=str(tmp_path / "mine" / "table.csv"), out_dir=out, device="cpu",
+                        num_workers=0, bootstrap=0, roc=False, html=False)
+    write_report(out, cases=1)
+    text = (out / "report.html").read_text()
+    assert 'alt="cases of ' in text and "could not be drawn" not in text
