@@ -17,6 +17,8 @@ Written into ``--out``:
   checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
   left out of every number, and the count is in ``auc.json`` and ``auc.md``.
+* ``report.html`` -- all of it on one offline page with the model card (:mod:`agcnn.pages`;
+  ``--no-html`` leaves it out).
 
 ``--split FILE`` evaluates every row of a CSV table (the columns ``data.path_column``,
 ``data.patient_column`` and ``data.label_map`` of the checkpoint describe it, as in training) with
