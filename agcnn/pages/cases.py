@@ -90,28 +90,26 @@ def render_strips(auc: dict[str, Any], folder: Path, n: int, *, data_root: str |
 
 
 def _score_rows(auc, ckpt_path: Path, preds: pd.DataFrame, rows: list[int], chosen, data_root):
-    """Per row: the model's input picture, the attended box and heatmap, and the fusion CAM of every
-    finding it is a case of (on the image grid it is drawn on)."""
+    """Per row: the model's input picture, the attended box, and the fusion CAM of every finding it
+    is a case of (on the image grid it is drawn on), scored as evaluate scored it (agcnn.inference)."""
     import torch
 
-    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
     from agcnn.config import Config
     from agcnn.data.datasets import XrayDataset
     from agcnn.data.transforms import denormalize, transforms_from_config
-    from agcnn.explain import explain
+    from agcnn.inference import load_for_inference
 
-    ckpt = load_checkpoint(ckpt_path)
-    model, cfg = model_from_checkpoint(ckpt, map_location="cpu")
+    loaded = load_for_inference(ckpt_path, "cpu")
+    cfg = loaded.config
     raw = cfg.to_dict()
     raw["data"] = {**raw["data"], **{k: v for k, v in (auc.get("data") or {}).items() if k in raw["data"]}}
     if data_root:
         raw["data"]["root"] = data_root
     data = Config.from_dict(raw).data
-    labels = list(ckpt["labels"])
+    labels = loaded.labels
     table = preds.iloc[rows][["path", *labels]].reset_index(drop=True)
     root = data.root if data_root else _image_root(auc, data.root, str(table["path"].iloc[0]))
     dataset = XrayDataset(table, labels, root=root, transform=transforms_from_config(data, train=False), name="cases")
-    model.eval()
     out = {}
     # A batch of films at a time: one pass gives the boxes and every wanted finding's map.
     for start in range(0, len(rows), CASE_BATCH):
@@ -119,14 +117,15 @@ def _score_rows(auc, ckpt_path: Path, preds: pd.DataFrame, rows: list[int], chos
         x = torch.stack([dataset[start + k]["image"] for k in range(len(part))])
         wanted = [[labels.index(f) for f, picks in chosen.items() if any(row in v for v in picks.values())] for row in part]
         width = max(len(w) for w in wanted)
-        ex = explain(model, x, torch.tensor([w + [w[0]] * (width - len(w)) for w in wanted]))
+        scored = loaded.score(x, classes=[w + [w[0]] * (width - len(w)) for w in wanted])
+        maps = scored.explanation.maps["fusion"].float().cpu()
         pictures = denormalize(x).mean(1).numpy()  # the grey films as the model saw them, highres grid
         scale = pictures.shape[-1] / cfg.data.image_size
         for k, row in enumerate(part):
             out[row] = {
                 "picture": pictures[k],
-                "box": (ex.boxes[k].float() * scale).tolist(),
-                "cams": {labels[c]: ex.maps["fusion"][k, i].float().numpy() for i, c in enumerate(wanted[k])},
+                "box": (scored.boxes[k].float().cpu() * scale).tolist(),
+                "cams": {labels[c]: maps[k, i].numpy() for i, c in enumerate(wanted[k])},
             }
     return out
 
