@@ -177,13 +177,23 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
                evaluation: dict[str, Any] | None = None) -> Card:
     """The card of a loaded checkpoint. ``evaluation``: an ``auc.json`` of this checkpoint, whose
     per-branch AUCs with intervals then stand beside the validation numbers training recorded."""
-    cfg = ckpt.get("config") or {}
-    labels = list(ckpt.get("labels") or [])
-    m, d, t = cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
     name = Path(path).name if path else "checkpoint"
-    sections = []
+    sections = [_model(ckpt), _initialisation(ckpt), _data(ckpt), _recipe(ckpt), _performance(ckpt, evaluation),
+                _calibration(ckpt), _operating_points(ckpt),
+                Section("Intended use", "TRIPOD+AI 3c; CLAIM 39", fields=[("use", INTENDED_USE)]),
+                _limitations(ckpt), _versions(ckpt, name, sha256)]
+    return Card(title=f"Model card: {name}", sections=sections)
 
-    sections.append(Section("Model", "TRIPOD+AI 12c, 22; CLAIM 22, 31", fields=[
+
+def _parts(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    cfg = ckpt.get("config") or {}
+    return cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
+
+
+def _model(ckpt: dict[str, Any]) -> Section:
+    m, d, _ = _parts(ckpt)
+    labels = list(ckpt.get("labels") or [])
+    return Section("Model", "TRIPOD+AI 12c, 22; CLAIM 22, 31", fields=[
         ("architecture", f"AG-CNN (Guan et al. 2018): global and local {m.get('backbone', 'n/a')} branches"
                          f"{'' if m.get('width', 64) == 64 else ', width ' + str(m.get('width'))} and a fusion head"),
         ("attention blocks", str(m.get("attention", "n/a"))),
@@ -197,24 +207,30 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
         ("stage", f"{ckpt.get('stage') or 'fusion'} (trained branches: "
                   f"{', '.join((ckpt.get('plan') or {}).get('reports', STAGE_NAMES))})"),
         ("explanations", "attended box (the local branch's crop) and class activation maps per finding"),
-    ]))
-    sections.append(Section("Initialisation", "TRIPOD+AI 12c; CLAIM 24", fields=[
-        ("weights at the start", initialisation(cfg)),
+    ])
+
+
+def _initialisation(ckpt: dict[str, Any]) -> Section:
+    _, _, t = _parts(ckpt)
+    return Section("Initialisation", "TRIPOD+AI 12c; CLAIM 24", fields=[
+        ("weights at the start", initialisation(ckpt.get("config") or {})),
         ("local branch", "copy of the trained global branch" if t.get("local_from_global") else "as the global branch"),
         ("fusion layer", "starts as the global classifier" if t.get("fusion_from_global") else "random"),
-    ]))
+    ])
 
+
+def _data(ckpt: dict[str, Any]) -> Section:
+    _, d, _ = _parts(ckpt)
     split = ckpt.get("split")
-    data_fields = [("data set", str(d.get("dataset", "n/a"))),
-                   ("tables / lists", ", ".join(f"{k} {d[k]}" for k in ("metadata", "train_list", "val_list", "test_list")
-                                                if d.get(k)) or "defaults of the data set"),
-                   ("views", ", ".join(d.get("views") or []) or "all frontal (PA and AP)")]
-    table = None
-    notes = []
+    fields = [("data set", str(d.get("dataset", "n/a"))),
+              ("tables / lists", ", ".join(f"{k} {d[k]}" for k in ("metadata", "train_list", "val_list", "test_list")
+                                           if d.get(k)) or "defaults of the data set"),
+              ("views", ", ".join(d.get("views") or []) or "all frontal (PA and AP)")]
+    table, notes = None, []
     if split:
         s = split.get("settings", {})
-        data_fields.append(("split", f"patient-wise; validation fraction {s.get('val_fraction')}, test fraction "
-                                     f"{s.get('test_fraction')}, seed {s.get('split_seed')}"))
+        fields.append(("split", f"patient-wise; validation fraction {s.get('val_fraction')}, test fraction "
+                                f"{s.get('test_fraction')}, seed {s.get('split_seed')}"))
         table = (["partition", "images", "patients"],
                  [[p, str(split[p].get("images", "n/a")), str(split[p].get("patients", "n/a"))] for p in ("train", "val")
                   if p in split])
@@ -222,98 +238,103 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
                      "salted hashes of the training patients, so an evaluation that overlaps them is refused.")
     else:
         notes.append("The checkpoint records no split (written before agcnn recorded it): counts not recorded.")
-    left = ckpt.get("left_out")
-    if left:
-        notes.append(f"{len(left)} listed images were left out of training as unreadable.")
-    sections.append(Section("Training data and split", "TRIPOD+AI 5a, 12a, 20a; CLAIM 7, 20, 21",
-                            fields=data_fields, table=table, notes=notes))
+    if ckpt.get("left_out"):
+        notes.append(f"{len(ckpt['left_out'])} listed images were left out of training as unreadable.")
+    return Section("Training data and split", "TRIPOD+AI 5a, 12a, 20a; CLAIM 7, 20, 21", fields=fields, table=table,
+                   notes=notes)
 
-    deps = departures(cfg)
-    stages = []
-    for s in STAGE_NAMES:
-        st = t.get(s) or {}
-        if st:
-            stages.append(f"{s}: {st.get('optimizer', 'sgd')} lr {st.get('lr')} ({st.get('schedule', 'step')}), "
-                          f"{st.get('epochs')} epochs, batch {st.get('batch_size')}")
-    sections.append(Section("Recipe", "TRIPOD+AI 12c; CLAIM 25, 26", fields=[
+
+def _recipe(ckpt: dict[str, Any]) -> Section:
+    _, d, t = _parts(ckpt)
+    deps = departures(ckpt.get("config") or {})
+    stages = [f"{s}: {st.get('optimizer', 'sgd')} lr {st.get('lr')} ({st.get('schedule', 'step')}), "
+              f"{st.get('epochs')} epochs, batch {st.get('batch_size')}" for s in STAGE_NAMES if (st := t.get(s))]
+    return Section("Recipe", "TRIPOD+AI 12c; CLAIM 25, 26", fields=[
         ("stages", "; ".join(stages) or "not recorded"),
         ("augmentation", f"{d.get('augment', 'n/a')}" + (f", crop scale {d.get('crop_scale')}" if d.get("augment") == "resized_crop" else "")),
         ("model selection", f"best validation mean AUC of the scored branch (epoch {ckpt.get('best_epoch', 'n/a')} of "
                             f"{ckpt.get('epoch', 'n/a')})"),
         ("precision", f"inference at {t.get('inference_precision', 'fp32')}; training amp {t.get('amp')}"),
         ("departures from the paper", f"{len(deps)}" if deps else "none: the paper's recipe"),
-    ], table=(["setting", "paper", "this model", "paper reference"], [list(r) for r in deps]) if deps else None))
+    ], table=(["setting", "paper", "this model", "paper reference"], [list(r) for r in deps]) if deps else None)
 
-    val = ckpt.get("val_auc") or {}
-    perf_rows = []
-    for b in STAGE_NAMES:
-        per = _per_class(val.get(b), labels)
-        if per:
-            perf_rows.append([f"{b} (validation, training run)", _fmt(_mean(per)), "not recorded",
-                              str((split or {}).get("val", {}).get("images", "n/a"))])
-    perf_notes = ["Validation: the split the final epoch was chosen on, so these numbers are optimistic."]
+
+def _performance(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> Section:
+    labels = list(ckpt.get("labels") or [])
+    val, split = ckpt.get("val_auc") or {}, ckpt.get("split") or {}
+    rows = [[f"{b} (validation, training run)", _fmt(_mean(per)), "not recorded", str(split.get("val", {}).get("images", "n/a"))]
+            for b in STAGE_NAMES if (per := _per_class(val.get(b), labels))]
+    notes = ["Validation: the split the final epoch was chosen on, so these numbers are optimistic."]
     if evaluation:
-        ev_split = evaluation.get("split", {})
+        name = evaluation.get("split", {}).get("name", "?")
         for b, r in evaluation.get("branches", {}).items():
             if r.get("trained"):
                 lo, hi = r.get("mean_ci") or [None, None]
-                perf_rows.append([f"{b} ({ev_split.get('name', '?')} split, agcnn evaluate)", _fmt(r.get("mean_auc")),
-                                  f"{_fmt(lo)}-{_fmt(hi)}" if lo is not None else "none computed",
-                                  str(evaluation.get("n_images", "n/a"))])
+                rows.append([f"{b} ({name} split, agcnn evaluate)", _fmt(r.get("mean_auc")),
+                             f"{_fmt(lo)}-{_fmt(hi)}" if lo is not None else "none computed",
+                             str(evaluation.get("n_images", "n/a"))])
         bs = evaluation.get("bootstrap", {})
         if bs.get("n"):
-            perf_notes.append(f"Intervals: {100 * (1 - bs.get('alpha', 0.05)):.0f} % percentile bootstrap over "
-                              f"{'patients' if bs.get('unit') == 'patient' else 'images'}, {bs['n']} resamples.")
+            notes.append(f"Intervals: {100 * (1 - bs.get('alpha', 0.05)):.0f} % percentile bootstrap over "
+                         f"{'patients' if bs.get('unit') == 'patient' else 'images'}, {bs['n']} resamples.")
     else:
-        perf_notes.append("Intervals are computed by `agcnn evaluate` (its report shows them beside this card).")
-    sections.append(Section("Performance (mean AUC over the findings)", "TRIPOD+AI 12e, 23a; CLAIM 28, 29, 35",
-                            table=(["branch and data", "mean AUC", "95 % interval", "images"], perf_rows),
-                            notes=perf_notes))
+        notes.append("Intervals are computed by `agcnn evaluate` (its report shows them beside this card).")
+    return Section("Performance (mean AUC over the findings)", "TRIPOD+AI 12e, 23a; CLAIM 28, 29, 35",
+                   table=(["branch and data", "mean AUC", "95 % interval", "images"], rows), notes=notes)
 
+
+def _calibration(ckpt: dict[str, Any]) -> Section:
+    """Whatever the checkpoint's ``calibration`` entry records, value by value."""
     cal = ckpt.get("calibration")
-    cal_fields, cal_table = [], None
+    fields = []
     if isinstance(cal, dict) and cal:
         for k, v in cal.items():
             if isinstance(v, (str, int, float, bool)) or v is None:
-                cal_fields.append((str(k), _fmt(v)))
+                fields.append((str(k), _fmt(v)))
             elif isinstance(v, dict) and all(isinstance(x, (int, float, type(None))) for x in v.values()):
-                cal_fields.append((str(k), ", ".join(f"{a} {_fmt(x)}" for a, x in v.items())))
+                fields.append((str(k), ", ".join(f"{a} {_fmt(x)}" for a, x in v.items())))
             else:
-                cal_fields.append((str(k), "recorded (see the checkpoint)"))
+                fields.append((str(k), "recorded (see the checkpoint)"))
     else:
-        cal_fields.append(("calibration", "not recorded in this checkpoint"))
-    sections.append(Section("Calibration", "TRIPOD+AI 12e, 23a", fields=cal_fields, table=cal_table))
+        fields.append(("calibration", "not recorded in this checkpoint"))
+    return Section("Calibration", "TRIPOD+AI 12e, 23a", fields=fields)
 
+
+def _operating_points(ckpt: dict[str, Any]) -> Section:
+    labels = list(ckpt.get("labels") or [])
     ops = ckpt.get("operating_points") or {}
-    op_fields, op_table = [], None
+    fields, table = [], None
     if ops:
         info = ckpt.get("operating_points_info") or {}
-        op_fields.append(("rule", f"{info.get('rule', 'youden')} on the {info.get('split', 'val')} split"
-                                  + (f" ({info['n_images']} images)" if info.get("n_images") else "")))
+        fields.append(("rule", f"{info.get('rule', 'youden')} on the {info.get('split', 'val')} split"
+                               + (f" ({info['n_images']} images)" if info.get("n_images") else "")))
         branches = [b for b in STAGE_NAMES if b in ops]
-        op_table = (["finding", *branches], [[n, *(_fmt(_per_class(ops[b], labels).get(n)) for b in branches)]
-                                             for n in labels])
+        table = (["finding", *branches], [[n, *(_fmt(_per_class(ops[b], labels).get(n)) for b in branches)] for n in labels])
     else:
-        op_fields.append(("operating points", "none stored: predict writes probabilities without calls"))
-    sections.append(Section("Operating points (probability at which a finding is called)", "TRIPOD+AI 15",
-                            fields=op_fields, table=op_table))
+        fields.append(("operating points", "none stored: predict writes probabilities without calls"))
+    return Section("Operating points (probability at which a finding is called)", "TRIPOD+AI 15", fields=fields,
+                   table=table)
 
-    sections.append(Section("Intended use", "TRIPOD+AI 3c; CLAIM 39", fields=[("use", INTENDED_USE)]))
+
+def _limitations(ckpt: dict[str, Any]) -> Section:
+    _, d, _ = _parts(ckpt)
     data_limits = {
         "chestxray14": "ChestX-ray14 labels were mined from reports by natural-language processing and are noisy "
                        "(Wang et al. 2017): the AUCs are agreement with those labels, not with radiologists.",
         "synthetic": "Trained on generated phantoms (agcnn.data.synthetic): the weights show that the pipeline "
                      "works and say nothing about real radiographs.",
     }
-    limits = [*LIMITATIONS[:1], *([data_limits[d["dataset"]]] if d.get("dataset") in data_limits else []), *LIMITATIONS[1:]]
-    sections.append(Section("Known limitations", "TRIPOD+AI 26; CLAIM 38", notes=limits))
-    sections.append(Section("Versions", "TRIPOD+AI 18f; CLAIM 23", fields=[
+    own = [data_limits[d["dataset"]]] if d.get("dataset") in data_limits else []
+    return Section("Known limitations", "TRIPOD+AI 26; CLAIM 38", notes=[*LIMITATIONS[:1], *own, *LIMITATIONS[1:]])
+
+
+def _versions(ckpt: dict[str, Any], name: str, sha256: str | None) -> Section:
+    return Section("Versions", "TRIPOD+AI 18f; CLAIM 23", fields=[
         ("trained with", f"agcnn {ckpt.get('agcnn_version', 'n/a')}"),
         ("card written by", f"agcnn {__version__}, Python {platform.python_version()}{_torch_version()}"),
         ("checkpoint", f"{name}" + (f", sha256 {sha256}" if sha256 else "")),
         ("code", "agcnn (Apache-2.0), AG-CNN after Guan et al., arXiv:1801.09927"),
-    ]))
-    return Card(title=f"Model card: {name}", sections=sections)
+    ])
 
 
 def _torch_version() -> str:

@@ -427,19 +427,10 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     text = json.dumps(report, indent=1, default=str, allow_nan=False) + "\n"
     atomic_write_bytes(Path(o.out) / "auc.json", lambda f: f.write(text.encode()))
     if o.html:
-        write_html_report(Path(o.out))
+        from agcnn.pages import write_report_or_warn
+
+        write_report_or_warn(o.out)
     return report
-
-
-def write_html_report(out: Path) -> Path | None:
-    """``report.html`` beside the numbers; a page that cannot be drawn costs a warning, not the evaluation."""
-    from agcnn.pages import write_report
-
-    try:
-        return write_report(out)
-    except Exception as e:  # noqa: BLE001 - the numbers are written; the page is their view
-        log.warning("report.html not written (%s: %s); `agcnn report %s` retries", type(e).__name__, e, out)
-        return None
 
 
 def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_name: str, set_keys: list[str]):

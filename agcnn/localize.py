@@ -478,7 +478,6 @@ class LocalizeOptions:
     batch_size: int = 16
     device: str = "auto"
     cases: int = 4
-    html: bool = True  # also report.html (agcnn.pages)
 
     def check(self) -> LocalizeOptions:
         """Raise :class:`UsageError` for an option that cannot work; nothing is read or written yet."""
@@ -508,9 +507,10 @@ def localize_checkpoint(
 
 def localize(options: LocalizeOptions) -> dict[str, Any]:
     """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
-    ``localization_boxes.csv``, ``localization_cases.png``, with ``html`` ``report.html``) into
-    ``options.out``; return the report."""
+    ``localization_boxes.csv``, ``localization_cases.png``, ``report.html``) into ``options.out``;
+    return the report."""
     from agcnn.inference import load_for_inference
+    from agcnn.pages import write_report_or_warn
 
     o = options.check()
     loaded = load_for_inference(o.checkpoint, o.device)
@@ -543,13 +543,7 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
     _write_report(Path(o.out), report, summary, scores)
     method = "fusion_cam" if "fusion_cam" in methods else methods[-1]
     report["cases"] = write_cases(Path(o.out) / "localization_cases.png", scores, inputs, method=method, n=o.cases) if o.cases else False
-    if o.html:
-        from agcnn.pages import write_report
-
-        try:
-            write_report(o.out)
-        except Exception as e:  # noqa: BLE001 - the numbers are written; the page is their view
-            log.warning("report.html not written (%s: %s); `agcnn report %s` retries", type(e).__name__, e, o.out)
+    write_report_or_warn(o.out)  # report.html: the tables, the cases and the model card on one page
     return report
 
 
@@ -583,15 +577,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
-    parser.add_argument("--no-html", dest="html", action="store_false",
-                        help="skip report.html (the page `agcnn report` writes: tables, cases, model card)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = localize(LocalizeOptions(
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
         explain=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, cases=args.cases, html=args.html,
+        device=args.device, cases=args.cases,
     ))
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0

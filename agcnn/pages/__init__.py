@@ -21,11 +21,14 @@ Content-Security-Policy that forbids any other source, every string escaped.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agcnn.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("evaluate", "predict", "localize", "demo")
 REPORT_NAME = "report.html"
@@ -150,3 +153,13 @@ def write_report(folder: str | Path, *, kind: str | None = None, cases: int = 2,
     out = folder / REPORT_NAME
     atomic_write_bytes(out, lambda f: f.write(text.encode("utf-8")))
     return out
+
+
+def write_report_or_warn(folder: str | Path) -> Path | None:
+    """:func:`write_report` at the end of a command: the numbers are written, the page is their
+    view, so a page that cannot be drawn costs a warning naming ``agcnn report``, not the run."""
+    try:
+        return write_report(folder)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the command's own files stand
+        log.warning("report.html not written (%s: %s); `agcnn report %s` retries", type(e).__name__, e, folder)
+        return None

@@ -6,7 +6,7 @@
   yet written).
 * ``predict_dir`` -- ``agcnn predict --overlays`` over three chest DICOM files, one skull film
   (out of scope), one HTML page saved as ``.dcm`` and one file whose name holds markup.
-* ``localize_dir`` -- ``agcnn localize`` against the phantoms' boxes.
+* ``localize_dir`` -- ``agcnn localize`` against the phantoms' boxes (which writes its page too).
 * ``demo_dir`` -- a folder laid out as ``agcnn demo`` leaves it (evaluation/, predictions/, run/).
 """
 
@@ -81,7 +81,7 @@ def localize_dir(phantom_checkpoint, tmp_path_factory) -> Path:
 
     root = Path(load_checkpoint(phantom_checkpoint)["config"]["data"]["root"])
     out = tmp_path_factory.mktemp("pages-localize")
-    localize_checkpoint(phantom_checkpoint, root / "boxes.csv", root, out, bootstrap=20, device="cpu", cases=2, html=False)
+    localize_checkpoint(phantom_checkpoint, root / "boxes.csv", root, out, bootstrap=20, device="cpu", cases=2)
     return out
 
 
