@@ -284,20 +284,28 @@ def _performance(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> Sec
 
 
 def _calibration(ckpt: dict[str, Any]) -> Section:
-    """Whatever the checkpoint's ``calibration`` entry records, value by value."""
+    """The checkpoint's ``calibration`` record (``agcnn calibrate``): method, the data it was fitted
+    on, the expected calibration error before and after; any other plain value as it is."""
     cal = ckpt.get("calibration")
-    fields = []
-    if isinstance(cal, dict) and cal:
-        for k, v in cal.items():
-            if isinstance(v, (str, int, float, bool)) or v is None:
-                fields.append((str(k), _fmt(v)))
-            elif isinstance(v, dict) and all(isinstance(x, (int, float, type(None))) for x in v.values()):
-                fields.append((str(k), ", ".join(f"{a} {_fmt(x)}" for a, x in v.items())))
-            else:
-                fields.append((str(k), "recorded (see the checkpoint)"))
-    else:
-        fields.append(("calibration", "not recorded in this checkpoint"))
-    return Section("Calibration", "TRIPOD+AI 12e, 23a", fields=fields)
+    if not isinstance(cal, dict) or not cal:
+        return Section("Calibration", "TRIPOD+AI 12e, 23a", fields=[("calibration", "not recorded in this checkpoint")])
+    fields = [(k, _fmt(cal[k])) for k in ("method", "id") if k in cal]
+    data = cal.get("data")
+    if isinstance(data, dict):
+        fields.append(("fitted on", f"{data.get('name', 'n/a')}: {data.get('images', 'n/a')} images"
+                                    + (f" of {data['patients']} patients" if data.get("patients") else "")))
+    rows = []
+    for b in STAGE_NAMES:
+        before, after = (cal.get(k, {}).get(b) for k in ("ece_before", "ece_after"))
+        if isinstance(before, dict) and isinstance(after, dict):
+            rows.append([b, *(_fmt(x.get(binning)) for binning in ("width", "mass") for x in (before, after))])
+    for k, v in cal.items():
+        if k not in ("method", "id", "data", "branches", "ece_before", "ece_after") and (
+                isinstance(v, (str, int, float, bool)) or v is None):
+            fields.append((str(k), _fmt(v)))
+    table = (["branch", "ECE before (equal width)", "after", "ECE before (equal mass)", "after"], rows) if rows else None
+    notes = ["Expected calibration error (mean over the findings) on the data the calibration was fitted on."] if rows else []
+    return Section("Calibration", "TRIPOD+AI 12e, 23a", fields=fields, table=table, notes=notes)
 
 
 def _operating_points(ckpt: dict[str, Any]) -> Section:

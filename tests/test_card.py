@@ -38,21 +38,20 @@ def test_demo_departures_are_named_with_both_values():
     assert set(k.split(".")[0] for k in PAPER_RECIPE) == {"model", "data", "train"}
 
 
-def test_card_reads_split_operating_points_and_calibration_from_the_checkpoint(untrained_checkpoint, tmp_path):
+def test_card_reads_split_and_operating_points_from_the_checkpoint(untrained_checkpoint, tmp_path):
     split = {"version": 1, "settings": {"val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 3},
              "train": {"images": 812, "patients": 345}, "val": {"images": 97, "patients": 41}, "salt": "x",
              "train_patients": []}
     thresholds = [0.25] * 13 + [float("nan")]
     path = untrained_checkpoint(tmp_path / "c.pt", stage="fusion", split=split, operating_points={"fusion": thresholds},
                                 operating_points_info={"rule": "youden", "split": "val", "n_images": 97},
-                                val_auc={"fusion": [0.8] * 13 + [float("nan")]},
-                                calibration={"method": "temperature", "ece_before": 0.081, "ece_after": 0.023})
+                                val_auc={"fusion": [0.8] * 13 + [float("nan")]})
     out = tmp_path / "card.md"
     assert main(["card", str(path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| train | 812 | 345 |" in text and "| val | 97 | 41 |" in text and "seed 3" in text
     assert "| Nodule | 0.250 |" in text and "| Hernia | n/a |" in text and "(97 images)" in text
-    assert "ece_after**: 0.023" in text and "temperature" in text
+    assert "not recorded in this checkpoint" in text  # no calibration stored
     assert "| fusion (validation, training run) | 0.800 |" in text
     assert "Research use only, not for diagnosis" in text
     for item in ("TRIPOD+AI 3c", "CLAIM 24", "TRIPOD+AI 26", "CLAIM 23"):
@@ -99,3 +98,16 @@ def test_card_of_a_missing_file_exits_2(tmp_path, capsys):
                                              ("/w/resnet50.pth", "resnet50.pth")])
 def test_initialisation_reads_model_pretrained(value, expected):
     assert expected in initialisation({"model": {"pretrained": value}})
+
+
+def test_card_shows_the_calibration_agcnn_calibrate_stores(untrained_checkpoint, tmp_path, capsys):
+    record = {"id": "a1b2c3d4e5f6", "method": "isotonic", "branches": {"fusion": {}},
+              "data": {"name": "the table site.csv", "source": "x", "images": 420, "patients": 180},
+              "ece_before": {"fusion": {"width": 0.081, "mass": 0.092}},
+              "ece_after": {"fusion": {"width": 0.021, "mass": 0.025}}}
+    path = untrained_checkpoint(tmp_path / "cal.pt", calibration=record)
+    assert main(["card", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "**method**: isotonic" in text and "**id**: a1b2c3d4e5f6" in text
+    assert "the table site.csv: 420 images of 180 patients" in text
+    assert "| fusion | 0.081 | 0.021 | 0.092 | 0.025 |" in text

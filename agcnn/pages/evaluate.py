@@ -15,7 +15,9 @@ BRANCHES = ("global", "local", "fusion")
 def calibration_error(r: dict[str, Any], labels: list[str]) -> tuple[float | None, dict[str, float | None]]:
     """A branch's calibration error, as a number for the branch and per finding, where recorded.
 
-    ``ece`` may be a number (the branch's) or a mapping: per finding by name or under
+    ``ece`` is, as ``agcnn evaluate`` writes it, per binning (``width`` / ``mass``) the per-finding
+    ``ece`` and the branch's ``mean`` (the equal-width values are shown); it may also be a number
+    (the branch's) or a mapping: per finding by name or under
     ``per_class`` / ``per_finding``, with ``mean`` for the branch; ``ece_per_class`` /
     ``ece_by_finding`` beside it hold the per-finding values where kept apart.
     """
@@ -24,6 +26,12 @@ def calibration_error(r: dict[str, Any], labels: list[str]) -> tuple[float | Non
     mean = None
     if isinstance(value, (int, float)):
         mean = float(value)
+    elif isinstance(value, dict) and isinstance(value.get("width"), dict):
+        # agcnn evaluate's shape: per binning ("width", "mass") the per-finding "ece" and the "mean";
+        # the equal-width one is what reliability.png draws.
+        width = value["width"]
+        mean = width.get("mean") if isinstance(width.get("mean"), (int, float)) else None
+        per = {n: v for n, v in (width.get("ece") or {}).items() if n in labels and isinstance(v, (int, float))}
     elif isinstance(value, dict):
         mean = next((value[k] for k in ("mean", "branch", "overall") if isinstance(value.get(k), (int, float))), None)
         per = {n: value.get(n) for n in labels if isinstance(value.get(n), (int, float))}
@@ -43,7 +51,7 @@ def auc_table(auc: dict[str, Any]) -> str:
     shown = [b for b in BRANCHES if branches.get(b, {}).get("trained")]
     eces = {b: calibration_error(branches[b], labels) for b in shown}
     with_ece = [b for b in shown if eces[b][0] is not None or eces[b][1]]
-    header = ["finding", "positives", *(f"{b} AUC [95 % CI]" for b in shown), *(f"{b} ECE" for b in with_ece)]
+    header = ["finding", "positives", *(f"{b} AUC [95 % CI]" for b in shown), *(f"{b} ECE (equal width)" for b in with_ece)]
 
     def cell(b: str, v, lo, hi, key: str) -> str:
         ci = f' <span class="ci">[{esc(num(lo))}, {esc(num(hi))}]</span>' if lo is not None else ""

@@ -98,7 +98,10 @@ def test_evaluate_page_shows_the_numbers_of_auc_json(evaluate_dir, tmp_path):
     strips = [a for t, a, _ in cells.elements if t == "img" and a.get("alt", "").startswith("cases of ")]
     assert {a["alt"][len("cases of "):] for a in strips} <= set(positives) and strips
     assert "Model card" in text and "TRIPOD+AI" in text and "Research use only, not for diagnosis" in text
-    assert 'id="calibration"' not in text  # nothing recorded, nothing shown
+    # Evaluate records the calibration error and draws the reliability diagrams: both on the page.
+    ece = auc["branches"]["fusion"]["ece"]["width"]
+    assert 'id="calibration"' in text and 'alt="reliability diagrams"' in text
+    assert f'data-value="{ece["mean"]!r}"' in text
     assert not EXTERNAL.search(text)
 
 
@@ -245,3 +248,20 @@ def test_cases_of_a_table_given_by_file_are_read_from_its_folder(phantom_checkpo
     write_report(out, cases=1)
     text = (out / "report.html").read_text()
     assert 'alt="cases of ' in text and "could not be drawn" not in text
+
+
+def test_calibration_error_as_evaluate_writes_it(evaluate_dir, tmp_path):
+    from agcnn.pages.evaluate import calibration_error
+
+    ece = {"bins": 10, "width": {"ece": {"Mass": 0.07, "Nodule": None}, "mean": 0.05, "mean_ci": [0.03, 0.08],
+                                 "lo": {}, "hi": {}},
+           "mass": {"ece": {"Mass": 0.09}, "mean": 0.06}}
+    assert calibration_error({"ece": ece}, ["Mass", "Nodule"]) == (0.05, {"Mass": 0.07})
+    folder = tmp_path / "ev"
+    shutil.copytree(evaluate_dir, folder)
+    auc = json.loads((folder / "auc.json").read_text())
+    auc["branches"]["fusion"]["ece"] = ece
+    (folder / "auc.json").write_text(json.dumps(auc))
+    write_report(folder, cases=0)
+    text = (folder / "report.html").read_text()
+    assert "fusion ECE (equal width)" in text and 'data-value="0.07"' in text and 'id="calibration"' in text
