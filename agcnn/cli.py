@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("agcnn.dicomnet.send", "send DICOM objects (the SRs and captures predict wrote) to a PACS by C-STORE"),
     "serve": ("agcnn.dicomnet.serve", "a DICOM node: receive images by C-STORE, predict them, send the results back"),
     "phantoms": ("agcnn.data.synthetic", "write a generated phantom data set (PNG, DICOM, labels CSV)"),
+    "report": ("agcnn.pages.command", "write DIR/report.html, one offline page for an evaluate, predict, localize or demo folder"),
+    "card": ("agcnn.card", "the model card of a checkpoint, in Markdown"),
 }
 
 DEBUG_ENV = "AGCNN_DEBUG"

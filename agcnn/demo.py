@@ -8,7 +8,8 @@
    minus global mean AUC, how often the attended box holds the planted small opacity, and an
    overlay picture of an image whose Nodule call the local branch changed;
 5. predict a few of the generated DICOM files (``agcnn.predict``);
-6. print the per-finding AUC table, that evidence, and every path written.
+6. print the per-finding AUC table, that evidence, and every path written, and write them with the
+   evaluation and predictions as one page, ``OUT/report.html`` (``agcnn.pages``).
 
 ``--quick`` shrinks everything (a few dozen small phantoms, one epoch per stage) to check the
 installation in well under a minute; its numbers mean nothing. ``--long`` trains on three times
@@ -273,6 +274,11 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     timings["predict"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     result = _result(cfg, out, results, report, shown, predicted=predicted, samples=bool(samples), timings=timings)
+    from agcnn.pages import write_report
+
+    printed: list[str] = []
+    _print_summary(result, quick, printed.append)  # the page shows what the console shows
+    result["paths"]["report"] = write_report(out, kind="demo", notes=printed)
     _print_summary(result, quick, say)
     return result
 

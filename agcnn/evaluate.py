@@ -21,6 +21,8 @@ Written into ``--out``:
   checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
   left out of every number, and the count is in ``auc.json`` and ``auc.md``.
+* ``report.html`` -- all of it on one offline page with the model card (:mod:`agcnn.pages`;
+  ``--no-html`` leaves it out).
 
 ``--split FILE`` evaluates every row of a CSV table (the columns ``data.path_column``,
 ``data.patient_column`` and ``data.label_map`` of the checkpoint describe it, as in training) with
@@ -322,6 +324,7 @@ class EvaluateOptions:
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
     ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
     trained with, or holds its training patients (refused otherwise, before anything is written).
+    ``html``: also write ``report.html`` (:mod:`agcnn.pages`).
     ``calibrated``: apply the checkpoint's calibration (``agcnn calibrate``) to the probabilities;
     a set that holds the calibration's fitting data is refused as training patients are.
     ``keep_scores``: add ``scores`` (raw probabilities, labels, table, bootstrap groups) to the
@@ -345,6 +348,7 @@ class EvaluateOptions:
     allow_other_split: bool = False
     calibrated: bool = True
     keep_scores: bool = False
+    html: bool = True
 
     def check(self) -> str:
         """Raise :class:`EvaluationError` for an option that cannot work; return the split's name."""
@@ -445,11 +449,20 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if o.write_operating_points:
         _write_points(checkpoint, report, youden, raw, labels)
     report["seconds"] = round(time.monotonic() - t0, 2)
-    text = json.dumps(report, indent=1, default=str, allow_nan=False) + "\n"
-    atomic_write_bytes(Path(o.out) / "auc.json", lambda f: f.write(text.encode()))
+    _write_json_and_page(Path(o.out), report, html=o.html)
     if o.keep_scores:
         report["scores"] = {"raw": raw, "labels": labels, "table": table, "groups": groups}
     return report
+
+
+def _write_json_and_page(out: Path, report: dict[str, Any], *, html: bool) -> None:
+    """``auc.json``, then (``html``) the page built from it, ``report.html`` (:mod:`agcnn.pages`)."""
+    text = json.dumps(report, indent=1, default=str, allow_nan=False) + "\n"
+    atomic_write_bytes(out / "auc.json", lambda f: f.write(text.encode()))
+    if html:
+        from agcnn.pages import write_report_or_warn
+
+        write_report_or_warn(out)
 
 
 def _write_points(checkpoint: Path, report: dict[str, Any], youden, raw: dict[str, np.ndarray], labels: np.ndarray) -> None:
@@ -550,6 +563,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-identifiers", action="store_true",
                         help="add the table's patient column to predictions.csv (left out by default)")
     parser.add_argument("--no-roc", dest="roc", action="store_false", help="skip roc.png (drawing it takes a few seconds)")
+    parser.add_argument("--no-html", dest="html", action="store_false",
+                        help="skip report.html (the page `agcnn report` writes: tables, pictures, model card)")
     parser.add_argument("--allow-other-split", action="store_true",
                         help="evaluate even when the split differs from the checkpoint's training split or holds its "
                              "training patients (refused otherwise); every report then says so")
@@ -565,11 +580,13 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
         include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split, calibrated=args.calibrated,
+        html=args.html,
     ))
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )
-    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md")
+    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md"
+          + (f" and {args.out}/report.html" if (Path(args.out) / "report.html").is_file() and args.html else ""))
     problems = report["split"]["training_split"]["problems"]
     if problems:
         print(f"agcnn evaluate: --allow-other-split: {'; and '.join(problems)}; not a held-out evaluation", file=sys.stderr)

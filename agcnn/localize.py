@@ -507,8 +507,10 @@ def localize_checkpoint(
 
 def localize(options: LocalizeOptions) -> dict[str, Any]:
     """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
-    ``localization_boxes.csv``, ``localization_cases.png``) into ``options.out``; return the report."""
+    ``localization_boxes.csv``, ``localization_cases.png``, ``report.html``) into ``options.out``;
+    return the report."""
     from agcnn.inference import load_for_inference
+    from agcnn.pages import write_report_or_warn
 
     o = options.check()
     loaded = load_for_inference(o.checkpoint, o.device)
@@ -541,6 +543,7 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
     _write_report(Path(o.out), report, summary, scores)
     method = "fusion_cam" if "fusion_cam" in methods else methods[-1]
     report["cases"] = write_cases(Path(o.out) / "localization_cases.png", scores, inputs, method=method, n=o.cases) if o.cases else False
+    write_report_or_warn(o.out)  # report.html: the tables, the cases and the model card on one page
     return report
 
 

@@ -78,6 +78,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "d" / "evaluation" / "auc.json").is_file()
     assert (tmp_path / "d" / "predictions" / "predictions.csv").is_file()
     assert "mean AUC" in out and "written:" in out
+    # The demo ends with its page: the evaluation and the predictions on one offline file.
+    page = tmp_path / "d" / "report.html"
+    assert page.is_file() and f"report             {page}" in out
+    text = page.read_text()
+    assert 'name="agcnn-report" content="demo"' in text and 'id="predict-counts"' in text and "AG-CNN demo" in text
     assert "fusion - global mean AUC" in out and "attended box" in out
     _check_attention_on_val(tmp_path / "d")
     # The same command into a fresh folder gives the same table, line by line.

@@ -40,7 +40,9 @@ LAYERS = {
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
     "agcnn.calibration_report": 5,  # renders what evaluate computed on calibration
+    "agcnn.card": 5.5,  # a checkpoint's model card; above checkpoint, below the pages that show it
     "agcnn.inference": 6,  # checkpoint -> model for inference, and scoring at its precision
+    "agcnn.pages": 6.5,  # the HTML reports: redraw a few cases through inference; evaluate, localize, demo write them
     "agcnn.data.prepare": 7,  # `agcnn prepare`
     "agcnn.train": 7,
     "agcnn.evaluate": 7,
