@@ -183,29 +183,21 @@ def _named_split(cfg: Config, split: str):
 
 def _check_training_split(ckpt: dict[str, Any], cfg: Config, whole: pd.DataFrame | None, dataset, info: dict[str, Any],
                           allow: bool) -> dict[str, Any]:
-    """Compare the split built here with the one the checkpoint was trained on (its ``split``
-    record, agcnn.data.provenance); refuse a changed split or training patients in the evaluated
-    set unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
-    from agcnn.data.provenance import hashed_patients, split_problems
+    """Compare the evaluated set with every run whose data trained the checkpoint's branches (its
+    ``split`` record, agcnn.data.provenance); refuse a changed split or training patients in it
+    unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
+    from agcnn.data.provenance import ProvenanceError, check_evaluated_set
 
-    record = ckpt.get("split")
-    if not record:
-        return {"recorded": False, "problems": [], "allowed_other_split": allow}
-    problems = split_problems(record, cfg.data, whole, dataset.table, info["name"], patient_ids=info["patient_ids"])
-    if problems and not allow:
-        raise EvaluationError(
-            f"refusing to evaluate: {'; and '.join(problems)}. The numbers would not be a held-out evaluation of this "
-            f"checkpoint (and operating points chosen here could be fitted to training patients). Evaluate with the "
-            f"training run's split settings, or pass --allow-other-split to evaluate anyway (every report then says so)"
-        )
-    if info["patient_ids"] and info["name"] != "train":
+    try:
+        check = check_evaluated_set(ckpt, dataset.table, name=info["name"], whole=whole, data_cfg=cfg.data, allow=allow)
+    except ProvenanceError as e:
+        raise EvaluationError(str(e)) from e
+    if check["recorded"] and info["patient_ids"] and info["name"] != "train":
         # Overlap with the patients the weights were trained on, not with a rebuilt train split.
-        mine = hashed_patients(dataset.table["patient"].astype(str), record["salt"])
-        overlap = len(mine & set(record["train_patients"]))
-        info["patients_also_in_train"], info["patient_wise"] = overlap, overlap == 0
-    return {"recorded": True, "problems": problems, "allowed_other_split": allow, "rebuilt": whole is not None,
-            "train": {k: record["train"][k] for k in ("images", "patients")},
-            "val": {k: record["val"][k] for k in ("images", "patients")}}
+        n = check["patients_also_in_train"]
+        info["patients_also_in_train"], info["patient_wise"] = n, None if n is None else n == 0
+    info["caveats"] = check["statements"]
+    return check
 
 
 def _made_up_patients(table: pd.DataFrame) -> bool:
@@ -214,8 +206,9 @@ def _made_up_patients(table: pd.DataFrame) -> bool:
     :func:`agcnn.data.tables.normalise_table` then names them ``image-0, image-1, ...``; such a
     split cannot be called patient-wise, and the bootstrap can only resample images.
     """
-    ids = table["patient"].astype(str)
-    return bool(len(ids)) and bool(ids.str.fullmatch(r"image-\d+").all()) and ids.is_unique
+    from agcnn.data.provenance import has_patient_ids
+
+    return not has_patient_ids(table)
 
 
 def _file_split(cfg: Config, path: Path, set_keys: list[str]):
@@ -232,9 +225,10 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
     with warnings.catch_warnings():
         # Its advice is about splitting for training; here the missing IDs are reported in auc.md.
         warnings.filterwarnings("ignore", message=".*has no patient column.*")
+        # No split is made here: a file without patient IDs is evaluated image by image, and says so.
         table = normalise_table(
             read_table(path), cfg.labels, path_column=d.path_column, patient_column=d.patient_column,
-            label_map=d.label_map, val_fraction=0.0, test_fraction=0.0,
+            label_map=d.label_map, val_fraction=0.0, test_fraction=0.0, image_wise=True,
             views=d.views if "views" in set_keys else (), where=str(path),
         )
     has_ids = not _made_up_patients(table)
@@ -484,7 +478,8 @@ def evaluate_checkpoint(
     if roc:
         write_roc_figure(out / "roc.png", probs, labels, names, aucs,
                          title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}"
-                         + (" [--allow-other-split: not the training run's split]" if split_info["training_split"]["problems"] else ""),
+                         + (" [--allow-other-split: not the training run's split]" if split_info["training_split"]["problems"] else "")
+                         + "".join(f" [{c}]" for c in split_info.get("caveats", [])),
                          points=youden)
     (out / "auc.md").write_text(auc_markdown(report, names))
 
@@ -538,7 +533,8 @@ def run(args: argparse.Namespace) -> int:
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )
-    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md")
+    caveats = "".join(f" [{c}]" for c in report["split"].get("caveats", []))
+    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images){caveats}: {means}; report in {args.out}/auc.md")
     problems = report["split"]["training_split"]["problems"]
     if problems:
         print(f"agcnn evaluate: --allow-other-split: {'; and '.join(problems)}; not a held-out evaluation", file=sys.stderr)

@@ -105,7 +105,7 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
 
     n_in_mean = max((r["classes_in_mean"] for r in branches.values() if r["trained"]), default=0)
     lines = [
-        f"# AG-CNN per-class AUC: {split['name']} split",
+        f"# AG-CNN per-class AUC: {split['name']} split" + "".join(f" ({c})" for c in split.get("caveats", [])),
         "",
         f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:16]}...`, stage "
         f"{report['stage'] or 'fusion'}), agcnn {report['agcnn_version']}. "

@@ -843,6 +843,10 @@ def build_stage(
         seed_ckpt = load_seed(model, Path(seed_from), cfg, plan, explicit=True)
     elif plan.seed_from is not None:
         seed_ckpt = load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
+    from agcnn.data.provenance import carry_forward
+
+    # The weights it starts from were trained on the earlier checkpoint's runs: its record goes on.
+    split = carry_forward(split, resume_ckpt if resume_ckpt is not None else seed_ckpt, plan.trains)
 
     # A fresh stage III starts its head as the global classifier; one seeded from a finished
     # fusion checkpoint (e.g. to fine-tune it, G L F*) keeps the head it learned.
@@ -1075,12 +1079,14 @@ def train(
     datasets: dict[str, Dataset] | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    allow_seed_overlap: bool = False,
 ) -> dict[str, StageResult]:
     """Train ``stages`` in order into ``run_dir``; the library entry point of ``agcnn train``.
 
     ``datasets`` (``{"train": ..., "val": ...}``) replaces the ones built from ``cfg.data``.
     With ``resume``, a stage whose last.pt has all its epochs is skipped and a partly trained
-    one continues from last.pt.
+    one continues from last.pt. ``allow_seed_overlap``: start from a checkpoint trained on this
+    run's held-out patients anyway (refused otherwise; see :func:`agcnn.data.provenance.check_seed`).
     """
     for s in stages:
         stage_plan(s)
@@ -1110,17 +1116,22 @@ def train(
             # Only a stage that starts from scratch reads the ImageNet weights.
             raise MissingFileError(f"model.pretrained={cfg.model.pretrained!r} does not exist; set it to a local torchvision "
                                    f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights")
+    whole = None
     if datasets is None:
-        from agcnn.data.datasets import build_datasets
+        from agcnn.data.datasets import build_datasets, load_dataframe
 
         # Rank 0 first: it may generate the phantom set or write a cache the others then read.
         if not rt.is_main:
             barrier(rt)
-        datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device))
+        whole = load_dataframe(cfg)  # every split: a seed's training patients must not be in val or test
+        datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device),
+                                  table=whole)
         if rt.is_main:
             barrier(rt)
     # Recorded before the pre-check: the split as its settings define it, which evaluate rebuilds.
     split = _split_record(cfg, datasets)
+    _check_starts(cfg, run_dir, stages, split, whole, datasets, resume=resume, seed_from=seed_from,
+                  allow=allow_seed_overlap)
     # Every row's file exists and starts like an image, or the run stops here listing them all
     # (hours before the loader would reach one); with data.skip_unreadable they are left out.
     from agcnn.data.precheck import check_datasets
@@ -1130,7 +1141,9 @@ def train(
     if n_checked:
         quiet(f"data: {n_checked} image files checked in {time.perf_counter() - t0:.1f} s"
               + (f"; {len(problems)} left out (data.skip_unreadable)" if problems else ""))
-    left_out = [{"split": p.split, "path": p.path, "reason": p.reason} for p in problems]
+    from agcnn.data.provenance import left_out_summary
+
+    left_out = left_out_summary(problems)  # counts only: paths may hold patients' names
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # Atomic: a kill mid-write must not leave a config that --resume then cannot read.
@@ -1152,12 +1165,39 @@ def train(
 def _split_record(cfg: Config, datasets: dict[str, Dataset]) -> dict[str, Any] | None:
     """What the checkpoints record of the training and validation split (agcnn.data.provenance);
     None when the datasets carry no table of paths and patients (e.g. tensors passed in)."""
-    from agcnn.data.provenance import split_record
+    from agcnn.data.provenance import site_key, split_record
 
     tables = {s: getattr(datasets.get(s), "table", None) for s in ("train", "val")}
     if any(t is None or not {"path", "patient"} <= set(t.columns) for t in tables.values()):
         return None
-    return split_record(cfg.data, tables)
+    return split_record(cfg.data, tables, key=site_key())
+
+
+def _check_starts(cfg: Config, run_dir: Path, stages: Sequence[str], split: dict[str, Any] | None, whole, datasets,
+                  *, resume: bool, seed_from, allow: bool) -> None:
+    """Every checkpoint a stage will start from (resumed, --seed-from, or the stage before's best.pt
+    already on disk) must not have trained on this run's validation or test patients
+    (agcnn.data.provenance.check_seed); what --allow-seed-overlap lets through is recorded in ``split``."""
+    if split is None:
+        return
+    import pandas as pd
+
+    from agcnn.data.provenance import allow_start, check_seed, site_key
+
+    table = whole if whole is not None else pd.concat([datasets[s].table for s in ("train", "val")], ignore_index=True)
+    for i, s in enumerate(stages):
+        plan = stage_plan(s, cfg.train.finetune_all)
+        last = stage_dir(run_dir, s) / "last.pt"
+        if resume and last.is_file():
+            start, how = last, "resume"
+        elif i == 0 and seed_from is not None:
+            start, how = Path(seed_from), "seed"
+        elif plan.seed_from is not None and (stage_dir(run_dir, plan.seed_from) / "best.pt").is_file():
+            start, how = stage_dir(run_dir, plan.seed_from) / "best.pt", "seed"
+        else:
+            continue
+        allow_start(split, check_seed(load_checkpoint(start), split, table, cfg.data, stage=s, allow=allow,
+                                      key=site_key(), how=how))
 
 
 def _without_augmentation(cfg: Config, ds: Dataset) -> Dataset:
@@ -1193,6 +1233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from RUN_DIR/<stage>/last.pt; completed stages are skipped")
     parser.add_argument("--seed-from", metavar="CKPT",
                         help="initialise the (single) stage from this checkpoint instead of RUN_DIR/<previous>/best.pt")
+    parser.add_argument("--allow-seed-overlap", action="store_true",
+                        help="start from a checkpoint whose training patients are in this run's validation or test split "
+                             "(refused otherwise); the checkpoints and every report then say so")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch summaries still print)")
 
 
@@ -1209,7 +1252,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = Config.load(config, args.overrides)
     stages = tuple(STAGES) if args.stage == "all" else (args.stage,)
     try:
-        results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress)
+        results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress,
+                        allow_seed_overlap=args.allow_seed_overlap)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
