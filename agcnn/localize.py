@@ -368,7 +368,7 @@ def _cell(r: pd.Series | None) -> str:
 
 def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dict[str, Any]) -> str:
     """Tables laid out like Wang et al. 2017 (Table 3): one row per T, one column per finding."""
-    lines = ["# Localisation against ground-truth boxes", ""]
+    lines = ["# Localisation against ground-truth boxes" + "".join(f" ({c})" for c in settings.get("caveats", [])), ""]
     lines.append(
         f"Checkpoint `{settings['checkpoint']}`; boxes `{settings['boxes']}`; {counts['boxes']} boxes on "
         f"{counts['images']} images. Maps: {settings['explain']}; CAM boxes: largest region above "
@@ -474,9 +474,13 @@ def localize_checkpoint(
     batch_size: int = 16,
     device: str = "auto",
     cases: int = 4,
+    allow_other_split: bool = False,
 ) -> dict[str, Any]:
     """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
-    ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report."""
+    ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report.
+
+    Boxes on images of patients any branch was trained on are refused before anything is written
+    (:func:`agcnn.data.provenance.check_boxed_images`), unless ``allow_other_split``."""
     from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
     from agcnn.runtime import resolve_device
 
@@ -494,6 +498,9 @@ def localize_checkpoint(
     trained = trained_branches(ckpt)
     methods = [m for m in METHODS if NEEDS[m] in trained]
     table = read_box_table(boxes, cfg.labels, box_space)
+    from agcnn.data.provenance import check_boxed_images
+
+    provenance = check_boxed_images(ckpt, cfg, table["path"], allow=allow_other_split)
     scores, counts = score_boxes(model, cfg, table, images, methods=methods, cam_threshold=cam_threshold,
                                  explain_method=explain_method, batch_size=batch_size, device=dev, keep_inputs=cases > 0)
     inputs = counts.pop("inputs", {})
@@ -510,6 +517,9 @@ def localize_checkpoint(
         "explain": explain_method, "cam_threshold": cam_threshold, "attention_threshold": cfg.model.threshold,
         "bootstrap": bootstrap, "seed": seed, "methods": methods, "trained_branches": list(trained),
         "geometry": {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size},
+        "training_patients": provenance,
+        "caveats": provenance["statements"] + (
+            [f"--allow-other-split: {'; and '.join(provenance['problems'])}"] if provenance["problems"] else []),
     }
     summary.to_csv(out / "localization.csv", index=False)
     scores.to_csv(out / "localization_boxes.csv", index=False)
@@ -545,13 +555,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
+    parser.add_argument("--allow-other-split", action="store_true",
+                        help="score boxes on images of patients the checkpoint was trained on, or whose patients cannot "
+                             "be checked (refused otherwise); every report then says so")
 
 
 def run(args: argparse.Namespace) -> int:
     report = localize_checkpoint(
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
         explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, cases=args.cases,
+        device=args.device, cases=args.cases, allow_other_split=args.allow_other_split,
     )
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0

@@ -843,21 +843,24 @@ def build_stage(
         seed_ckpt = load_seed(model, Path(seed_from), cfg, plan, explicit=True)
     elif plan.seed_from is not None:
         seed_ckpt = load_seed(model, stage_dir(run_dir, plan.seed_from) / "best.pt", cfg, plan, explicit=False)
-    from agcnn.data.provenance import carry_forward
-
-    # The weights it starts from were trained on the earlier checkpoint's runs: its record goes on.
-    split = carry_forward(split, resume_ckpt if resume_ckpt is not None else seed_ckpt, plan.trains)
 
     # A fresh stage III starts its head as the global classifier; one seeded from a finished
     # fusion checkpoint (e.g. to fine-tune it, G L F*) keeps the head it learned.
     fresh_fusion = resume_ckpt is None and (seed_ckpt is None or seed_ckpt.get("stage") != "fusion")
+    copies = {}  # module -> the module whose weights it starts as (the split record follows them)
     if stage_name == "fusion" and fresh_fusion and cfg.train.fusion_from_global:
         model.init_fusion_from_global()
+        copies["fusion"] = "global_branch"
     # A fresh stage II seeded by the global stage's checkpoint starts its local branch as the
     # global branch; one seeded from a later stage keeps the local branch it learned.
     fresh_local = resume_ckpt is None and seed_ckpt is not None and seed_ckpt.get("stage") == "global"
     if stage_name == "local" and fresh_local and cfg.train.local_from_global:
         model.init_local_from_global()
+        copies["local_branch"] = "global_branch"
+    from agcnn.data.provenance import carry_forward
+
+    # The weights it starts from were trained on the earlier checkpoint's runs: its record goes on.
+    split = carry_forward(split, resume_ckpt if resume_ckpt is not None else seed_ckpt, plan.trains, copies)
     if cfg.train.sync_batchnorm and rt.distributed:
         convert_sync_batchnorm(model, plan, rt)
     apply_freezing(model, plan)

@@ -181,13 +181,15 @@ def upgrade(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"version": RECORD_VERSION, "current": run["id"], "runs": {run["id"]: run}, "branches": {}, "allowed": []}
 
 
-def carry_forward(record: dict[str, Any] | None, previous: dict[str, Any] | None, trains: Sequence[str]) -> dict[str, Any] | None:
+def carry_forward(record: dict[str, Any] | None, previous: dict[str, Any] | None, trains: Sequence[str],
+                  copies: dict[str, str] | None = None) -> dict[str, Any] | None:
     """This run's record with the runs of ``previous`` (the seed or resumed checkpoint) carried forward.
 
     ``trains``: the model modules this stage trains (``global_branch``, ``local_branch``,
-    ``fusion``). Each gets this run and every earlier run, since its start may copy any earlier
-    branch's weights (the local branch from the global one, the fusion head from the global
-    classifier); the frozen branches keep the runs the seed records for them.
+    ``fusion``); each gets this run on top of the runs its starting weights came from: its own
+    in ``previous``, and those of the module ``copies`` says it started as (the local branch as
+    the global one, the fusion head from the global classifier). The frozen branches keep the
+    runs ``previous`` records for them.
     """
     if record is None:
         return None
@@ -195,8 +197,6 @@ def carry_forward(record: dict[str, Any] | None, previous: dict[str, Any] | None
     prev = upgrade((previous or {}).get("split"))
     if previous is not None and prev is None:
         # A seed without a record (written before records, or from data passed in directly).
-        out["allowed"].append("the seed checkpoint records no training split: the patients its weights were trained "
-                              "on are unknown")
         out["runs"]["unrecorded"] = {"id": "unrecorded", "unrecorded": True}
         out["branches"] = {b: ["unrecorded"] for b in ("global", "local", "fusion")}
     elif prev is not None:
@@ -207,10 +207,12 @@ def carry_forward(record: dict[str, Any] | None, previous: dict[str, Any] | None
             for s in prev.get(field, []):
                 if s not in out.setdefault(field, []):
                     out[field].append(s)
-    earlier = sorted(out["runs"])
+    before = copy.deepcopy(out["branches"])
     for module in trains:
         b = _BRANCH_OF.get(module, module)
-        out["branches"][b] = sorted(set(out["branches"].get(b, [])) | set(earlier))
+        source = (copies or {}).get(module)
+        inherited = set(before.get(_BRANCH_OF.get(source, source), [])) if source else set()
+        out["branches"][b] = sorted(set(before.get(b, [])) | inherited | {out["current"]})
     return out
 
 
@@ -444,3 +446,41 @@ def rebuilt_table(cfg) -> pd.DataFrame | None:
         return load_dataframe(cfg)
     except (AgcnnError, OSError, ValueError):
         return None
+
+
+def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow: bool = False,
+                       key: bytes | None = None) -> dict[str, Any]:
+    """:func:`check_evaluated_set` for the images of a box table (``agcnn localize``).
+
+    Each image's patient comes from the checkpoint's own table, rebuilt from its data settings
+    when its files are here (matched by file name), else from a ChestX-ray14 file name
+    (``<patient>_<follow-up>.png``). An image whose patient is known neither way cannot be
+    checked, which is refused like an overlap.
+    """
+    from agcnn.data.chestxray14 import patient_from_name
+
+    names = sorted(set(image_names(paths)))
+    if upgrade(ckpt.get("split")) is None:
+        return check_evaluated_set(ckpt, pd.DataFrame({"path": names, "patient": names}), name="boxed images",
+                                   allow=allow, key=key)
+    whole = rebuilt_table(cfg)
+    known: dict[str, str] = {}
+    if whole is not None:
+        known = dict(zip(image_names(whole["path"]), whole["patient"].astype(str)))
+    nih = re.compile(r"\d+_\d+\.\w+")
+    patients = [known.get(n) or (patient_from_name(n) if nih.fullmatch(n) else None) for n in names]
+    unknown = [n for n, p in zip(names, patients) if p is None]
+    table = pd.DataFrame({"path": [n for n, p in zip(names, patients) if p is not None],
+                          "patient": [p for p in patients if p is not None]})
+    info = check_evaluated_set(ckpt, table, name="boxed images", whole=whole, allow=True, key=key)
+    if unknown:
+        info["problems"].append(f"the patients of {len(unknown)} of the {len(names)} boxed images are not known (not in "
+                                f"the checkpoint's table, rebuilt from its data settings, nor named like ChestX-ray14 "
+                                f"files), so they cannot be checked against the training patients")
+    info["allowed_other_split"] = allow
+    if info["problems"] and not allow:
+        raise ProvenanceError(
+            f"refusing to localise: {'; and '.join(info['problems'])}. Boxes on images of training patients measure "
+            f"what the model memorised; score boxes on held-out patients, or pass --allow-other-split to score anyway "
+            f"(every report then says so)")
+    return info
