@@ -1,4 +1,6 @@
-"""Training never opens a file of the test split: every file it opens is watched.
+"""What training reads and what it feeds the model.
+
+Training never opens a file of the test split: every file it opens is watched.
 
 ``agcnn train`` runs in a subprocess with an audit hook (``sys.addaudithook``) on the ``open``
 event, which every read of an image goes through (``agcnn.data.readers`` reads the bytes with
@@ -6,6 +8,9 @@ event, which every read of an image goes through (``agcnn.data.readers`` reads t
 The loader runs in the process (``data.num_workers=0``), so no read escapes into a worker. As a
 control, ``agcnn evaluate --split test`` under the same hook must open the test images: a hook
 that saw nothing would otherwise pass.
+
+Stage III trains on augmented images unless it trains on cached features: every input of the
+model is caught by a module forward hook and compared with the evaluation-transform images.
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ TINY = [
 ]
 
 
+def image_set(root: Path, n_train: int = 24, n_val: int = 8, n_test: int = 8) -> list[dict]:
+    """Noise PNGs in ``root/img`` and ``root/labels.csv``; returns the rows."""
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n_train + n_val + n_test):
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        name = f"{split}_{i}.png"
+        cv2.imwrite(str(root / "img" / name), np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8))
+        rows.append({"path": f"img/{name}", "patient": f"p{i // 2}", "split": split,
+                     **{n: str((i + k) % 2) for k, n in enumerate(LABELS)}})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return rows
+
+
 def watched(tmp_path: Path, name: str, *argv: str) -> set[str]:
     """The real paths of every file ``agcnn ARGV`` opened; fails the test unless it exits 0."""
     log = tmp_path / f"{name}.json"
@@ -63,15 +82,7 @@ def watched(tmp_path: Path, name: str, *argv: str) -> set[str]:
                                         "train.local_from_global=true"]], ids=["default", "cached-crops"])
 def test_training_opens_no_file_of_the_test_split(tmp_path, extra):
     data = tmp_path / "data"
-    (data / "img").mkdir(parents=True)
-    rows = []
-    for i in range(40):
-        split = "train" if i < 24 else "val" if i < 32 else "test"
-        name = f"{split}_{i}.png"
-        cv2.imwrite(str(data / "img" / name), np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8))
-        rows.append({"path": f"img/{name}", "patient": f"p{i // 2}", "split": split,
-                     **{n: str((i + k) % 2) for k, n in enumerate(LABELS)}})
-    pd.DataFrame(rows).to_csv(data / "labels.csv", index=False)
+    rows = image_set(data)
     cfg = tmp_path / "c.yaml"
     Config.load(None, [*TINY, f"data.root={data}", *[f"{e}" for e in extra]]).dump(cfg)
     files = {s: {os.path.realpath(data / r["path"]) for r in rows if r["split"] == s} for s in ("train", "val", "test")}
@@ -88,3 +99,46 @@ def test_training_opens_no_file_of_the_test_split(tmp_path, extra):
     opened = watched(tmp_path, "evaluate", "evaluate", "--checkpoint", str(run / "fusion" / "best.pt"), "--split",
                      "test", "--out", str(tmp_path / "eval"), "--bootstrap", "0", "--no-roc")
     assert files["test"] <= opened
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["paper", "cached-features"])
+def test_stage_three_trains_on_augmented_images_unless_on_cached_features(tmp_path, cached, one_thread):
+    import torch
+
+    from agcnn.data.datasets import build_datasets
+    from agcnn.data.transforms import transforms_from_config
+    from agcnn.models import AGCNN
+    from agcnn.train import train
+
+    data = tmp_path / "data"
+    image_set(data)
+    cfg = Config.load(None, [*TINY, f"data.root={data}", f"train.cache_fusion_features={str(cached).lower()}"])
+    run = tmp_path / "run"
+    train(cfg, run, ["global", "local"], progress=False, say=lambda _m: None)
+    seen: list[torch.Tensor] = []
+
+    def catch(module, args):
+        if isinstance(module, AGCNN):
+            seen.append(args[0].detach().float().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(catch)
+    try:
+        train(cfg, tmp_path / "fusion", ["fusion"], seed_from=run / "local" / "best.pt", progress=False,
+              say=lambda _m: None)
+    finally:
+        handle.remove()
+    rows = torch.cat(seen).flatten(1)
+    plain = build_datasets(cfg, splits=("train", "val"))
+    plain["train"].transform = transforms_from_config(cfg.data, train=False)
+    ref = {s: torch.stack([plain[s][i]["image"] for i in range(len(plain[s]))]).flatten(1) for s in ("train", "val")}
+
+    def matching(split: str) -> int:
+        # Distances of ~85 between differing images; cdist's own rounding is ~0.03.
+        return int((torch.cdist(rows, ref[split]).amin(1) < 1.0).sum())
+
+    # The validation images go through the model as evaluated, in either mode ...
+    assert matching("val") == 8
+    # ... and the 24 training images once per epoch: augmented (none equals its plain image), or,
+    # for cached features, plain, computed once by the frozen branches.
+    assert len(rows) == 24 + 8
+    assert matching("train") == (24 if cached else 0)
