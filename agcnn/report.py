@@ -126,8 +126,9 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
         notes.append(f"**Evaluated with --allow-other-split although {'; and '.join(check['problems'])}: these numbers are "
                      f"not a held-out evaluation of this checkpoint.**")
     elif check.get("recorded") and check.get("rebuilt"):
-        notes.append(f"The split matches the one the checkpoint was trained on ({check['train']['patients']} training, "
-                     f"{check['val']['patients']} validation patients).")
+        unit = "patients" if check["train"].get("patients") is not None else "images"
+        notes.append(f"The split matches the one the checkpoint was trained on ({check['train'][unit]} training, "
+                     f"{check['val'][unit]} validation {unit}).")
     elif check and not check.get("recorded"):
         notes.append("The checkpoint records no training split (written before agcnn recorded it, or trained on data "
                      "passed in directly), so the split was not checked against it.")
