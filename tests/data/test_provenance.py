@@ -343,3 +343,30 @@ def test_old_records_are_still_checked():
         check_evaluated_set({"split": old}, pd.DataFrame({"path": ["a", "b"], "patient": ["7", "8"]}), key=b"k" * 16)
     info = check_evaluated_set({"split": old}, pd.DataFrame({"path": ["a"], "patient": ["9"]}), key=b"k" * 16)
     assert info["patients_also_in_train"] == 0
+
+
+# ---------------------------------------------------------------------- the real NIH boxes
+
+NIH_META = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nih-metadata"
+
+
+@pytest.mark.skipif(not (NIH_META / "BBox_List_2017.csv.gz").is_file(),
+                    reason=f"real NIH metadata not found at {NIH_META} (shared/ beside the clone)")
+def test_nih_boxes_are_held_out_by_the_official_split_and_not_by_a_chexnet_one(with_key):
+    """The 880 boxed images are official test images; CheXNet's random split trains on most of their patients."""
+    from agcnn.data.chestxray14 import load_chestxray14, patient_from_name
+    from agcnn.localize import read_box_table
+
+    boxes = read_box_table(NIH_META / "BBox_List_2017.csv.gz", LABELS)
+    names = sorted(set(boxes["path"]))
+    boxed = pd.DataFrame({"path": names, "patient": [patient_from_name(n) for n in names]})
+    data = Config.load(None, TINY).data
+    chexnet = NIH_META / "chexnet-arnoweng-split"
+    for lists, overlap in [({"train_list": "train_val_list.txt", "test_list": "test_list.txt"}, 0),
+                           ({"train_list": chexnet / "train_list.txt", "val_list": chexnet / "val_list.txt",
+                             "test_list": chexnet / "test_list.txt"}, 511)]:
+        table = load_chestxray14(NIH_META, metadata=NIH_META / "Data_Entry_2017_v2020.csv.gz", labels=list(LABELS),
+                                 check_files=False, **{k: str(NIH_META / v) for k, v in lists.items()})
+        record = split_record(data, {s: table[table["split"] == s] for s in ("train", "val")}, key=with_key)
+        info = check_evaluated_set({"split": record}, boxed, name="boxed images", allow=True, key=with_key)
+        assert len(names) == 880 and info["patients_also_in_train"] == overlap
