@@ -31,9 +31,10 @@ The AG-CNN paper's mean AUC of 0.868 (Table I) was measured on a random image-le
 ChestX-ray14, on which one patient's images fall on both sides; on the official patient-wise split
 comparable methods score about 0.80-0.83. The report says which kind of split it used.
 
-What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance). A
-split that differs from the one the weights were trained and validated on, or an evaluated set
-that holds training patients, is refused before anything is written, unless
+What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance), which
+covers every branch, also one trained in an earlier run it was seeded from. A split that differs
+from the one the weights were trained and validated on, or an evaluated set that holds (or may
+hold) any branch's training patients, is refused before anything is written, unless
 ``--allow-other-split`` (then every report says so). The model runs at the checkpoint's
 ``train.inference_precision``, as training validation did, so ``--split val`` reproduces the
 validation AUC and operating points that training recorded.

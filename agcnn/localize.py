@@ -23,6 +23,10 @@ is scaled to the image as read, then follows the evaluation transform exactly: s
 offset), and the model's view at ``image_size``. A box that loses all of its area to the crop is
 counted as out of view and reported, one that loses part is scored on its visible part and
 counted as clipped.
+
+Boxes on images of patients any branch of the checkpoint was trained on, or whose patients
+cannot be told, are refused before anything is written (``--allow-other-split`` scores them and
+every report says so; :func:`agcnn.data.provenance.check_boxed_images`).
 """
 
 from __future__ import annotations
