@@ -135,6 +135,18 @@ def test_seeding_from_a_global_trained_on_todays_test_patients_is_refused(tmp_pa
     assert "--allow-seed-overlap" in (tmp_path / "val" / "auc.md").read_text().splitlines()[0]
 
 
+def test_resuming_on_a_table_that_holds_out_the_run_s_training_patients_is_refused(tmp_path, capsys, with_key):
+    data = tmp_path / "data"
+    run = tmp_path / "run"
+    assert train_cli(config(tmp_path, yesterday(data)), run, "--stage", "global") == 0
+    before = (run / "global" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train_cli(config(tmp_path, today(data), "train.global.epochs=2"), run, "--stage", "global", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume the global stage" in err and "trained on 10 patients" in err
+    assert (run / "global" / "last.pt").read_bytes() == before
+
+
 def test_without_the_site_key_the_overlap_cannot_be_ruled_out_and_is_refused(tmp_path, capsys, no_key):
     data = tmp_path / "data"
     assert train_cli(config(tmp_path, yesterday(data)), tmp_path / "a", "--stage", "global") == 0
