@@ -191,10 +191,15 @@ def carry_forward(record: dict[str, Any] | None, previous: dict[str, Any] | None
     the global one, the fusion head from the global classifier). The frozen branches keep the
     runs ``previous`` records for them.
     """
-    if record is None:
-        return None
-    out = copy.deepcopy(record)
     prev = upgrade((previous or {}).get("split"))
+    if record is None:
+        if prev is None:
+            return None
+        # Data passed in without a table of patients, on top of recorded weights: the record
+        # goes on, and the patients this run added are unknown.
+        record = {"version": RECORD_VERSION, "current": "unrecorded", "allowed": [], "branches": {},
+                  "runs": {"unrecorded": {"id": "unrecorded", "unrecorded": True}}}
+    out = copy.deepcopy(record)
     if previous is not None and prev is None:
         # A seed without a record (written before records, or from data passed in directly).
         out["runs"]["unrecorded"] = {"id": "unrecorded", "unrecorded": True}

@@ -269,6 +269,10 @@ def test_carry_forward_keeps_each_branch_its_runs():
     # Fine-tuning everything (G L F*) adds this run to every branch.
     tuned = carry_forward(split_record(cfg.data, t), {"split": third}, ("global_branch", "local_branch", "fusion"))
     assert all(tuned["current"] in tuned["branches"][x] for x in ("global", "local", "fusion"))
+    # Data without a table on top of recorded weights: the record goes on, this run's patients unknown.
+    on = carry_forward(None, {"split": third}, ("fusion",))
+    assert set(on["runs"]) == {a, b, c, "unrecorded"} and on["branches"]["fusion"] == sorted([a, c, "unrecorded"])
+    assert carry_forward(None, None, ("global_branch",)) is None
     # A seed without any record: its branches' patients are unknown, and evaluation cannot rule them out.
     blind = carry_forward(split_record(cfg.data, t), {"model": {}}, ("fusion",))
     assert "unrecorded" in blind["branches"]["global"]
