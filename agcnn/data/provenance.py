@@ -404,6 +404,15 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
                                     + "; ".join(unknown))
         info["patients_also_in_train"] = total if not unknown and ids else None
     info["statements"] = ([IMAGE_WISE] if info["image_wise"] else []) + list(record.get("allowed", []))
+    if name != "val" and ids and key is not None:
+        # Validation patients chose checkpoints and operating points: not refused, but said.
+        seen = keyed_hashes(_units(table, False), key)
+        chose = sum(len(seen & set(r["val"].get("hashes") or [])) for r in record["runs"].values()
+                    if r.get("key_id") == key_id(key))
+        info["patients_also_in_validation"] = chose
+        if chose:
+            info["statements"].append(f"{chose} of the {name} set's patients were validation patients of a run "
+                                      f"behind this checkpoint (they chose its epochs and operating points)")
     info["train"] = {k: current.get("train", {}).get(k) for k in ("images", "patients")}
     info["val"] = {k: current.get("val", {}).get(k) for k in ("images", "patients")}
     info["runs"] = len(record["runs"])

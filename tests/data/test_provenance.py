@@ -187,6 +187,10 @@ def test_padded_and_plain_ids_are_one_patient_in_hashes_and_checks(with_key):
     evaluated = pd.DataFrame({"path": ["x.png", "y.png"], "patient": ["00000013", "99"]})
     with pytest.raises(ProvenanceError, match="1 of the 2 patients of the evaluated set"):
         check_evaluated_set({"split": record}, evaluated, key=with_key)
+    # A validation patient is no training patient: evaluated, and said in every report.
+    info = check_evaluated_set({"split": record}, evaluated.assign(patient=["020", "99"]), name="test", key=with_key)
+    assert info["patients_also_in_train"] == 0 and info["patients_also_in_validation"] == 1
+    assert "1 of the test set's patients were validation patients" in info["statements"][-1]
 
 
 # ---------------------------------------------------------------------- privacy
