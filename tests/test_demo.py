@@ -141,7 +141,9 @@ def test_quick_and_long_exclude_each_other(tmp_path):
 
 def test_overlay_of_a_changed_call_is_written(tmp_path):
     from agcnn.config import DataConfig
+    from agcnn.checkpoint import save_checkpoint
     from agcnn.demo import _overlay
+    from agcnn.inference import load_for_inference
     from agcnn.models import AGCNN
 
     class Films:
@@ -156,6 +158,7 @@ def test_overlay_of_a_changed_call_is_written(tmp_path):
     cfg = Config.load(demo_config_path(), ["data.resize=32", "data.image_size=32", "data.highres_size=64", "model.local_size=32"])
     assert isinstance(cfg.data, DataConfig)
     model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=32).eval()
-    _overlay(tmp_path / "o.png", model, Films(), 1, np.array([8, 8, 24, 24]), np.random.rand(1, 1).astype(np.float32),
+    save_checkpoint(tmp_path / "m.pt", model_state=model.state_dict(), config=cfg, stage="fusion")
+    _overlay(tmp_path / "o.png", load_for_inference(tmp_path / "m.pt"), Films(), 1, np.array([8, 8, 24, 24]), np.random.rand(1, 1).astype(np.float32),
              cfg, "Nodule", 0.8)
     assert (tmp_path / "o.png").stat().st_size > 1000

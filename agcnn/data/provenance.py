@@ -475,8 +475,10 @@ def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow
 
     names = sorted(set(image_names(paths)))
     if upgrade(ckpt.get("split")) is None:
-        return check_evaluated_set(ckpt, pd.DataFrame({"path": names, "patient": names}), name="boxed images",
+        info = check_evaluated_set(ckpt, pd.DataFrame({"path": names, "patient": names}), name="boxed images",
                                    allow=allow, key=key)
+        info["caveats"] = info["statements"]
+        return info
     whole = rebuilt_table(cfg)
     known: dict[str, str] = {}
     if whole is not None:
@@ -492,6 +494,9 @@ def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow
                                 f"the checkpoint's table, rebuilt from its data settings, nor named like ChestX-ray14 "
                                 f"files), so they cannot be checked against the training patients")
     info["allowed_other_split"] = allow
+    # What the title line of every report of these boxes says.
+    info["caveats"] = info["statements"] + ([f"--allow-other-split: {'; and '.join(info['problems'])}"]
+                                            if info["problems"] else [])
     if info["problems"] and not allow:
         raise ProvenanceError(
             f"refusing to localise: {'; and '.join(info['problems'])}. Boxes on images of training patients measure "

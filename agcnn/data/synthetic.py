@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from agcnn.errors import ConfigError, DataError
+from agcnn.fileio import atomic_write
 from agcnn.labels import LABELS
 
 try:
@@ -528,10 +529,10 @@ def generate_phantoms(out_dir: str | Path, count: int = 600, size: int = 512, se
     table = table[["path", "patient", "split", "view", "format", *LABELS]]
     boxes.to_csv(out / "boxes.csv", index=False)
     meta = {"version": FORMAT_VERSION, "count": count, "size": size, "seed": seed, "dicom_fraction": dicom_fraction}
-    # labels.csv last (through a temporary name): its presence marks a finished set.
-    table.to_csv(out / "labels.csv.tmp", index=False)
+    # labels.csv last (atomically): its presence marks a finished set.
     (out / "phantoms.json").write_text(json.dumps(meta, indent=1))
-    (out / "labels.csv.tmp").replace(out / "labels.csv")
+    with atomic_write(out / "labels.csv", "w", newline="") as f:
+        table.to_csv(f, index=False)
     return out / "labels.csv"
 
 
