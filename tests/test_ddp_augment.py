@@ -5,8 +5,8 @@ and patients, identical pixels), so what the model receives differs between the 
 through the random crops and flips. A forward hook in each process keeps every training input of
 the model; processes seeded alike would feed the model the same tensors, step for step. With
 loader workers (``num_workers=1``) the draws come from the workers' per-rank seeds
-(``train.rank_seed``), without them from the per-rank reseeding of the process in
-``build_stage``: the test fails when either is removed.
+(``agcnn.train.seeds.rank_seed``), without them from the per-rank reseeding of the process in
+``agcnn.train.stage.build_stage``: the test fails when either is removed.
 """
 
 from __future__ import annotations

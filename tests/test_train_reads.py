@@ -108,7 +108,7 @@ def test_stage_three_trains_on_augmented_images_unless_on_cached_features(tmp_pa
     from agcnn.data.datasets import build_datasets
     from agcnn.data.transforms import transforms_from_config
     from agcnn.models import AGCNN
-    from agcnn.train import train
+    from agcnn.train.loop import train
 
     data = tmp_path / "data"
     image_set(data)
