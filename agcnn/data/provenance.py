@@ -145,6 +145,35 @@ def split_summary(table: pd.DataFrame, nonce: str, key: bytes | None = None) -> 
     return out
 
 
+def set_record(table: pd.DataFrame, key: bytes | None = None) -> dict[str, Any]:
+    """What to store about any other set of images a checkpoint was fitted on (a calibration set,
+    say), as a training run stores its splits: counts, set digests under a fresh nonce, and with
+    the site key (default: from the environment) keyed hashes of its patients and image names."""
+    key = site_key() if key is None else key
+    nonce = secrets.token_hex(8)
+    out = {"id": nonce, "key_id": key_id(key) if key is not None else None, **split_summary(table, nonce, key)}
+    if key is not None:
+        out["image_hashes"] = sorted(_keyed_names(image_names(table["path"]), key))
+    return out
+
+
+def set_overlap(record: dict[str, Any], table: pd.DataFrame, key: bytes | None = None) -> tuple[int | None, str]:
+    """(how many of ``table``'s patients -- image names without patient IDs -- are in the set of
+    :func:`set_record`, or None when that cannot be told without its site key; the unit counted)."""
+    key = site_key() if key is None else key
+    ids = has_patient_ids(table)
+    unit = "patients" if ids and record.get("hashes") is not None else "image files"
+    if key is None or record.get("key_id") != key_id(key):
+        return None, unit
+    if unit == "patients":
+        return len(keyed_hashes(table["patient"].astype(str), key) & set(record["hashes"])), unit
+    return len(_keyed_names(image_names(table["path"]), key) & set(record.get("image_hashes") or [])), unit
+
+
+def _keyed_names(names: Iterable[str], key: bytes) -> set[str]:
+    return {hmac.new(key, b"image\0" + n.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16] for n in names}
+
+
 # ---------------------------------------------------------------------- records
 
 def run_record(data_cfg, tables: dict[str, pd.DataFrame], key: bytes | None = None) -> dict[str, Any]:

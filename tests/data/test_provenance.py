@@ -390,3 +390,23 @@ def test_nih_boxes_are_held_out_by_the_official_split_and_not_by_a_chexnet_one(w
         record = split_record(data, {s: table[table["split"] == s] for s in ("train", "val")}, key=with_key)
         info = check_evaluated_set({"split": record}, boxed, name="boxed images", allow=True, key=with_key)
         assert len(names) == 880 and info["patients_also_in_train"] == overlap
+
+
+def test_a_calibration_set_is_recorded_and_checked_like_a_split(with_key, monkeypatch):
+    from agcnn.data.provenance import set_overlap, set_record
+
+    fitted = pd.DataFrame({"path": ["a/x1.png", "a/x2.png", "a/x3.png"], "patient": ["0007", "8", "8"]})
+    record = set_record(fitted, key=with_key)
+    assert record["images"] == 3 and record["patients"] == 2 and len(record["hashes"]) == 2
+    later = pd.DataFrame({"path": ["b/y.png", "b/x2.png"], "patient": ["7", "9"]})
+    assert set_overlap(record, later, key=with_key) == (1, "patients")
+    # Without patient IDs the image file names are compared, also keyed.
+    names = pd.DataFrame({"path": ["c/x2.png", "c/z.png"], "patient": ["image-0", "image-1"]})
+    assert set_overlap(record, names, key=with_key) == (1, "image files")
+    # Without the key (or with another) it cannot be told.
+    assert set_overlap(record, later, key=b"another key of sixteen bytes")[0] is None
+    # Without a site key in the environment: counts and digests only.
+    monkeypatch.delenv(provenance.KEY_FILE_ENV)
+    bare = set_record(fitted)
+    assert bare["key_id"] is None and "hashes" not in bare and "image_hashes" not in bare and bare["patients"] == 2
+    assert set_overlap(bare, later) == (None, "image files")
