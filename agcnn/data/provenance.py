@@ -45,7 +45,7 @@ from typing import Any
 
 import pandas as pd
 
-from agcnn.data.tables import normalise_patient_id
+from agcnn.data.tables import SPLITS, normalise_patient_id
 from agcnn.errors import ConfigError, MissingFileError, UsageError
 
 # The data settings that decide which image falls into which split (data.root is left out: the
@@ -157,12 +157,23 @@ def set_record(table: pd.DataFrame, key: bytes | None = None) -> dict[str, Any]:
     return out
 
 
-def set_overlap(record: dict[str, Any], table: pd.DataFrame, key: bytes | None = None) -> tuple[int | None, str]:
+def set_overlap(record: dict[str, Any], table: pd.DataFrame, key: bytes | None = None,
+                whole: pd.DataFrame | None = None) -> tuple[int | None, str]:
     """(how many of ``table``'s patients -- image names without patient IDs -- are in the set of
-    :func:`set_record`, or None when that cannot be told without its site key; the unit counted)."""
+    :func:`set_record`, or None when that cannot be told; the unit counted). Without the site key
+    it can be told when ``whole`` (the table rebuilt from the checkpoint's data settings) has a
+    split with the set's digest and ``table`` lies outside that split: then none are."""
     key = site_key() if key is None else key
     ids = has_patient_ids(table)
-    unit = "patients" if ids and record.get("hashes") is not None else "image files"
+    unit = "patients" if ids and (record.get("hashes") is not None or record.get("patients_digest")) else "image files"
+    if whole is not None:
+        wise = unit != "patients"
+        digest = record.get("images_digest" if wise else "patients_digest")
+        mine = _units(table, wise)
+        for s in SPLITS:
+            part = whole[whole["split"] == s]
+            if len(part) and _digest(_units(part, wise), record["id"]) == digest and not mine & _units(part, wise):
+                return 0, unit
     if key is None or record.get("key_id") != key_id(key):
         return None, unit
     if unit == "patients":
