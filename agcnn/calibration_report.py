@@ -26,13 +26,13 @@ COLOURS = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
 
 
 def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, write_points: bool, allow: bool,
-                         evaluated: pd.DataFrame, info: dict[str, Any], whole: pd.DataFrame | None = None
-                         ) -> Calibration | None:
+                         evaluated: Any, info: dict[str, Any], whole: pd.DataFrame | None = None) -> Calibration | None:
     """The checkpoint's calibration to apply (None: none, or --uncalibrated), after refusing a set
     that shares patients (or, without patient IDs, image files) with the data it was fitted on:
     its maps and operating points were chosen on them (or that cannot be ruled out: see
     :func:`agcnn.data.provenance.set_overlap`; ``whole``: the table rebuilt from the checkpoint's
-    data settings)."""
+    data settings). ``evaluated``: the evaluated table, or a dataset with ``table`` (and
+    ``rebuilt_table``, the ``whole`` it was taken from)."""
     from agcnn.data.provenance import set_overlap
 
     if calibration is not None and not calibrated and write_points:
@@ -43,7 +43,8 @@ def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, w
     data = calibration.record.get("data") or {}
     if not data.get("id"):
         return calibration
-    overlap, unit = set_overlap(data, evaluated, whole=whole)
+    whole = getattr(evaluated, "rebuilt_table", whole)
+    overlap, unit = set_overlap(data, getattr(evaluated, "table", evaluated), whole=whole)
     if overlap is None:
         problem = (f"whether the {info['name']} set shares {unit} with the data the checkpoint's calibration "
                    f"{calibration.id} was fitted on ({data.get('name')}) cannot be checked without the site key it "

@@ -398,8 +398,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {n_boot}")
     dataset, split_info = _evaluated_set(loaded.meta, cfg, o, split_name, set_keys)
     calibration = calibration_to_apply(loaded.calibration, calibrated=o.calibrated, write_points=o.write_operating_points,
-                                       allow=o.allow_other_split, evaluated=dataset.table, info=split_info,
-                                       whole=getattr(dataset, "rebuilt_table", None))
+                                       allow=o.allow_other_split, evaluated=dataset, info=split_info)
     log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, loaded.stage or "fusion",
              len(dataset), split_name, loaded.device)
     raw, labels, rows, unreadable = predict_split(

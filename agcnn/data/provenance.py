@@ -162,7 +162,7 @@ def set_overlap(record: dict[str, Any], table: pd.DataFrame, key: bytes | None =
     """(how many of ``table``'s patients -- image names without patient IDs -- are in the set of
     :func:`set_record`, or None when that cannot be told; the unit counted). Without the site key
     it can be told when ``whole`` (the table rebuilt from the checkpoint's data settings) has a
-    split with the set's digest and ``table`` lies outside that split: then none are."""
+    split with the set's digest: the set is that split."""
     key = site_key() if key is None else key
     ids = has_patient_ids(table)
     unit = "patients" if ids and (record.get("hashes") is not None or record.get("patients_digest")) else "image files"
@@ -172,8 +172,9 @@ def set_overlap(record: dict[str, Any], table: pd.DataFrame, key: bytes | None =
         mine = _units(table, wise)
         for s in SPLITS:
             part = whole[whole["split"] == s]
-            if len(part) and _digest(_units(part, wise), record["id"]) == digest and not mine & _units(part, wise):
-                return 0, unit
+            if len(part) and _digest(_units(part, wise), record["id"]) == digest:
+                # The fitting set is that split, whose members are known here.
+                return len(mine & _units(part, wise)), unit
     if key is None or record.get("key_id") != key_id(key):
         return None, unit
     if unit == "patients":

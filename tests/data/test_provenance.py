@@ -409,4 +409,9 @@ def test_a_calibration_set_is_recorded_and_checked_like_a_split(with_key, monkey
     monkeypatch.delenv(provenance.KEY_FILE_ENV)
     bare = set_record(fitted)
     assert bare["key_id"] is None and "hashes" not in bare and "image_hashes" not in bare and bare["patients"] == 2
-    assert set_overlap(bare, later) == (None, "image files")
+    assert set_overlap(bare, later) == (None, "patients")
+    # ... unless the set is a split of the table rebuilt here: its digest says which.
+    held = pd.DataFrame({"path": ["t1.png", "t2.png"], "patient": ["9", "10"]})
+    whole = pd.concat([fitted.assign(split="val"), held.assign(split="test")], ignore_index=True)
+    assert set_overlap(bare, held, whole=whole) == (0, "patients")
+    assert set_overlap(bare, fitted.iloc[:2], whole=whole) == (2, "patients")
