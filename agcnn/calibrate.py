@@ -58,23 +58,13 @@ SPLITS = ("val", "test")
 
 
 def fitting_record(table, *, patient_ids: bool, name: str, source: str) -> dict[str, Any]:
-    """What a calibration records about its data: counts, digests and salted hashes of the
-    patients and image file names (never a clear ID or path), as training records its split."""
-    import secrets
+    """What a calibration records about its data, as training records its split
+    (:func:`agcnn.data.provenance.set_record`): counts, set digests and, with the site key, keyed
+    hashes of the patients and image file names; never a clear ID or path. (``patient_ids``: the
+    table's IDs are its own, not made up; the record tells that from the table itself.)"""
+    from agcnn.data.provenance import set_record
 
-    from agcnn.data.provenance import hashed_patients, split_summary
-
-    salt = secrets.token_hex(8)
-    names = table["path"].astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
-    summary = split_summary(table)
-    return {
-        "name": name, "source": source, "images": summary["images"],
-        "patients": summary["patients"] if patient_ids else None,
-        "patients_sha256": summary["patients_sha256"] if patient_ids else None,
-        "images_sha256": summary["images_sha256"], "fitted": utc_now(), "salt": salt,
-        "patients_hashed": sorted(hashed_patients(table["patient"].astype(str), salt)) if patient_ids else None,
-        "images_hashed": sorted(hashed_patients(names, salt)),
-    }
+    return {"name": name, "source": source, "fitted": utc_now(), **set_record(table)}
 
 
 def calibrate_checkpoint(

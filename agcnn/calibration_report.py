@@ -26,11 +26,14 @@ COLOURS = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
 
 
 def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, write_points: bool, allow: bool,
-                         evaluated: pd.DataFrame, info: dict[str, Any]) -> Calibration | None:
+                         evaluated: Any, info: dict[str, Any], whole: pd.DataFrame | None = None) -> Calibration | None:
     """The checkpoint's calibration to apply (None: none, or --uncalibrated), after refusing a set
     that shares patients (or, without patient IDs, image files) with the data it was fitted on:
-    its maps and operating points were chosen on them."""
-    from agcnn.data.provenance import hashed_patients
+    its maps and operating points were chosen on them (or that cannot be ruled out: see
+    :func:`agcnn.data.provenance.set_overlap`; ``whole``: the table rebuilt from the checkpoint's
+    data settings). ``evaluated``: the evaluated table, or a dataset with ``table`` (and
+    ``rebuilt_table``, the ``whole`` it was taken from)."""
+    from agcnn.data.provenance import set_overlap
 
     if calibration is not None and not calibrated and write_points:
         raise CalibrationError("--write-operating-points with --uncalibrated: the checkpoint's operating points apply to its "
@@ -38,17 +41,18 @@ def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, w
     if calibration is None or not calibrated:
         return None
     data = calibration.record.get("data") or {}
-    if not data.get("salt"):
+    if not data.get("id"):
         return calibration
-    if info["patient_ids"] and data.get("patients_hashed"):
-        mine, unit, theirs = hashed_patients(evaluated["patient"].astype(str), data["salt"]), "patients", data["patients_hashed"]
-    else:
-        names = evaluated["path"].astype(str).map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1])
-        mine, unit, theirs = hashed_patients(names, data["salt"]), "image files", data.get("images_hashed") or []
-    overlap = len(mine & set(theirs))
-    if overlap:
-        problem = (f"{overlap} of the {len(mine)} {unit} of the {info['name']} set are in the data the checkpoint's "
+    whole = getattr(evaluated, "rebuilt_table", whole)
+    overlap, unit = set_overlap(data, getattr(evaluated, "table", evaluated), whole=whole)
+    if overlap is None:
+        problem = (f"whether the {info['name']} set shares {unit} with the data the checkpoint's calibration "
+                   f"{calibration.id} was fitted on ({data.get('name')}) cannot be checked without the site key it "
+                   f"was fitted with")
+    elif overlap:
+        problem = (f"{overlap} {unit} of the {info['name']} set are in the data the checkpoint's "
                    f"calibration {calibration.id} was fitted on ({data.get('name')})")
+    if overlap != 0:
         if not allow:
             raise CalibrationError(
                 f"refusing to evaluate: {problem}. Calibration and operating points were chosen on them, so the numbers "

@@ -213,6 +213,9 @@ class DataConfig:
     # table's label columns map onto the label list (empty = same names).
     path_column: str = setting("path", NOT_EMPTY)
     patient_column: str | None = setting("patient", NOT_EMPTY)
+    # csv tables without a patient column are refused: true splits them image by image instead,
+    # and every report then says that patients may be on both sides.
+    image_wise_split: bool = False
     label_map: dict[str, str] = field(default_factory=dict)
     # DICOM images must be frontal chest radiographs (agcnn.data.scope): a file whose header
     # names another body part or a lateral / oblique view stops training like an unreadable one.

@@ -44,9 +44,10 @@ reference score summary (stored with ``--write-operating-points`` and by ``agcnn
 gets a site check (:mod:`agcnn.drift`): per finding, the shift of this set's scores from the
 reference's (PSI, KS) and the shares called positive at the operating points here and there.
 
-What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance). A
-split that differs from the one the weights were trained and validated on, or an evaluated set
-that holds training patients, is refused before anything is written, unless
+What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance), which
+covers every branch, also one trained in an earlier run it was seeded from. A split that differs
+from the one the weights were trained and validated on, or an evaluated set that holds (or may
+hold) any branch's training patients, is refused before anything is written, unless
 ``--allow-other-split`` (then every report says so). The model runs at the checkpoint's
 ``train.inference_precision``, as training validation did, so ``--split val`` reproduces the
 validation AUC and operating points that training recorded.
@@ -189,29 +190,21 @@ def _named_split(cfg: Config, split: str):
 
 def _check_training_split(ckpt: dict[str, Any], cfg: Config, whole: pd.DataFrame | None, dataset, info: dict[str, Any],
                           allow: bool) -> dict[str, Any]:
-    """Compare the split built here with the one the checkpoint was trained on (its ``split``
-    record, agcnn.data.provenance); refuse a changed split or training patients in the evaluated
-    set unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
-    from agcnn.data.provenance import hashed_patients, split_problems
+    """Compare the evaluated set with every run whose data trained the checkpoint's branches (its
+    ``split`` record, agcnn.data.provenance); refuse a changed split or training patients in it
+    unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
+    from agcnn.data.provenance import ProvenanceError, check_evaluated_set
 
-    record = ckpt.get("split")
-    if not record:
-        return {"recorded": False, "problems": [], "allowed_other_split": allow}
-    problems = split_problems(record, cfg.data, whole, dataset.table, info["name"], patient_ids=info["patient_ids"])
-    if problems and not allow:
-        raise EvaluationError(
-            f"refusing to evaluate: {'; and '.join(problems)}. The numbers would not be a held-out evaluation of this "
-            f"checkpoint (and operating points chosen here could be fitted to training patients). Evaluate with the "
-            f"training run's split settings, or pass --allow-other-split to evaluate anyway (every report then says so)"
-        )
-    if info["patient_ids"] and info["name"] != "train":
+    try:
+        check = check_evaluated_set(ckpt, dataset.table, name=info["name"], whole=whole, data_cfg=cfg.data, allow=allow)
+    except ProvenanceError as e:
+        raise EvaluationError(str(e)) from e
+    if check["recorded"] and info["patient_ids"] and info["name"] != "train":
         # Overlap with the patients the weights were trained on, not with a rebuilt train split.
-        mine = hashed_patients(dataset.table["patient"].astype(str), record["salt"])
-        overlap = len(mine & set(record["train_patients"]))
-        info["patients_also_in_train"], info["patient_wise"] = overlap, overlap == 0
-    return {"recorded": True, "problems": problems, "allowed_other_split": allow, "rebuilt": whole is not None,
-            "train": {k: record["train"][k] for k in ("images", "patients")},
-            "val": {k: record["val"][k] for k in ("images", "patients")}}
+        n = check["patients_also_in_train"]
+        info["patients_also_in_train"], info["patient_wise"] = n, None if n is None else n == 0
+    info["caveats"] = check["statements"]
+    return check
 
 
 def _made_up_patients(table: pd.DataFrame) -> bool:
@@ -220,8 +213,9 @@ def _made_up_patients(table: pd.DataFrame) -> bool:
     :func:`agcnn.data.tables.normalise_table` then names them ``image-0, image-1, ...``; such a
     split cannot be called patient-wise, and the bootstrap can only resample images.
     """
-    ids = table["patient"].astype(str)
-    return bool(len(ids)) and bool(ids.str.fullmatch(r"image-\d+").all()) and ids.is_unique
+    from agcnn.data.provenance import has_patient_ids
+
+    return not has_patient_ids(table)
 
 
 def _file_split(cfg: Config, path: Path, set_keys: list[str]):
@@ -238,9 +232,10 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
     with warnings.catch_warnings():
         # Its advice is about splitting for training; here the missing IDs are reported in auc.md.
         warnings.filterwarnings("ignore", message=".*has no patient column.*")
+        # No split is made here: a file without patient IDs is evaluated image by image, and says so.
         table = normalise_table(
             read_table(path), cfg.labels, path_column=d.path_column, patient_column=d.patient_column,
-            label_map=d.label_map, val_fraction=0.0, test_fraction=0.0,
+            label_map=d.label_map, val_fraction=0.0, test_fraction=0.0, image_wise=True,
             views=d.views if "views" in set_keys else (), where=str(path),
         )
     has_ids = not _made_up_patients(table)
@@ -407,7 +402,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {n_boot}")
     dataset, split_info = _evaluated_set(loaded.meta, cfg, o, split_name, set_keys)
     calibration = calibration_to_apply(loaded.calibration, calibrated=o.calibrated, write_points=o.write_operating_points,
-                                       allow=o.allow_other_split, evaluated=dataset.table, info=split_info)
+                                       allow=o.allow_other_split, evaluated=dataset, info=split_info)
     log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, loaded.stage or "fusion",
              len(dataset), split_name, loaded.device)
     raw, labels, rows, unreadable = predict_split(
@@ -497,6 +492,7 @@ def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
     split_info["training_split"] = _check_training_split(meta, cfg, whole, dataset, split_info, o.allow_other_split)
+    dataset.rebuilt_table = whole  # the calibration's fitting set is checked against it too
     # Files that are missing or not images, listed before the model runs; like every file that
     # fails to decode they are left out of the numbers and listed in skipped.csv.
     problems = find_problems(dataset)
@@ -530,7 +526,8 @@ def _write_files(out: Path, report: dict[str, Any], table: pd.DataFrame, labels:
     if o.roc:
         write_roc_figure(out / "roc.png", probs, labels, names, aucs,
                          title=f"ROC, {split['name']} split ({len(labels)} images), {Path(o.checkpoint).name}"
-                         + (" [--allow-other-split: not the training run's split]" if split["training_split"]["problems"] else ""),
+                         + (" [--allow-other-split: not the training run's split]" if split["training_split"]["problems"] else "")
+                         + "".join(f" [{c}]" for c in split.get("caveats", [])),
                          points=youden)
     if o.roc:
         cal = report.get("calibration")
@@ -585,7 +582,8 @@ def run(args: argparse.Namespace) -> int:
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )
-    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images): {means}; report in {args.out}/auc.md"
+    caveats = "".join(f" [{c}]" for c in report["split"].get("caveats", []))
+    print(f"mean AUC on {report['split']['name']} ({report['n_images']} images){caveats}: {means}; report in {args.out}/auc.md"
           + (f" and {args.out}/report.html" if (Path(args.out) / "report.html").is_file() and args.html else ""))
     problems = report["split"]["training_split"]["problems"]
     if problems:

@@ -45,6 +45,7 @@ import torch
 
 from agcnn.config import EXPLAIN_METHODS
 from agcnn.data.geometry import Geometry
+from agcnn.data.provenance import check_boxed_images
 from agcnn.errors import DataError, UsageError
 from agcnn.explain import cam_boxes
 
@@ -370,7 +371,7 @@ def _cell(r: pd.Series | None) -> str:
 
 def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dict[str, Any]) -> str:
     """Tables laid out like Wang et al. 2017 (Table 3): one row per T, one column per finding."""
-    lines = ["# Localisation against ground-truth boxes", ""]
+    lines = ["# Localisation against ground-truth boxes" + "".join(f" ({c})" for c in settings.get("caveats", [])), ""]
     lines.append(
         f"Checkpoint `{settings['checkpoint']}`; boxes `{settings['boxes']}`; {counts['boxes']} boxes on "
         f"{counts['images']} images. Maps: {settings['explain']}; CAM boxes: largest region above "
@@ -478,6 +479,7 @@ class LocalizeOptions:
     batch_size: int = 16
     device: str = "auto"
     cases: int = 4
+    allow_other_split: bool = False  # score boxes on (possibly) training patients' images; refused otherwise
 
     def check(self) -> LocalizeOptions:
         """Raise :class:`UsageError` for an option that cannot work; nothing is read or written yet."""
@@ -517,6 +519,7 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
     cfg = loaded.config
     methods = [m for m in METHODS if NEEDS[m] in loaded.branches]
     table = read_box_table(o.boxes, cfg.labels, o.box_space)
+    provenance = check_boxed_images(loaded.meta, cfg, table["path"], allow=o.allow_other_split)  # before any work
     scores, counts = score_boxes(loaded.model, cfg, table, o.images, methods=methods, cam_threshold=o.cam_threshold,
                                  explain_method=o.explain, batch_size=o.batch_size, device=loaded.device,
                                  keep_inputs=o.cases > 0)
@@ -532,7 +535,7 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
         "explain": o.explain, "cam_threshold": o.cam_threshold, "attention_threshold": cfg.model.threshold,
         "bootstrap": o.bootstrap, "seed": o.seed, "methods": methods, "trained_branches": list(loaded.branches),
         "geometry": Geometry.from_config(cfg).as_dict(), "inference_precision": loaded.precision,
-        "pixels": {"source": "original"},
+        "pixels": {"source": "original"}, "training_patients": provenance, "caveats": provenance["caveats"],
     }
     report = {
         "settings": settings,
@@ -577,13 +580,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
+    parser.add_argument("--allow-other-split", action="store_true", help="score boxes on training patients' images too")
 
 
 def run(args: argparse.Namespace) -> int:
     report = localize(LocalizeOptions(
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
         explain=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
-        device=args.device, cases=args.cases,
+        device=args.device, cases=args.cases, allow_other_split=args.allow_other_split,
     ))
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0

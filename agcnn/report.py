@@ -198,7 +198,7 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
 
     n_in_mean = max((r["classes_in_mean"] for r in branches.values() if r["trained"]), default=0)
     lines = [
-        f"# AG-CNN per-class AUC: {split['name']} split",
+        f"# AG-CNN per-class AUC: {split['name']} split" + "".join(f" ({c})" for c in split.get("caveats", [])),
         "",
         f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:16]}...`, stage "
         f"{report['stage'] or 'fusion'}), agcnn {report['agcnn_version']}. "
@@ -233,8 +233,9 @@ def _notes(report: dict, has_ci: bool) -> list[str]:
         notes.append(f"**Evaluated with --allow-other-split although {'; and '.join(check['problems'])}: these numbers are "
                      f"not a held-out evaluation of this checkpoint.**")
     elif check.get("recorded") and check.get("rebuilt"):
-        notes.append(f"The split matches the one the checkpoint was trained on ({check['train']['patients']} training, "
-                     f"{check['val']['patients']} validation patients).")
+        unit = "patients" if check["train"].get("patients") is not None else "images"
+        notes.append(f"The split matches the one the checkpoint was trained on ({check['train'][unit]} training, "
+                     f"{check['val'][unit]} validation {unit}).")
     elif check and not check.get("recorded"):
         notes.append("The checkpoint records no training split (written before agcnn recorded it, or trained on data "
                      "passed in directly), so the split was not checked against it.")

@@ -50,7 +50,7 @@ def test_two_process_gloo_run_trains_and_writes_once(tmp_path, tiny_config):
     # Each process drew its own augmentation: rank 1's RNG state differs from rank 0's.
     assert len(ckpt["rng_other_ranks"]) == 1
     assert not torch.equal(ckpt["rng_other_ranks"][0]["torch"], ckpt["rng"]["torch"])
-    assert ckpt["split"]["train"]["images"] == 28
+    assert ckpt["split"]["runs"][ckpt["split"]["current"]]["train"]["images"] == 28
 
 
 @pytest.mark.slow

@@ -90,7 +90,8 @@ def test_csv_file_split_numbers_and_intervals(csv_set, tmp_path):
     # The table's patient IDs (often hospital record numbers) are left out unless asked for.
     assert "patient" not in preds.columns and "P0" not in (tmp_path / "predictions.csv").read_text()
     evaluate_checkpoint(ckpt, split=str(table), out_dir=tmp_path / "ids", bootstrap=0, roc=False, include_identifiers=True)
-    assert pd.read_csv(tmp_path / "ids" / "predictions.csv")["patient"].tolist()[:2] == ["P0", "P0"]
+    # In the one normal form every patient comparison uses (agcnn.data.tables.normalise_patient_id).
+    assert pd.read_csv(tmp_path / "ids" / "predictions.csv")["patient"].tolist()[:2] == ["p0", "p0"]
     for branch in ("global", "local", "fusion"):
         r = report["branches"][branch]
         auc = np.array([r["auc"][n] for n in LABELS], dtype=float)
@@ -219,21 +220,31 @@ def test_another_split_is_refused_before_anything_is_written(recorded_ckpt, tmp_
         assert load_checkpoint(ckpt)["operating_points_info"]["other_split_problems"]
 
 
-def test_a_table_holding_training_patients_is_refused(csv_set, tmp_path):
+def test_a_table_holding_training_patients_is_refused(csv_set, tmp_path, monkeypatch):
     from agcnn.data.provenance import split_record
     from agcnn.evaluate import EvaluationError
 
     table, ckpt_path, _ = csv_set
-    rows = pd.read_csv(table)
+    rows = pd.read_csv(table, dtype=str)
     ckpt = load_checkpoint(ckpt_path)
     cfg = Config.from_dict(ckpt["config"])
-    # Trained on patients P0-P2 (the first six rows of the table), validated on P50.
-    record = split_record(cfg.data, {"train": rows.iloc[:6], "val": pd.DataFrame({"path": ["x.png"], "patient": ["P50"]})})
+    key = b"a site key of 32 bytes, not in the file"
+    # Trained on patients P0-P2 (the first six rows of the table, spelled in another case and with a
+    # space, as another export might), validated on P50.
+    train = rows.iloc[:6].assign(patient=rows["patient"].iloc[:6].str.replace("P", " p"))
+    record = split_record(cfg.data, {"train": train, "val": pd.DataFrame({"path": ["x.png"], "patient": ["P50"]})}, key=key)
     path = tmp_path / "trained.pt"
     save_checkpoint(path, model_state=ckpt["model"], config=cfg, stage="fusion", split=record)
+    # Without the site key the hashes cannot be tested, so the overlap cannot be ruled out: refused too.
+    monkeypatch.delenv("AGCNN_SITE_KEY", raising=False)
+    monkeypatch.delenv("AGCNN_SITE_KEY_FILE", raising=False)
+    with pytest.raises(EvaluationError, match=r"cannot be checked.*need the site key it was trained with"):
+        evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "refused", bootstrap=0, roc=False)
+    monkeypatch.setenv("AGCNN_SITE_KEY", key.decode())
     with pytest.raises(EvaluationError, match=r"3 of the 13 patients of the table.csv set have images the checkpoint was trained on"):
         evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "refused", bootstrap=0, roc=False)
     assert not (tmp_path / "refused").exists()
     report = evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "allowed", bootstrap=0, roc=False,
                                  allow_other_split=True)
+    assert report["split"]["patient_wise"] is False and report["split"]["patients_also_in_train"] == 3
     assert report["split"]["patient_wise"] is False and report["split"]["patients_also_in_train"] == 3

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agcnn.data.tables import normalise_patient_id, normalise_patient_ids
 from agcnn.errors import DataError, MissingFileError
 from agcnn.labels import LABELS, NO_FINDING
 
@@ -81,7 +82,7 @@ def read_data_entry(path: str | Path, labels: Sequence[str] = LABELS) -> pd.Data
     table.columns = list(_COLUMNS.values())
     table["image"] = table["image"].str.strip()
     table["view"] = table["view"].str.strip().str.upper()
-    table["patient"] = table["patient"].str.strip()
+    table["patient"] = normalise_patient_ids(table["patient"], column="Patient ID", where=str(path))
     table["follow_up"] = pd.to_numeric(table["follow_up"], errors="coerce")
     table["age"] = pd.to_numeric(table["age"].str.rstrip("YMDymd"), errors="coerce")
     onehot = parse_finding_labels(table["finding_labels"], labels, where=str(path))
@@ -144,9 +145,8 @@ def read_labelled_list(path: str | Path, labels: Sequence[str] = LABELS) -> pd.D
 
 def patient_from_name(name: str) -> str:
     """NIH image names are ``<patient>_<follow-up>.png``; the patient is the part before ``_``."""
-    head = Path(name).stem.split("_")[0]
-    # Data_Entry writes Patient ID without the zero padding of the file name.
-    return str(int(head)) if head.isdigit() else head
+    # Data_Entry writes Patient ID without the zero padding of the file name: both normalise to one ID.
+    return normalise_patient_id(Path(name).stem.split("_")[0])
 
 
 def find_metadata(root: str | Path) -> Path | None:

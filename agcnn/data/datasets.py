@@ -230,7 +230,8 @@ def load_dataframe(cfg) -> pd.DataFrame:
                                 labels=labels, views=d.views, val_fraction=d.val_fraction, split_seed=d.split_seed)
     table_path = d.metadata or str(Path(d.root) / "labels.csv")
     return load_table(table_path, labels, path_column=d.path_column, patient_column=d.patient_column, label_map=d.label_map,
-                      views=d.views, val_fraction=d.val_fraction, test_fraction=d.test_fraction, split_seed=d.split_seed)
+                      image_wise=d.image_wise_split, views=d.views, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                      split_seed=d.split_seed)
 
 
 def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame | None = None,

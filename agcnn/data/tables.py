@@ -4,9 +4,15 @@ The table needs an image path column (``data.path_column``; absolute, or relativ
 ``data.root``) and label columns named as the label list or mapped onto it with
 ``data.label_map`` (table column -> label name). Optional columns:
 
-* ``data.patient_column`` (default ``patient``): splits are made patient-wise. Without it the
-  split is made image by image and a warning says that one patient's images may then sit on
-  both sides of the split.
+* ``data.patient_column`` (default ``patient``): splits are made patient-wise. A table without
+  it is refused unless ``data.image_wise_split: true`` says to split it image by image; one
+  patient's images may then sit on both sides of the split, and every report says so.
+
+Patient IDs are compared in one normal form (:func:`normalise_patient_id`): surrounding spaces
+removed, letters case-folded, and the leading zeros of an all-digit ID dropped, so NIH's file
+name prefix ``00000013`` and its Data_Entry ``Patient ID`` ``13`` are one patient, as are
+``P7``, `` p7`` and ``p7 ``. Splitting, the split record's digests and hashes, and every overlap
+check use it; tables carry the normalised ID in their ``patient`` column.
 * ``split`` with values ``train`` / ``val`` / ``test``: used as given. Missing ``val`` rows are
   carved patient-wise from ``train``; a table without a split column gets both a test and a
   validation share carved from it (``data.test_fraction``, ``data.val_fraction``).
@@ -20,6 +26,7 @@ with a warning.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +39,32 @@ from agcnn.errors import DataError, MissingFileError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def normalise_patient_id(value: object) -> str:
+    """The one form a patient ID is split, hashed and compared in.
+
+    Surrounding white space is removed and letters are case-folded; an ID of ASCII digits only
+    loses its leading zeros (``00000013`` -> ``13``, ``000`` -> ``0``), since exports pad record
+    numbers to different widths. Other IDs keep their zeros (``P0013`` -> ``p0013``). An empty
+    ID stays empty (callers refuse it).
+    """
+    text = str(value).strip().casefold()
+    if _DIGITS.fullmatch(text):
+        return text.lstrip("0") or "0"
+    return text
+
+
+def normalise_patient_ids(values: pd.Series, *, column: str, where: str) -> pd.Series:
+    """:func:`normalise_patient_id` of a whole column; an empty or missing ID is an error naming its row."""
+    text = values.fillna("").astype(str).map(normalise_patient_id)
+    empty = (text == "") | (text == "nan")
+    if empty.any():
+        row = int(empty.to_numpy().nonzero()[0][0]) + 2
+        raise DataError(f"{where} row {row} has an empty patient ID in column {column!r} ({int(empty.sum())} such rows); "
+                        f"every image needs its patient, or the split cannot keep a patient on one side")
+    return text
 
 
 def split_patientwise(df: pd.DataFrame, val_fraction: float, seed: int, patient_col: str | None = "patient") -> pd.Series:
@@ -44,7 +77,7 @@ def split_patientwise(df: pd.DataFrame, val_fraction: float, seed: int, patient_
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if patient_col is not None and patient_col in df.columns:
-        patients = df[patient_col].astype(str)
+        patients = df[patient_col].astype(str).map(normalise_patient_id)
     else:
         patients = pd.Series([f"#{i}" for i in range(len(df))], index=df.index)
     unique = np.array(sorted(set(patients)))
@@ -92,9 +125,13 @@ def normalise_table(
     test_fraction: float = 0.2,
     split_seed: int = 0,
     views: Sequence[str] = (),
+    image_wise: bool = False,
     where: str = "table",
 ) -> pd.DataFrame:
-    """Bring a labelled table into the common form ``path, patient, split`` + one float column per label."""
+    """Bring a labelled table into the common form ``path, patient, split`` + one float column per label.
+
+    ``image_wise`` (``data.image_wise_split``): a table without the patient column is split
+    image by image (each image its own made-up patient ``image-N``) instead of refused."""
     label_map = dict(label_map or {})
     if path_column not in table.columns:
         raise DataError(f"{where} has no image path column {path_column!r}; set data.path_column to one of {list(table.columns)}")
@@ -122,13 +159,18 @@ def normalise_table(
         out[name] = parse_label_column(table[source[name]], column=source[name]) if name in source else np.float32(np.nan)
 
     if patient_column and patient_column in table.columns:
-        out["patient"] = table[patient_column].astype(str).str.strip()
+        out["patient"] = normalise_patient_ids(table[patient_column], column=patient_column, where=where).to_numpy()
         has_patient = True
     else:
+        if not image_wise:
+            raise DataError(
+                f"{where} has no patient column {patient_column!r}, so it cannot be split patient-wise; set "
+                f"data.patient_column to the patient-ID column (columns: {list(table.columns)}), or set "
+                f"data.image_wise_split: true to split it image by image (images of one patient may then land in both "
+                f"training and test, and every report says so)")
         warnings.warn(
-            f"{where} has no patient column {patient_column!r}; splitting image by image, so images of one "
-            f"patient may land in both training and test and inflate the scores. Set data.patient_column "
-            f"to the patient-ID column (columns: {list(table.columns)}).",
+            f"{where} has no patient column {patient_column!r}; splitting image by image (data.image_wise_split), "
+            f"so images of one patient may land in both training and test and inflate the scores.",
             stacklevel=2,
         )
         out["patient"] = [f"image-{i}" for i in range(len(out))]

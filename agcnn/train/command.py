@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from RUN_DIR/<stage>/last.pt; completed stages are skipped")
     parser.add_argument("--seed-from", metavar="CKPT",
                         help="initialise the (single) stage from this checkpoint instead of RUN_DIR/<previous>/best.pt")
+    parser.add_argument("--allow-seed-overlap", action="store_true",
+                        help="start from a checkpoint whose training patients are in this run's validation or test split "
+                             "(refused otherwise); the checkpoints and every report then say so")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (epoch summaries still print)")
 
 
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = Config.load(config, args.overrides)
     stages = tuple(STAGES) if args.stage == "all" else (args.stage,)
     try:
-        results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress)
+        results = train(cfg, run_dir, stages, resume=args.resume, seed_from=args.seed_from, progress=not args.no_progress,
+                        allow_seed_overlap=args.allow_seed_overlap)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

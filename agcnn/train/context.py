@@ -29,5 +29,8 @@ class TrainContext:
     writer: Any = None  # TensorBoard SummaryWriter on rank 0, else None
     # The rows the data pre-check left out (data.skip_unreadable), stored in the checkpoints.
     left_out: list[dict[str, Any]] | None = None
-    # The training / validation split record (agcnn.data.provenance), stored in the checkpoints.
+    # This run's training / validation split record (agcnn.data.provenance); each stage stores it
+    # with the records of the checkpoint it starts from (StageRun.split).
     split: dict[str, Any] | None = None
+    # Start from a checkpoint trained on this run's held-out patients (--allow-seed-overlap).
+    allow_seed_overlap: bool = False

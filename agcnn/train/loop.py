@@ -25,7 +25,7 @@ from agcnn.train.context import TrainContext
 from agcnn.train.loaders import augment_on_device, batch_len, without_augmentation
 from agcnn.train.outputs import open_writer, save_epoch, write_config
 from agcnn.train.parallel import check_replicas_agree, sync_buffers
-from agcnn.train.seeds import check_start_points
+from agcnn.train.seeds import check_start_points, stage_dir
 from agcnn.train.sources import trains_on_cache
 from agcnn.train.stage import EpochStats, StageResult, StageRun, build_stage
 from agcnn.train.step import train_step, with_targets
@@ -41,12 +41,14 @@ def train(
     datasets: dict[str, Dataset] | None = None,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    allow_seed_overlap: bool = False,
 ) -> dict[str, StageResult]:
     """Train ``stages`` in order into ``run_dir``; the library entry point of ``agcnn train``.
 
     ``datasets`` (``{"train": ..., "val": ...}``) replaces the ones built from ``cfg.data``.
     With ``resume``, a stage whose last.pt has all its epochs is skipped and a partly trained
-    one continues from last.pt.
+    one continues from last.pt. ``allow_seed_overlap``: start from a checkpoint trained on this
+    run's held-out patients anyway (refused otherwise; see :func:`agcnn.data.provenance.check_seed`).
     """
     for s in stages:
         stage_plan(s)
@@ -55,14 +57,14 @@ def train(
     rt = init_runtime(cfg.train.device)
     speak = say or print
     ctx = TrainContext(cfg, rt, Path(run_dir), resume=resume, seed_from=seed_from, progress=progress,
-                       say=speak if rt.is_main else (lambda _m: None))
+                       say=speak if rt.is_main else (lambda _m: None), allow_seed_overlap=allow_seed_overlap)
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # Fail before loading any data when a stage would overwrite a run or its seed is missing.
     check_start_points(ctx, stages)
-    datasets, ctx.split, ctx.left_out = load_datasets(ctx, datasets)
+    datasets, ctx.split, ctx.left_out = load_datasets(ctx, datasets, stages)
     if rt.is_main:
         write_config(ctx.run_dir, cfg)
     on_cache = {s: trains_on_cache(cfg, stage_plan(s, cfg.train.finetune_all)) for s in stages}
@@ -78,22 +80,27 @@ def train(
     return results
 
 
-def load_datasets(ctx: TrainContext, datasets: dict[str, Dataset] | None) -> tuple[dict[str, Dataset], dict[str, Any] | None,
-                                                                                 list[dict[str, Any]]]:
+def load_datasets(ctx: TrainContext, datasets: dict[str, Dataset] | None, stages: Sequence[str] = ()
+                  ) -> tuple[dict[str, Dataset], dict[str, Any] | None, list[dict[str, Any]]]:
     """The training and validation sets (built from the config unless given), the record of
-    their split, and the rows the pre-check left out."""
+    their split, and the rows the pre-check left out. The checkpoints ``stages`` start from must
+    not have trained on this run's validation or test patients (:func:`check_start_patients`)."""
     cfg, rt = ctx.cfg, ctx.rt
+    whole = None
     if datasets is None:
-        from agcnn.data.datasets import build_datasets
+        from agcnn.data.datasets import build_datasets, load_dataframe
 
         # Rank 0 first: it may generate the phantom set or write a cache the others then read.
         if not rt.is_main:
             barrier(rt)
-        datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device))
+        whole = load_dataframe(cfg)  # every split: a seed's training patients must not be in val or test
+        datasets = build_datasets(cfg, splits=("train", "val"), training=True, stored=augment_on_device(cfg, rt.device),
+                                  table=whole)
         if rt.is_main:
             barrier(rt)
     # Recorded before the pre-check: the split as its settings define it, which evaluate rebuilds.
     split = split_record(cfg, datasets)
+    check_start_patients(ctx, stages, split, whole, datasets)
     # Every row's file exists and starts like an image, or the run stops here listing them all
     # (hours before the loader would reach one); with data.skip_unreadable they are left out.
     from agcnn.data.precheck import check_datasets
@@ -103,19 +110,50 @@ def load_datasets(ctx: TrainContext, datasets: dict[str, Dataset] | None) -> tup
     if n_checked:
         ctx.say(f"data: {n_checked} image files checked in {time.perf_counter() - t0:.1f} s"
                 + (f"; {len(problems)} left out (data.skip_unreadable)" if problems else ""))
-    left_out = [{"split": p.split, "path": p.path, "reason": p.reason} for p in problems]
+    from agcnn.data.provenance import left_out_summary
+
+    left_out = left_out_summary(problems)  # counts only: paths may hold patients' names
     return datasets, split, left_out
 
 
 def split_record(cfg: Config, datasets: dict[str, Dataset]) -> dict[str, Any] | None:
     """What the checkpoints record of the training and validation split (agcnn.data.provenance);
     None when the datasets carry no table of paths and patients (e.g. tensors passed in)."""
+    from agcnn.data.provenance import site_key
     from agcnn.data.provenance import split_record as record
 
     tables = {s: getattr(datasets.get(s), "table", None) for s in ("train", "val")}
     if any(t is None or not {"path", "patient"} <= set(t.columns) for t in tables.values()):
         return None
-    return record(cfg.data, tables)
+    return record(cfg.data, tables, key=site_key())
+
+
+def check_start_patients(ctx: TrainContext, stages: Sequence[str], split: dict[str, Any] | None, whole,
+                         datasets: dict[str, Dataset]) -> None:
+    """Every checkpoint a stage will start from (resumed, --seed-from, or the stage before's best.pt
+    already on disk) must not have trained on this run's validation or test patients
+    (agcnn.data.provenance.check_seed); what --allow-seed-overlap lets through is recorded in ``split``."""
+    if split is None:
+        return
+    import pandas as pd
+
+    from agcnn.checkpoint import load_checkpoint
+    from agcnn.data.provenance import allow_start, check_seed, site_key
+
+    table = whole if whole is not None else pd.concat([datasets[s].table for s in ("train", "val")], ignore_index=True)
+    for i, s in enumerate(stages):
+        plan = stage_plan(s, ctx.cfg.train.finetune_all)
+        last = stage_dir(ctx.run_dir, s) / "last.pt"
+        if ctx.resume and last.is_file():
+            start, how = last, "resume"
+        elif i == 0 and ctx.seed_from is not None:
+            start, how = Path(ctx.seed_from), "seed"
+        elif plan.seed_from is not None and (stage_dir(ctx.run_dir, plan.seed_from) / "best.pt").is_file():
+            start, how = stage_dir(ctx.run_dir, plan.seed_from) / "best.pt", "seed"
+        else:
+            continue
+        allow_start(split, check_seed(load_checkpoint(start), split, table, ctx.cfg.data, stage=s,
+                                      allow=ctx.allow_seed_overlap, key=site_key(), how=how))
 
 
 def run_stage(ctx: TrainContext, stage_name: str, datasets: dict[str, Dataset]) -> StageResult:

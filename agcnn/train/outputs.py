@@ -95,7 +95,7 @@ def save_checkpoints(run: StageRun, epoch: int, scores: dict[str, Any], rngs: li
     cfg, plan, model = run.cfg, run.plan, run.model
     # The split the weights were trained and validated on: evaluate refuses another one.
     extra = dict(stage=run.name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
-                 best_metric=run.best_metric, best_epoch=run.best_epoch, history=run.history, split=run.ctx.split)
+                 best_metric=run.best_metric, best_epoch=run.best_epoch, history=run.history, split=run.split)
     if run.ctx.left_out:
         extra["left_out"] = run.ctx.left_out
     if best:

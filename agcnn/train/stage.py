@@ -18,7 +18,7 @@ from agcnn.checkpoint import trained_branches
 from agcnn.config import Config, StageConfig
 from agcnn.errors import ConfigError
 from agcnn.runtime import Runtime
-from agcnn.stages import Stage, apply_freezing, stage_plan
+from agcnn.stages import MODULE_OF, Stage, apply_freezing, stage_plan
 from agcnn.train.context import TrainContext
 from agcnn.train.parallel import convert_sync_batchnorm
 from agcnn.train.seeds import load_start, rank_seed, restore_rng, resumes, seed_everything, stage_dir
@@ -57,6 +57,8 @@ class StageRun:
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     skipped_so_far: int = 0  # images the loader could not decode, counted up to the last epoch
+    # The split record its checkpoints carry: this run's, with the runs its start was trained on.
+    split: dict[str, Any] | None = None
 
     @property
     def cfg(self) -> Config:
@@ -105,14 +107,18 @@ def build_stage(ctx: TrainContext, stage_name: str, datasets: dict[str, Dataset]
     seed_everything(cfg.train.seed)
     model = new_model(cfg, seeded=resumes(ctx, stage_name) or ctx.seed_from is not None or plan.seed_from is not None)
     resume_ckpt, seed_ckpt = load_start(model, plan, ctx)
-    if resume_ckpt is None:
-        start_as_global(model, plan, cfg, seed_ckpt)
+    copied = start_as_global(model, plan, cfg, seed_ckpt) if resume_ckpt is None else None
     place_model(model, plan, cfg, rt)
     if rt.rank:
         # Every process its own augmentation draws (rank 0 keeps train.seed); see rank_seed.
         seed_everything(rank_seed(cfg.train.seed, rt.rank))
     optimizer, scheduler = build_optimizer([p for p in model.parameters() if p.requires_grad], sc)
     run = StageRun(stage_name, plan, ctx, model, optimizer, scheduler, stage_dir(ctx.run_dir, stage_name), sc.epochs)
+    from agcnn.data.provenance import carry_forward
+
+    # The weights it starts from were trained on the earlier checkpoint's runs: its record goes on.
+    run.split = carry_forward(ctx.split, resume_ckpt if resume_ckpt is not None else seed_ckpt, plan.trains,
+                              {MODULE_OF[copied]: MODULE_OF["global"]} if copied else None)
     if resume_ckpt is not None:
         restore(run, resume_ckpt)
         if run.start_epoch >= run.epochs:
@@ -145,18 +151,20 @@ def new_model(cfg: Config, *, seeded: bool) -> nn.Module:
     return AGCNN.from_config(model_cfg, num_classes=len(cfg.labels), image_size=cfg.data.image_size)
 
 
-def start_as_global(model: nn.Module, plan: Stage, cfg: Config, seed_ckpt: dict[str, Any] | None) -> None:
+def start_as_global(model: nn.Module, plan: Stage, cfg: Config, seed_ckpt: dict[str, Any] | None) -> str | None:
     """A new stage whose seed checkpoint has not trained the branch it scores starts that branch
     as the global one, when its row's switch (``train.local_from_global``,
     ``train.fusion_from_global``) is on. A stage seeded from a later checkpoint (e.g. a finished
-    fusion one, to fine-tune it: G L F*) keeps what that checkpoint learned."""
+    fusion one, to fine-tune it: G L F*) keeps what that checkpoint learned. Returns the branch
+    that now starts as the global one, or None."""
     if plan.from_global is None or not getattr(cfg.train, plan.from_global):
-        return
+        return None
     if seed_ckpt is not None and plan.scores in trained_branches(seed_ckpt):
-        return
+        return None
     # The local branch as a copy of the global branch; the fusion head as the global classifier.
     init = {"local": model.init_local_from_global, "fusion": model.init_fusion_from_global}
     init[plan.scores]()
+    return plan.scores
 
 
 def place_model(model: nn.Module, plan: Stage, cfg: Config, rt: Runtime) -> None:

@@ -130,7 +130,8 @@ def test_skip_unreadable_trains_without_them_and_counts_them(tmp_path, capsys):
     train(cfg, tmp_path / "run", ["global"], progress=False, say=lines.append)
     assert any("1 left out (data.skip_unreadable)" in line for line in lines)
     ckpt = load_checkpoint(tmp_path / "run" / "global" / "last.pt")
-    assert ckpt["left_out"] == [{"split": "train", "path": "img/page.png", "reason": "not_an_image"}]
+    # Counted, not listed: a PACS path may hold a patient's name.
+    assert ckpt["left_out"] == [{"split": "train", "reason": "not_an_image", "files": 1}]
     assert ckpt["history"][0]["skipped_images"] == 1  # cut.png, once in the epoch
     log = pd.read_csv(tmp_path / "run" / "global" / "log.csv")
     assert log["skipped_images"].tolist() == [1]

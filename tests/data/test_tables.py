@@ -43,11 +43,44 @@ def test_label_map_errors():
         normalise_table(table, LABELS2, path_column="image")
 
 
-def test_without_patient_column_warns_and_splits_by_image():
+def test_without_patient_column_is_refused_unless_the_config_splits_by_image():
     table = pd.DataFrame({"path": [f"{i}.png" for i in range(50)], "Effusion": ["0"] * 50, "Nodule": ["1"] * 50})
+    with pytest.raises(ValueError, match=r"no patient column 'patient'.*data.image_wise_split: true"):
+        normalise_table(table, LABELS2, patient_column="patient", val_fraction=0.1, test_fraction=0.2)
     with pytest.warns(UserWarning, match="patients may|one patient"):
-        out = normalise_table(table, LABELS2, patient_column="patient", val_fraction=0.1, test_fraction=0.2)
+        out = normalise_table(table, LABELS2, patient_column="patient", val_fraction=0.1, test_fraction=0.2,
+                              image_wise=True)
     assert out["split"].value_counts().to_dict() == {"train": 35, "test": 10, "val": 5}
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("13", "13"), ("00000013", "13"), (" 13 ", "13"), ("0013\t", "13"), ("000", "0"), ("0", "0"),
+    ("P0013", "p0013"), (" p0013", "p0013"), ("AbC-7", "abc-7"), ("١٣", "١٣"),  # Arabic-Indic digits stay as written
+])
+def test_patient_ids_have_one_normal_form(raw, want):
+    from agcnn.data.tables import normalise_patient_id
+
+    assert normalise_patient_id(raw) == want
+
+
+def test_padded_and_spaced_ids_are_one_patient_when_splitting():
+    # Three spellings of patient 13 and two of patient p7: each patient lands in one split only.
+    table = pd.DataFrame({"path": [f"{i}.png" for i in range(6)],
+                          "patient": ["13", "00000013", " 13", "P7", "p7 ", "8"],
+                          "Effusion": ["0"] * 6, "Nodule": ["1"] * 6})
+    for seed in range(6):
+        out = normalise_table(table, LABELS2, val_fraction=0.3, test_fraction=0.3, split_seed=seed)
+        assert out["patient"].tolist() == ["13", "13", "13", "p7", "p7", "8"]
+        assert out.groupby("patient")["split"].nunique().max() == 1
+    mixed = table.assign(split=["train", "test", "train", "train", "train", "test"])
+    with pytest.raises(ValueError, match="patient '13' has images in more than one split"):
+        normalise_table(mixed, LABELS2)
+
+
+def test_an_empty_patient_id_names_its_row():
+    table = pd.DataFrame({"path": ["a.png", "b.png"], "patient": ["p1", "  "], "Effusion": ["0", "1"], "Nodule": ["1", "0"]})
+    with pytest.raises(ValueError, match="row 3 has an empty patient ID in column 'patient'"):
+        normalise_table(table, LABELS2)
 
 
 def test_split_column_is_honoured_and_val_carved_from_train():
