@@ -23,7 +23,7 @@ import yaml
 from agcnn.errors import ConfigError
 from agcnn.labels import LABELS
 
-__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
+__all__ = ["Config", "describe_start", "ConfigError", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
            "setting", "Check", "OneOf", "Range", "Rule"]
 
 
@@ -47,6 +47,15 @@ DATASETS = ("synthetic", "chestxray14", "csv")
 AUGMENT_PLACES = ("auto", "device", "loader")
 # Training augmentations (agcnn.data.transforms): the paper's plain random crop, or zoom.
 AUGMENTS = ("paper", "resized_crop")
+# model.pretrained's two names (anything else is a file path), and the torchvision weights
+# "imagenet" means for each backbone: the first ImageNet weights torchvision published (V1), the
+# ones a 2018 paper could start from; later recipes (V2) were trained differently.
+PRETRAINED_NAMES = ("imagenet", "none")
+IMAGENET_WEIGHTS = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "densenet121": "DenseNet121_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+}
 # Inference precisions (agcnn.precision).
 PRECISIONS = ("fp32", "bf16")
 # Stage optimisers and learning-rate schedules (agcnn.train.build_optimizer).
@@ -179,7 +188,12 @@ class ModelConfig:
     global_stride: int = setting(32, OneOf(GLOBAL_STRIDES))
     # Side of the square crop that the local branch sees (the paper resizes to 224).
     local_size: int = setting(224, Range(32))  # ResNet / DenseNet reduce 32x
-    # torchvision-format ImageNet weights on local disk; never downloaded.
+    # Where both branches start (paper Sec. III-C fine-tunes ImageNet weights): "imagenet" --
+    # torchvision's own ImageNet weights for the backbone (IMAGENET_WEIGHTS), read from torch
+    # hub's cache ($TORCH_HOME/hub/checkpoints) and downloaded there when absent and the machine
+    # is online; "none" -- random weights; or the path of a torchvision-format state-dict file.
+    # No default: a run that trains a stage from scratch must say which (agcnn.models.backbones.
+    # check_start_weights), since random weights trained silently where ImageNet was meant.
     pretrained: str | None = setting(None, NOT_EMPTY)
     # Dropout before the classifiers; 0 as in the paper.
     dropout: float = setting(0.0, FRACTION)
@@ -373,6 +387,19 @@ class Config:
 
 # ---------------------------------------------------------------------- helpers
 
+def describe_start(model: ModelConfig) -> str:
+    """Where a model's branches started, in words, for logs, checkpoints and reports."""
+    p = model.pretrained
+    if p == "imagenet":
+        return f"ImageNet weights (torchvision {IMAGENET_WEIGHTS[model.backbone]})"
+    if p == "none":
+        return "random weights (model.pretrained: none)"
+    if p is None:
+        # Configs written before the value was required meant random weights by null.
+        return "random weights (model.pretrained not set)"
+    return f"weights from {Path(p).name} (model.pretrained)"
+
+
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``; else a :class:`ConfigError` naming it, the
     valid choices and the nearest one (for names checked outside a config, e.g. a stage)."""
@@ -412,7 +439,7 @@ def _cross_checks(cfg: "Config") -> list[str]:
         out.append(f"model.width={m.width} applies to the ResNet backbones only; use width 64 with {m.backbone}")
     if m.global_stride != 32 and not m.backbone.startswith("resnet"):
         out.append(f"model.global_stride={m.global_stride} applies to the ResNet backbones only; use 32 with {m.backbone}")
-    if m.width != 64 and m.pretrained:
+    if m.width != 64 and m.pretrained not in (None, "none"):
         out.append(f"model.width={m.width} cannot load ImageNet weights (model.pretrained), which have width 64")
     unknown = [v for v in d.label_map.values() if v not in cfg.labels]
     if unknown:

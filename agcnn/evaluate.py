@@ -67,7 +67,7 @@ from agcnn.checkpoint import (
     sha256_file,
     trained_branches,
 )
-from agcnn.config import Config, ConfigError, apply_override
+from agcnn.config import Config, ConfigError, apply_override, describe_start
 from agcnn.errors import UsageError
 from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
@@ -432,6 +432,8 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
         "stage": ckpt.get("stage"),
+        # Where the branches started (ImageNet or random weights); older checkpoints say it only in their config.
+        "start": ckpt.get("start") or describe_start(Config.from_dict(ckpt["config"]).model),
         "split": split_info,
         "labels": names,
         "n_images": int(len(labels)),

@@ -51,8 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from agcnn.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from agcnn.config import Config, ConfigError, StageConfig
-from agcnn.errors import MissingFileError
+from agcnn.config import Config, ConfigError, StageConfig, describe_start
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, with_no_finding, youden_thresholds
 from agcnn.precision import inference_precision
@@ -983,7 +982,7 @@ def save_epoch(run: StageRun, epoch: int, stats: EpochStats, scores: dict[str, A
         return
     model = run.model
     # The split the weights were trained and validated on: evaluate refuses another one.
-    extra = dict(stage=run.name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
+    extra = dict(stage=run.name, start=describe_start(cfg.model), plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
                  best_metric=run.best_metric, best_epoch=run.best_epoch, history=run.history, split=run.split)
     if run.left_out:
         extra["left_out"] = run.left_out
@@ -1106,10 +1105,12 @@ def train(
             check_seed_exists(Path(seed_from), first, explicit=True)
         elif first.seed_from is not None:
             check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
-        elif cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        else:
             # Only a stage that starts from scratch reads the ImageNet weights.
-            raise MissingFileError(f"model.pretrained={cfg.model.pretrained!r} does not exist; set it to a local torchvision "
-                                   f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights")
+            from agcnn.models.backbones import check_start_weights
+
+            check_start_weights(cfg.model)
+    quiet(f"start: {describe_start(cfg.model)}")
     if datasets is None:
         from agcnn.data.datasets import build_datasets
 

@@ -15,6 +15,7 @@ from agcnn.data.synthetic import generate_phantoms
 from agcnn.train import ImageSource, augment_on_device, init_runtime, stage_plan, train
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=36", "data.highres_size=48",
     "data.cache_size=64", "train.device=cpu", "train.channels_last=false", "data.augment_on=device",
     "train.global.batch_size=4", "train.global.epochs=2", "data.synthetic_count=24", "data.synthetic_size=64",
