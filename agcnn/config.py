@@ -203,6 +203,9 @@ class ModelConfig:
     # The paper's label vector has 15 entries: the 14 findings and "No Finding" (Sec. 4.1). True
     # adds that 15th output to every classifier, trained on "no finding is positive"; it is only
     # a training target: AUC, operating points and every output file keep the 14 findings.
+    # Default False: unlike the other recipe choices it is tied to a label list that covers
+    # what a film can show (ChestX-ray14's); on a site's own subset of findings, "none of these"
+    # is not "normal". The paper configs set it.
     no_finding: bool = False
 
 
@@ -241,12 +244,15 @@ class DataConfig:
     resize: int = setting(256, AT_LEAST_1)
     image_size: int = setting(224, Range(32))
     # Training augmentation (AUGMENTS, see agcnn.data.transforms): "paper" = resize, random
-    # image_size crop, horizontal flip (Sec. 4.2); "resized_crop" = RandomResizedCrop keeping
-    # crop_scale of the area, then flip.
-    augment: str = setting("resized_crop", OneOf(AUGMENTS))
-    # resized_crop: the range of the image's area a training crop keeps (torchvision's default
-    # 8-100 %). Small training sets with small findings want a narrower range, since a crop can
-    # cut the finding out while its label stays on.
+    # image_size crop, horizontal flip; "resized_crop" = RandomResizedCrop keeping crop_scale of
+    # the area, then flip. Default "paper": Sec. IV-B says "randomly resized cropping", Fig. 1
+    # "randomly cropped"; with the 256 resize and 224 crop the paper gives, both read as resize,
+    # then a plain random crop (a 256 resize before a zoom crop would serve no purpose). Zoom
+    # also cuts small findings out of a crop while their labels stay on, on any data set.
+    augment: str = setting("paper", OneOf(AUGMENTS))
+    # resized_crop only: the range of the image's area a training crop keeps (torchvision's
+    # default 8-100 %). Small training sets with small findings want a narrower range, since a
+    # crop can cut the finding out while its label stays on.
     crop_scale: list[float] = setting(factory=lambda: [0.08, 1.0], check=Rule(
         _crop_scale_ok, "must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]"))
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
@@ -319,16 +325,18 @@ class TrainConfig:
     # The paper's Table II "G L F*": fine-tune both branches in stage III instead of freezing them.
     finetune_all: bool = False
     # Stage III starts its fusion head as the global classifier (zero weight on local features),
-    # rather than at random; see AGCNN.init_fusion_from_global.
-    fusion_from_global: bool = True
+    # rather than at random; see AGCNN.init_fusion_from_global. Default False, the paper's
+    # (Sec. III-D: a new fully connected layer over both pool5 vectors); the demo sets true.
+    fusion_from_global: bool = False
     # Stage II starts the local branch as a copy of the trained global branch (same
     # architecture, no weight sharing afterwards), rather than from its own start (ImageNet
     # weights or random); see AGCNN.init_local_from_global.
     local_from_global: bool = False
     # Stage III with both branches frozen: compute their pool5 features once (un-augmented
-    # training images) and train the fusion head on them every epoch. False: augmented images
-    # through both branches every epoch, as in the paper's training code.
-    cache_fusion_features: bool = True
+    # training images) and train the fusion head on them every epoch. False (default): augmented
+    # images through both branches every epoch, as in the paper's training; true is faster and
+    # trains the head without augmentation (the demo sets it for its CPU budget).
+    cache_fusion_features: bool = False
     # Stage II with the global branch frozen: crop each training image's attended box once
     # (un-augmented images; the crops then flipped at random each epoch) and train the local
     # branch on those crops, instead of augmented images through the global branch every

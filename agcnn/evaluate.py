@@ -73,7 +73,7 @@ from agcnn.labels import LabelMismatchError
 from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
 from agcnn.precision import inference_precision
 from agcnn.report import auc_markdown, fmt, json_number, write_auc_csv, write_predictions, write_roc_figure
-from agcnn.runtime import resolve_device
+from agcnn.runtime import loader_workers, resolve_device
 from agcnn.stages import BRANCHES
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     # A global-stage checkpoint needs no region step or local branch.
     stage = "global" if tuple(branches) == ("global",) else "fusion"
-    loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers),
                         collate_fn=_collate_records, pin_memory=device.type == "cuda", persistent_workers=False)
     probs: dict[str, list[np.ndarray]] = {b: [] for b in branches}
     labels, rows, unreadable = [], [], []

@@ -55,7 +55,7 @@ from agcnn.config import Config, ConfigError, StageConfig, describe_start
 from agcnn.labels import check_labels
 from agcnn.metrics import masked_bce_with_logits, mean_auc, per_class_auc, with_no_finding, youden_thresholds
 from agcnn.precision import inference_precision
-from agcnn.runtime import Runtime, all_gather, barrier, init_runtime, mean_over_ranks
+from agcnn.runtime import Runtime, all_gather, barrier, init_runtime, loader_workers, mean_over_ranks
 from agcnn.stages import STAGES, Stage, apply_freezing, set_train_mode, stage_plan
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
     its own, which :func:`set_loader_epoch` reseeds, so epoch N draws the same order whether the
     loader is new or reused.
     """
-    workers = cfg.data.num_workers if num_workers is None else num_workers
+    workers = loader_workers(cfg.data.num_workers if num_workers is None else num_workers)
     # Worker seeds (the augmentation in DataLoader workers) differ per rank; see rank_seed.
     g = epoch_generator(rank_seed(cfg.train.seed, rt.rank), epoch)
     sampler = None
