@@ -50,6 +50,7 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -264,7 +265,7 @@ def _small_opacity(d: np.ndarray, y: int, x: int, r: float, contrast: float, kin
 
 
 def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | None = None, findings: dict[str, bool] | None = None,
-                 lookalike: str | None = None):
+                 lookalike: str | None = None, omit: Collection[str] = ()):
     """One phantom: ``(uint16 image [size, size] with 12-bit values, labels, boxes)``.
 
     ``labels`` maps every name in LABELS to 0 / 1; ``boxes`` is a list of
@@ -272,6 +273,9 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     there too, under its kind (``granuloma`` or ``vessel``, lower case: not a label).
     ``findings`` forces which findings are planted and ``lookalike`` which look-alike (only
     without a nodule); by default both are drawn (:data:`PREVALENCE`, :data:`OPACITY_RATES`).
+    ``omit`` names findings (or a look-alike kind) drawn but not painted: the same film, every
+    random draw the same, with that region left as normal tissue (and no label or box for it),
+    which is how the tests check that a finding's evidence lies where it is drawn.
     """
     import cv2
 
@@ -305,10 +309,12 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
 
     # Heart: an ellipse left of the midline of the patient (image right), larger in cardiomegaly.
     scale = rng.uniform(1.30, 1.45) if findings["Cardiomegaly"] else 1.0
+    if "Cardiomegaly" in omit:
+        scale = 1.0
     hx, hy = a.cx + a.heart_x, a.heart_y + (scale - 1) * 0.03
     hr = ((u - hx) / (a.heart_rx * scale)) ** 2 + ((v - hy) / (a.heart_ry * scale)) ** 2
     heart = _sig(1.0 - hr, 0.12)
-    if findings["Cardiomegaly"]:
+    if findings["Cardiomegaly"] and "Cardiomegaly" not in omit:
         boxes.append(("Cardiomegaly", *_box(heart)))
 
     # Lungs (air: darker), cut by the heart and the mediastinum.
@@ -334,6 +340,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if findings["Pneumothorax"]:
         s = int(rng.choice(sides))
         k = rng.uniform(0.72, 0.84)
+    if findings["Pneumothorax"] and "Pneumothorax" not in omit:
         lx, ly = a.cx + s * (a.lung_gap - 0.04), a.top + 0.55 * (a.bottom - a.top)
         collapsed = _lung(lx + (u - lx) / k, ly + (v - ly) / k, a, s, 1.2 * px)
         rim = np.clip(lung[s] - collapsed, 0, 1) * _sig(ly + 0.05 - v, 0.05)
@@ -349,6 +356,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
         lx = a.cx + s * a.lung_gap
         lateral = np.clip((u - lx) * s / a.lung_w, -1, 1.2)
         level = a.bottom - rng.uniform(0.08, 0.16) * (a.bottom - a.top)
+    if findings["Effusion"] and "Effusion" not in omit:
         # Meniscus: the fluid climbs the lateral chest wall.
         surface = level - 0.07 * np.clip(lateral, 0, None) ** 2
         fluid = _sig(v - surface, 0.012) * lung[s] * _sig(0.25 + lateral, 0.05)
@@ -388,12 +396,17 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if kind is not None:
         r = rng.uniform(*OPACITY_RADIUS) * S
         x, y = _pick_in_lung(rng, lungs, 2 * r + 2)
-        box = _small_opacity(d, y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
-        boxes.append(("Nodule" if kind == "nodule" else kind, *box))
+        # An omitted opacity is painted on a scratch copy: its random draws are made all the same.
+        shown = kind not in omit and not (kind == "nodule" and "Nodule" in omit)
+        box = _small_opacity(d if shown else d.copy(), y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
+        if shown:
+            boxes.append(("Nodule" if kind == "nodule" else kind, *box))
     if findings["Mass"]:
         r = rng.uniform(0.03, 0.05) * S
         x, y = _pick_in_lung(rng, lungs, 1.2 * r)
-        boxes.append(("Mass", *_blob(d, y, x, r, rng.uniform(0.14, 0.22), rng, lobes=0.12)))
+        box = _blob(d if "Mass" not in omit else d.copy(), y, x, r, rng.uniform(0.14, 0.22), rng, lobes=0.12)
+        if "Mass" not in omit:
+            boxes.append(("Mass", *box))
 
     # Detector: a little blur, exposure curve, quantum noise, 12-bit levels.
     sigma = 0.6 * S / 512
