@@ -70,7 +70,9 @@ log = logging.getLogger(__name__)
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
 # Independent draws; P(no finding) = 0.50 * 0.85 * 0.85 * 0.82 * 0.85 = 0.25.
 PREVALENCE = {"Nodule": 0.50, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
-FORMAT_VERSION = 3
+# 4: exposure scaled by a region no finding touches (see make_phantom), so each finding's
+# evidence lies in its box (tests/data/test_phantom_evidence.py).
+FORMAT_VERSION = 4
 # Stored grey levels: 12 bits, as most digital radiography detectors deliver.
 BITS = 12
 
@@ -412,7 +414,12 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     sigma = 0.6 * S / 512
     d = cv2.GaussianBlur(d.astype(np.float32), (0, 0), sigma)
     d = np.clip(d, 0, None) ** a.gamma
-    d = d / max(float(np.percentile(d, 99.5)), 1e-6) * 0.92
+    # Exposure: scaled by the brightest grey levels above the lung apices (neck, shoulders,
+    # spine), where no finding is ever drawn. Scaling by the whole film's (format 3) let an
+    # enlarged heart or a pneumothorax shift every pixel of the film a little: a cue outside the
+    # finding. The whole film's 99.5th percentile is 1.06-1.11 times this band's (measured at
+    # 128-512 px), so 0.85 keeps it near the 0.92 of format 3.
+    d = d / max(float(np.percentile(d[: max(1, int((a.top - 0.03) * S))], 99.5)), 1e-6) * 0.85
     d += 0.012 * rng.standard_normal(d.shape, dtype=np.float32) + 0.02 * _smooth_noise(rng, S, 4)
     top = (1 << BITS) - 1
     image = np.clip(np.rint(np.clip(d, 0, 1) * top), 0, top).astype(np.uint16)
