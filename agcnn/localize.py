@@ -376,6 +376,15 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
         f"({settings['bootstrap']} resamples)."
     )
+    if settings.get("pool") == "max":
+        # Measured on the phantoms (docs/demo.md, "The Effusion maps"): a max-pooling branch right on
+        # Effusion put its CAM's largest region off the effusion; the same branch with avg pooling on it.
+        lines.append("")
+        lines.append(
+            "The checkpoint pools with `max` (the paper's pool5): its class activation maps show where the "
+            "weighted channels are active, not how each logit was formed, and can lie far from a finding the "
+            "branch calls right. With `model.pool: avg` a CAM is an exact split of the logit."
+        )
     lines.append("")
     missing, unreadable = counts["missing_images"], counts["unreadable_images"]
     oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
@@ -509,6 +518,7 @@ def localize_checkpoint(
         "checkpoint": str(checkpoint), "boxes": str(boxes), "images": str(images), "box_space": box_space,
         "explain": explain_method, "cam_threshold": cam_threshold, "attention_threshold": cfg.model.threshold,
         "bootstrap": bootstrap, "seed": seed, "methods": methods, "trained_branches": list(trained),
+        "pool": cfg.model.pool,
         "geometry": {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size},
     }
     summary.to_csv(out / "localization.csv", index=False)
