@@ -15,7 +15,7 @@ import torch
 from agcnn import __version__
 from agcnn.config import Config
 from agcnn.errors import CheckpointError
-from agcnn.fileio import atomic_write_bytes, sha256_file  # noqa: F401 - part of this module's API
+from agcnn.fileio import atomic_write_bytes
 from agcnn.labels import check_labels
 from agcnn.models import AGCNN
 from agcnn.stages import BRANCHES, STAGES, trained_by

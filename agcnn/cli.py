@@ -27,7 +27,7 @@ from agcnn.errors import EXIT_FAILED, EXIT_USAGE, AgcnnError
 # add_arguments(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("agcnn.demo", "generate phantoms, train the three stages on CPU, evaluate and predict"),
-    "train": ("agcnn.train", "train the global, local and fusion stages"),
+    "train": ("agcnn.train.command", "train the global, local and fusion stages"),
     "evaluate": ("agcnn.evaluate", "per-class AUC with confidence intervals for each branch"),
     "predict": ("agcnn.predict.command", "batch inference over a folder of DICOM / PNG / JPEG files"),
     "localize": ("agcnn.localize", "score the attended box and each branch's CAM against ground-truth boxes"),

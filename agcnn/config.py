@@ -23,8 +23,8 @@ import yaml
 from agcnn.errors import ConfigError
 from agcnn.labels import LABELS
 
-__all__ = ["Config", "describe_start", "ConfigError", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
-           "setting", "Check", "OneOf", "Range", "Rule"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
+           "describe_start", "setting", "valid_device", "Check", "OneOf", "Range", "Rule"]
 
 
 # ---------------------------------------------------------------------- value checks
@@ -58,9 +58,13 @@ IMAGENET_WEIGHTS = {
 }
 # Inference precisions (agcnn.precision).
 PRECISIONS = ("fp32", "bf16")
-# Stage optimisers and learning-rate schedules (agcnn.train.build_optimizer).
+# Stage optimisers and learning-rate schedules (agcnn.train.step.build_optimizer).
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
+# How a finding's map is drawn (agcnn.explain): class activation maps, or Grad-CAM.
+EXPLAIN_METHODS = ("cam", "gradcam")
+# Device names every command accepts (train.device, --device): agcnn.runtime.resolve_device.
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class Check:
@@ -151,8 +155,9 @@ def _did_you_mean(name: str, choices: tuple[str, ...] | list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _valid_device(name: str) -> bool:
-    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+def valid_device(name: str) -> bool:
+    """Whether ``name`` is one of the device names (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    return isinstance(name, str) and DEVICE_NAMES.fullmatch(name) is not None
 
 
 def _crop_scale_ok(v: list[float]) -> bool:
@@ -306,7 +311,7 @@ def _stage(batch_size: int) -> Any:
 @dataclass
 class TrainConfig:
     seed: int = setting(0, AT_LEAST_0)
-    device: str = setting("auto", Rule(_valid_device, "is not a device; use auto, cpu, cuda or cuda:N"))
+    device: str = setting("auto", Rule(valid_device, "is not a device; use auto, cpu, cuda or cuda:N"))
     # bf16 autocast of the training steps on CUDA; ignored on the CPU.
     amp: bool = True
     # Precision of every score the model gives: training validation (which picks best.pt and its

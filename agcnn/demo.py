@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agcnn.config import Config, ConfigError
+from agcnn.config import Config
+from agcnn.errors import ConfigError
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -106,12 +107,12 @@ def _dicom_samples(cfg: Config, dest: Path, n: int) -> list[Path]:
 
 def to_global_pixels(xy: np.ndarray, original: int, data) -> np.ndarray:
     """Points in pixels of an ``original`` x ``original`` image -> pixels of the global input
-    (the evaluation transform's geometry, as :func:`agcnn.localize.box_to_input` maps boxes)."""
-    from agcnn.localize import Geometry, box_to_input
+    (the evaluation transform's geometry, :meth:`agcnn.data.geometry.Geometry.to_input`)."""
+    from agcnn.data.geometry import Geometry
 
-    g = Geometry(data.resize, data.image_size, data.highres_size)
+    g = Geometry.from_config(data)
     pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    return np.array([box_to_input((x, y, x, y), height=original, width=original, geometry=g)[:2] for x, y in pts]).reshape(-1, 2)
+    return np.array([g.to_input((x, y, x, y), height=original, width=original)[:2] for x, y in pts]).reshape(-1, 2)
 
 
 def centres_in_boxes(centres: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -133,25 +134,23 @@ def small_opacities(root: Path, paths: list[str]) -> pd.DataFrame:
                          "cx": ((every["x0"] + every["x1"]) / 2).to_numpy(), "cy": ((every["y0"] + every["y1"]) / 2).to_numpy()})
 
 
-def attention_pass(model, dataset, batch_size: int) -> dict[str, np.ndarray]:
-    """Attended boxes (global-input pixels) and heatmaps of every image of ``dataset``, in order."""
-    import torch
+def attention_pass(loaded, dataset, batch_size: int) -> dict[str, np.ndarray]:
+    """Attended boxes (global-input pixels) and heatmaps of every image of ``dataset``, in order,
+    scored as predict scores them (``loaded``: :func:`agcnn.inference.load_for_inference`)."""
     from torch.utils.data import DataLoader
 
-    model.eval()
     boxes, heatmaps = [], []
-    with torch.no_grad():
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-            out = model(batch["image"], stage="fusion")
-            boxes.append(out.boxes.cpu().numpy())
-            heatmaps.append(out.heatmap.float().cpu().numpy())
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        scored = loaded.score(batch["image"], stage="fusion")
+        boxes.append(scored.boxes.cpu().numpy())
+        heatmaps.append(scored.heatmap.cpu().numpy())
     return {"boxes": np.concatenate(boxes), "heatmaps": np.concatenate(heatmaps)}
 
 
-def attended_opacities(model, dataset, cfg: Config, batch_size: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+def attended_opacities(loaded, dataset, cfg: Config, batch_size: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The planted small opacities of ``dataset`` (:func:`small_opacities`), each with ``inside``:
     whether its centre lies in its image's attended box; and the attention pass itself."""
-    seen = attention_pass(model, dataset, batch_size)
+    seen = attention_pass(loaded, dataset, batch_size)
     ops = small_opacities(Path(cfg.data.root), list(dataset.table["path"]))
     centres = to_global_pixels(ops[["cx", "cy"]].to_numpy(), cfg.data.synthetic_size, cfg.data)
     ops["inside"] = centres_in_boxes(centres, seen["boxes"][ops["row"].to_numpy()])
@@ -191,27 +190,24 @@ def _changed_call(preds: pd.DataFrame, thresholds: dict[str, list[float]], label
     return int(np.flatnonzero(ok)[np.argmax(np.abs(f - g)[ok])])
 
 
-def _overlay(path: Path, model, dataset, row: int, box: np.ndarray, heatmap: np.ndarray, cfg: Config, finding: str, prob: float) -> None:
-    """The overlay picture (agcnn.overlays) of one test image, the fusion CAM of ``finding``."""
+def _overlay(path: Path, loaded, dataset, row: int, box: np.ndarray, heatmap: np.ndarray, cfg: Config, finding: str,
+             prob: float) -> None:
+    """The overlay picture (agcnn.overlays) of one test image, the fusion CAM of ``finding``,
+    drawn as ``agcnn predict --overlays`` draws it."""
     import torch
 
-    from agcnn.explain import explain
+    from agcnn.data.geometry import Geometry
     from agcnn.overlays import FindingMap, write_overlay
-    from agcnn.data.transforms import scaled_resize
 
     image = dataset.load(row)
     h, w = image.shape
-    d = cfg.data
-    first = scaled_resize(d.resize, d.image_size, d.highres_size)
-    offset = (first - d.highres_size) // 2
-    # Global-input pixels -> original pixels (square images: one scale for both axes).
-    to_orig = lambda v: (np.asarray(v, dtype=np.float64) * d.highres_size / d.image_size + offset) * w / first  # noqa: E731
-    field = tuple(int(round(v)) for v in to_orig([0, 0, d.image_size, d.image_size]))
+    g = Geometry.from_config(cfg)
     x = dataset[row]["image"][None]
     # The fusion map: the call was changed by the local branch, whose evidence only this map shows.
-    cam = explain(model.eval(), x, torch.tensor([[list(cfg.labels).index(finding)]])).maps["fusion"][0, 0].numpy()
+    classes = torch.tensor([[list(cfg.labels).index(finding)]])
+    cam = loaded.score(x, classes=classes, method="cam").explanation.maps["fusion"][0, 0].cpu().numpy()
     write_overlay(path, preview=(image * 255).astype(np.uint8), height=h, width=w,
-                  box=tuple(int(round(v)) for v in to_orig(box)), field=field, heatmap=heatmap,
+                  box=g.to_original(box.tolist(), height=h, width=w), field=g.field(height=h, width=w), heatmap=heatmap,
                   findings=[FindingMap(finding, prob, cam)])
 
 
@@ -219,8 +215,8 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
     """What the demo reports beside the AUC table, on the test split: the paired interval of
     fusion minus global mean AUC, how often the attended box holds a planted small opacity,
     and an overlay of an image whose call the local branch changed."""
-    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
     from agcnn.data.datasets import build_datasets
+    from agcnn.inference import load_for_inference
     from agcnn.metrics import paired_bootstrap_mean_auc_difference, per_class_auc
 
     labels = list(cfg.labels)
@@ -238,12 +234,11 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
     else:
         diff, lo, hi = float(np.nanmean(per_class_auc(prob["fusion"], y)) - np.nanmean(per_class_auc(prob["global"], y))), None, None
 
-    ckpt = load_checkpoint(checkpoint)
-    model, _ = model_from_checkpoint(ckpt, map_location="cpu")
-    ops, seen = attended_opacities(model, dataset, cfg, batch_size=cfg.train.fusion.batch_size)
+    loaded = load_for_inference(checkpoint, "cpu")
+    ops, seen = attended_opacities(loaded, dataset, cfg, batch_size=cfg.train.fusion.batch_size)
 
     overlay = None
-    points = ckpt.get("operating_points") or {}
+    points = loaded.meta.get("operating_points") or {}
     # Films whose attended box holds their planted small opacity: the only ones a picture of
     # the mechanism may show.
     held = np.zeros(len(preds), dtype=bool)
@@ -258,7 +253,7 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
                    "fusion": float(prob["fusion"][row, labels.index("Nodule")]),
                    "threshold_global": float(points["global"][labels.index("Nodule")]),
                    "threshold_fusion": float(points["fusion"][labels.index("Nodule")])}
-        _overlay(overlay["path"], model, dataset, row, seen["boxes"][row], seen["heatmaps"][row], cfg, "Nodule", overlay["fusion"])
+        _overlay(overlay["path"], loaded, dataset, row, seen["boxes"][row], seen["heatmaps"][row], cfg, "Nodule", overlay["fusion"])
     return {
         "difference": {"fusion_minus_global": diff, "lo": lo, "hi": hi, "n_boot": cfg.train.bootstrap,
                        "patients": int(len(np.unique(groups)))},
@@ -274,19 +269,12 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
              progress: bool = True, say: Callable[[str], None] = print, long: bool = False, seed: int | None = None,
              same_resolution: bool = False) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the mean AUCs, timings and paths."""
-    from agcnn.train import train
+    from agcnn.train.loop import train
 
     out = Path(out_dir).resolve()
     cfg = demo_config(out, quick, overrides, long=long, seed=seed, same_resolution=same_resolution)
     run_dir = out / "run"
-    # Re-running the demo into the same folder continues (or skips) the stages it finished; a
-    # folder trained with other settings is not mixed in.
-    resume = False
-    if (run_dir / "config.yaml").is_file():
-        if Config.load(run_dir / "config.yaml").to_dict() != cfg.to_dict():
-            raise ConfigError(f"{str(run_dir)!r} holds a demo run with other settings (e.g. --quick or not); "
-                              f"pass another --out or delete that folder")
-        resume = True
+    resume = _resumable(run_dir, cfg)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -321,7 +309,26 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
         predicted = summary.line()
     timings["predict"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
+    result = _result(cfg, out, results, report, shown, predicted=predicted, samples=bool(samples), timings=timings)
+    _print_summary(result, quick, say)
+    return result
 
+
+def _resumable(run_dir: Path, cfg: Config) -> bool:
+    """Re-running the demo into the same folder continues (or skips) the stages it finished; a
+    folder trained with other settings is not mixed in."""
+    if not (run_dir / "config.yaml").is_file():
+        return False
+    if Config.load(run_dir / "config.yaml").to_dict() != cfg.to_dict():
+        raise ConfigError(f"{str(run_dir)!r} holds a demo run with other settings (e.g. --quick or not); "
+                          f"pass another --out or delete that folder")
+    return True
+
+
+def _result(cfg: Config, out: Path, results: dict[str, Any], report: dict[str, Any], shown: dict[str, Any], *,
+            predicted: str | None, samples: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """What run_demo returns and prints: mean AUCs, the evidence, timings and every path written."""
+    run_dir = out / "run"
     branches = report["branches"]
     means = {b: branches[b].get("mean_auc") for b in ("global", "local", "fusion")}
     result = {
@@ -347,7 +354,6 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     }
     if shown["overlay"]:
         result["paths"]["overlay"] = shown["overlay"]["path"]
-    _print_summary(result, quick, say)
     return result
 
 

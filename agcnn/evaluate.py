@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import logging
-import math
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +59,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
-from agcnn.checkpoint import (
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-    sha256_file,
-    trained_branches,
-)
-from agcnn.config import Config, ConfigError, apply_override, describe_start
-from agcnn.errors import UsageError
+from agcnn.checkpoint import load_checkpoint, save_checkpoint
+from agcnn.config import Config, apply_override, describe_start
+from agcnn.errors import ConfigError, UsageError
+from agcnn.fileio import atomic_write_bytes
+from agcnn.inference import load_for_inference, score
 from agcnn.labels import LabelMismatchError
-from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
-from agcnn.precision import inference_precision
-from agcnn.report import auc_markdown, fmt, json_number, write_auc_csv, write_predictions, write_roc_figure
-from agcnn.runtime import loader_workers, resolve_device
-from agcnn.stages import BRANCHES
+from agcnn.report import auc_markdown, build_report, fmt, write_auc_csv, write_predictions, write_roc_figure
+from agcnn.runtime import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +251,11 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
     that could be read, and ``(row, message)`` for each that could not (it never reaches the model).
 
     ``precision`` and ``channels_last``: as the training run validated (the checkpoint's
-    ``train.inference_precision`` and ``train.channels_last``), so validation numbers reproduce.
+    ``train.inference_precision`` and ``train.channels_last``), so validation numbers reproduce;
+    the pass itself is :func:`agcnn.inference.score`.
     """
     model.eval().to(device)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # A global-stage checkpoint needs no region step or local branch.
     stage = "global" if tuple(branches) == ("global",) else "fusion"
     loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers),
@@ -274,11 +267,10 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
         unreadable += failed
         n_done += len(failed)
         if batch is not None:
-            with inference_precision(precision, device):
-                out = model(batch["image"].to(device, non_blocking=True, memory_format=memory_format), stage=stage)
+            scored = score(model, batch["image"], precision=precision, memory_format=memory_format, stage=stage)
             for b in branches:
                 # Sigmoid only here, when reporting: the model returns logits.
-                probs[b].append(torch.sigmoid(out.logits(b).float()).cpu().numpy())
+                probs[b].append(scored.probabilities(b).cpu().numpy())
             labels.append(batch["labels"].numpy())
             rows.append(batch["index"].numpy())
             n_done += len(batch["index"])
@@ -292,21 +284,6 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
 
 # ---------------------------------------------------------------------- operating points
 
-def _operating_point_scores(probs: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> dict:
-    out = {}
-    for k, name in enumerate(names):
-        t = float(thresholds[k])
-        seen = ~np.isnan(labels[:, k])
-        y, called = labels[seen, k] == 1, probs[seen, k] >= t
-        pos, neg = int(y.sum()), int((~y).sum())
-        out[name] = {
-            "threshold": json_number(t),
-            "sensitivity": json_number((called & y).sum() / pos) if pos and not math.isnan(t) else None,
-            "specificity": json_number((~called & ~y).sum() / neg) if neg and not math.isnan(t) else None,
-        }
-    return out
-
-
 def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any]) -> None:
     """Rewrite the checkpoint (atomically) with ``operating_points`` added; everything else is kept."""
     ckpt = load_checkpoint(checkpoint)
@@ -319,6 +296,61 @@ def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]
 
 # ---------------------------------------------------------------------- the library function
 
+@dataclass
+class EvaluateOptions:
+    """One ``agcnn evaluate`` run (see :func:`evaluate`).
+
+    ``bootstrap``: resamples for the intervals (None: ``train.bootstrap`` of the checkpoint's
+    config; 0: no intervals). ``bootstrap_unit``: resample whole ``patient`` s (images of one
+    patient are correlated; the default) or single ``image`` s. ``data_overrides``: ``data.key=value``
+    items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
+    ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
+    trained with, or holds its training patients (refused otherwise, before anything is written).
+    """
+
+    checkpoint: str | Path
+    split: str = "test"
+    out: str | Path = "evaluation"
+    device: str = "auto"
+    batch_size: int = 32
+    num_workers: int | None = None
+    bootstrap: int | None = None
+    seed: int = 0
+    data_overrides: Sequence[str] | None = field(default=None)
+    bootstrap_unit: str = "patient"
+    alpha: float = 0.05
+    write_operating_points: bool = False
+    roc: bool = True
+    include_identifiers: bool = False
+    allow_other_split: bool = False
+
+    def check(self) -> str:
+        """Raise :class:`EvaluationError` for an option that cannot work; return the split's name."""
+        if self.bootstrap_unit not in BOOTSTRAP_UNITS:
+            raise EvaluationError(f"bootstrap unit {self.bootstrap_unit!r} is not known; use one of {list(BOOTSTRAP_UNITS)}")
+        if self.batch_size < 1:
+            raise EvaluationError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise EvaluationError(f"--num-workers must be 0 (load in this process) or more, got {self.num_workers}")
+        if self.bootstrap is not None and self.bootstrap < 0:
+            raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {self.bootstrap}")
+        split_path = Path(self.split)
+        if self.split in SPLITS:
+            name = self.split
+        elif split_path.suffix.lower() == ".csv" and split_path.is_file():
+            name = split_path.name
+        else:
+            hint = " (that file does not exist)" if split_path.suffix else ""
+            raise EvaluationError(f"split {self.split!r} is not one of {list(SPLITS)} nor an existing .csv file{hint}; "
+                                  f"use --split test, --split val or --split path/to/table.csv")
+        if self.write_operating_points and name != "val":
+            raise EvaluationError(
+                f"--write-operating-points needs --split val (got {self.split!r}): operating points are chosen on the "
+                f"validation split, never on the data the model is finally scored on"
+            )
+        return name
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     split: str = "test",
@@ -329,58 +361,82 @@ def evaluate_checkpoint(
     bootstrap: int | None = None,
     seed: int = 0,
     data_overrides: Sequence[str] | None = None,
-    *,
-    bootstrap_unit: str = "patient",
-    alpha: float = 0.05,
-    write_operating_points: bool = False,
-    roc: bool = True,
-    include_identifiers: bool = False,
-    allow_other_split: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; returns the report.
+    """``evaluate(EvaluateOptions(...))`` with the same arguments; returns the report."""
+    return evaluate(EvaluateOptions(checkpoint, split, out_dir, device, batch_size, num_workers, bootstrap, seed,
+                                    data_overrides, **options))
 
-    ``bootstrap``: resamples for the intervals (None: ``train.bootstrap`` of the checkpoint's
-    config; 0: no intervals). ``bootstrap_unit``: resample whole ``patient`` s (images of one
-    patient are correlated; the default) or single ``image`` s. ``data_overrides``: ``data.key=value``
-    items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
-    ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
-    trained with, or holds its training patients (refused otherwise, before anything is written).
-    """
+
+def evaluate(options: EvaluateOptions) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split (``test``, ``val``, ``train``) or a CSV file; write the
+    report files into ``options.out`` and return the report (``auc.json``)."""
     t0 = time.monotonic()
-    checkpoint = Path(checkpoint)
-    if bootstrap_unit not in BOOTSTRAP_UNITS:
-        raise EvaluationError(f"bootstrap unit {bootstrap_unit!r} is not known; use one of {list(BOOTSTRAP_UNITS)}")
-    if batch_size < 1:
-        raise EvaluationError(f"batch size must be at least 1, got {batch_size}")
-    if num_workers is not None and num_workers < 0:
-        raise EvaluationError(f"--num-workers must be 0 (load in this process) or more, got {num_workers}")
-    ckpt = load_checkpoint(checkpoint)
-    branches = trained_branches(ckpt)
-    cfg, set_keys = config_with_data_overrides(ckpt["config"], data_overrides)
-    names = list(ckpt["labels"])
-    n_boot = cfg.train.bootstrap if bootstrap is None else int(bootstrap)
+    o, checkpoint = options, Path(options.checkpoint)
+    split_name = o.check()
+    loaded = load_for_inference(checkpoint, o.device)
+    cfg, set_keys = config_with_data_overrides(loaded.meta["config"], o.data_overrides)
+    n_boot = cfg.train.bootstrap if o.bootstrap is None else int(o.bootstrap)
     if n_boot < 0:
         raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {n_boot}")
+    dataset, split_info = _evaluated_set(loaded.meta, cfg, o, split_name, set_keys)
+    log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, loaded.stage or "fusion",
+             len(dataset), split_name, loaded.device)
+    probs, labels, rows, unreadable = predict_split(
+        loaded.model, dataset, loaded.branches, device=loaded.device, batch_size=o.batch_size,
+        num_workers=cfg.data.num_workers if o.num_workers is None else o.num_workers,
+        precision=loaded.precision, channels_last=cfg.train.channels_last,
+    )
+    unreadable.sort()
+    if not len(rows):
+        raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; "
+                              f"first error: {unreadable[0][1]}")
+    if unreadable:
+        log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", len(unreadable), len(dataset))
+    table = dataset.table.iloc[rows].reset_index(drop=True)
+    if split_info["patient_ids"]:
+        split_info["patients"] = int(table["patient"].nunique())  # of the images actually scored
+    header = {
+        "agcnn_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
+        "stage": loaded.stage,
+        # Where the branches started (ImageNet or random weights); older checkpoints say it only in their config.
+        "start": loaded.meta.get("start") or describe_start(Config.from_dict(loaded.meta["config"]).model),
+        "split": split_info, "n_skipped": len(unreadable), "data": cfg.to_dict()["data"],
+        "device": str(loaded.device), "inference_precision": loaded.precision,
+        # Which pixels the model was given: the prepare cache's squares, or the decoded originals.
+        "pixels": dataset.pixels(),
+    }
+    if loaded.meta.get("operating_points"):
+        # ... and which ones the checkpoint's operating points were chosen on (None: not recorded).
+        header["operating_points_pixels"] = (loaded.meta.get("operating_points_info") or {}).get("pixels")
+    report, aucs, youden = build_report(
+        probs, labels, list(loaded.labels), header=header, bootstrap={"n": n_boot, "seed": o.seed, "alpha": o.alpha},
+        groups=_bootstrap_groups(table, split_info, o.bootstrap_unit), stored_points=loaded.meta.get("operating_points"),
+    )
+    skipped = pd.DataFrame({"path": dataset.table["path"].iloc[[r for r, _ in unreadable]].to_numpy(),
+                            "reason": [m for _, m in unreadable]})
+    _write_files(Path(o.out), report, table, labels, probs, skipped, aucs, youden, o)
+    if o.write_operating_points:
+        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
+                "inference_precision": loaded.precision, "pixels": report["pixels"],
+                "other_split_problems": split_info["training_split"]["problems"]}
+        store_operating_points(checkpoint, youden, info)
+        report["operating_points_written"] = True
+        log.info("stored the validation Youden operating points in %s", checkpoint)
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    text = json.dumps(report, indent=1, default=str, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(o.out) / "auc.json", lambda f: f.write(text.encode()))
+    return report
 
-    split_path = Path(split)
-    if split in SPLITS:
-        split_name = split
-    elif split_path.suffix.lower() == ".csv" and split_path.is_file():
-        split_name = split_path.name
-    else:
-        hint = " (that file does not exist)" if split_path.suffix else ""
-        raise EvaluationError(f"split {split!r} is not one of {list(SPLITS)} nor an existing .csv file{hint}; "
-                              f"use --split test, --split val or --split path/to/table.csv")
-    if write_operating_points and split_name != "val":
-        raise EvaluationError(
-            f"--write-operating-points needs --split val (got {split!r}): operating points are chosen on the "
-            f"validation split, never on the data the model is finally scored on"
-        )
 
-    dev = resolve_device(device)
-    model, _ = model_from_checkpoint(ckpt, map_location=dev)
+def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_name: str, set_keys: list[str]):
+    """The dataset of the split and what it is (``split`` of the report), checked against the
+    checkpoint's training split; problem files are listed before the model runs."""
+    from agcnn.data.precheck import find_problems, listing
+
     try:
-        dataset, split_info, whole = _named_split(cfg, split) if split in SPLITS else _file_split(cfg, split_path, set_keys)
+        named = o.split in SPLITS
+        dataset, split_info, whole = _named_split(cfg, o.split) if named else _file_split(cfg, Path(o.split), set_keys)
     except (FileNotFoundError, ValueError) as e:
         if isinstance(e, (ConfigError, LabelMismatchError)):
             raise
@@ -392,114 +448,44 @@ def evaluate_checkpoint(
     if len(dataset) == 0:
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
-    split_info["training_split"] = _check_training_split(ckpt, cfg, whole, dataset, split_info, allow_other_split)
+    split_info["training_split"] = _check_training_split(meta, cfg, whole, dataset, split_info, o.allow_other_split)
     # Files that are missing or not images, listed before the model runs; like every file that
     # fails to decode they are left out of the numbers and listed in skipped.csv.
-    from agcnn.data.precheck import find_problems, listing
-
     problems = find_problems(dataset)
     if problems:
         log.warning("%d of %d images cannot be used and will be left out (listed in skipped.csv):%s", len(problems),
                     len(dataset), listing(problems))
+    return dataset, split_info
 
-    log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, ckpt.get("stage") or "fusion",
-             len(dataset), split_name, dev)
-    probs, labels, rows, unreadable = predict_split(
-        model, dataset, branches, device=dev, batch_size=batch_size,
-        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
-        precision=cfg.train.inference_precision, channels_last=cfg.train.channels_last,
-    )
-    unreadable.sort()
-    skipped = pd.DataFrame({"path": dataset.table["path"].iloc[[r for r, _ in unreadable]].to_numpy(),
-                            "reason": [m for _, m in unreadable]})
-    if not len(rows):
-        raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; "
-                              f"first error: {unreadable[0][1]}")
-    if unreadable:
-        log.warning("%d of %d images could not be read and are left out (listed in skipped.csv)", len(unreadable), len(dataset))
-    table = dataset.table.iloc[rows].reset_index(drop=True)
-    if split_info["patient_ids"]:
-        split_info["patients"] = int(table["patient"].nunique())  # of the images actually scored
 
-    groups = None
-    if bootstrap_unit == "patient" and split_info["patient_ids"]:
-        groups = table["patient"].astype(str).to_numpy()
-        if len(np.unique(groups)) == len(groups):
-            groups = None  # one image per patient: the same thing as resampling images
+def _bootstrap_groups(table: pd.DataFrame, split_info: dict[str, Any], unit: str) -> np.ndarray | None:
+    """The patient of each image, to resample whole patients; None to resample images."""
+    if unit != "patient" or not split_info["patient_ids"]:
+        return None
+    groups = table["patient"].astype(str).to_numpy()
+    # One image per patient: the same thing as resampling images.
+    return None if len(np.unique(groups)) == len(groups) else groups
 
-    report: dict[str, Any] = {
-        "agcnn_version": __version__,
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "stage": ckpt.get("stage"),
-        # Where the branches started (ImageNet or random weights); older checkpoints say it only in their config.
-        "start": ckpt.get("start") or describe_start(Config.from_dict(ckpt["config"]).model),
-        "split": split_info,
-        "labels": names,
-        "n_images": int(len(labels)),
-        "n_skipped": len(unreadable),
-        "positives": {n: int((labels[:, k] == 1).sum()) for k, n in enumerate(names)},
-        "negatives": {n: int((labels[:, k] == 0).sum()) for k, n in enumerate(names)},
-        "missing": {n: int(np.isnan(labels[:, k]).sum()) for k, n in enumerate(names)},
-        "bootstrap": {"n": n_boot, "seed": seed, "alpha": alpha, "unit": "patient" if groups is not None else "image"},
-        "data": cfg.to_dict()["data"],
-        "device": str(dev),
-        "inference_precision": cfg.train.inference_precision,
-        "branches": {},
-    }
-    aucs = {}
-    for b in BRANCHES:
-        if b not in branches:
-            report["branches"][b] = {"trained": False}
-            continue
-        aucs[b] = per_class_auc(probs[b], labels)
-        r = {"trained": True, "auc": {n: json_number(a) for n, a in zip(names, aucs[b])},
-             "mean_auc": json_number(mean_auc(aucs[b])), "classes_in_mean": int((~np.isnan(aucs[b])).sum()),
-             "ci_lo": {n: None for n in names}, "ci_hi": {n: None for n in names}, "mean_ci": [None, None]}
-        if n_boot > 0:
-            # The same seed for every branch: paired resamples, so branch differences are not resampling noise.
-            lo, hi, mlo, mhi = bootstrap_auc_ci(probs[b], labels, n_boot=n_boot, seed=seed, alpha=alpha, groups=groups)
-            r["ci_lo"] = {n: json_number(x) for n, x in zip(names, lo)}
-            r["ci_hi"] = {n: json_number(x) for n, x in zip(names, hi)}
-            r["mean_ci"] = [json_number(mlo), json_number(mhi)]
-        report["branches"][b] = r
 
-    youden = None
-    if split_name == "val":
-        youden = {b: [float(t) for t in youden_thresholds(probs[b], labels)] for b in branches}
-        report["youden_operating_points"] = {b: {n: json_number(t) for n, t in zip(names, v)} for b, v in youden.items()}
-    stored = ckpt.get("operating_points")
-    if isinstance(stored, dict):
-        use = "fusion" if "fusion" in stored and "fusion" in branches else next((b for b in branches if b in stored), None)
-        if use is not None and len(stored[use]) == len(names):
-            report["operating_points_scored"] = {
-                "branch": use, "classes": _operating_point_scores(probs[use], labels, stored[use], names)}
-
-    out = Path(out_dir)
+def _write_files(out: Path, report: dict[str, Any], table: pd.DataFrame, labels: np.ndarray, probs: dict[str, np.ndarray],
+                 skipped: pd.DataFrame, aucs: dict[str, np.ndarray], youden, o: EvaluateOptions) -> None:
+    """auc.csv, predictions.csv, skipped.csv (only when some images were left out), roc.png, auc.md."""
+    names = report["labels"]
     out.mkdir(parents=True, exist_ok=True)
     write_auc_csv(out / "auc.csv", report, names)
-    write_predictions(out / "predictions.csv", table, labels, probs, names, include_identifiers=include_identifiers)
+    write_predictions(out / "predictions.csv", table, labels, probs, names, include_identifiers=o.include_identifiers)
     if len(skipped):
         skipped.to_csv(out / "skipped.csv", index=False)
     else:
         (out / "skipped.csv").unlink(missing_ok=True)
-    if roc:
+    split = report["split"]
+    if o.roc:
         write_roc_figure(out / "roc.png", probs, labels, names, aucs,
-                         title=f"ROC, {split_name} split ({len(labels)} images), {checkpoint.name}"
-                         + (" [--allow-other-split: not the training run's split]" if split_info["training_split"]["problems"] else ""),
+                         title=f"ROC, {split['name']} split ({len(labels)} images), {Path(o.checkpoint).name}"
+                         + (" [--allow-other-split: not the training run's split]" if split["training_split"]["problems"] else ""),
                          points=youden)
-    (out / "auc.md").write_text(auc_markdown(report, names))
-
-    if write_operating_points:
-        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
-                "inference_precision": cfg.train.inference_precision,
-                "other_split_problems": split_info["training_split"]["problems"]}
-        store_operating_points(checkpoint, youden, info)
-        report["operating_points_written"] = True
-        log.info("stored the validation Youden operating points in %s", checkpoint)
-    report["seconds"] = round(time.monotonic() - t0, 2)
-    (out / "auc.json").write_text(json.dumps(report, indent=1, default=str, allow_nan=False) + "\n")
-    return report
+    md = auc_markdown(report, names)
+    atomic_write_bytes(out / "auc.md", lambda f: f.write(md.encode()))
 
 
 # ---------------------------------------------------------------------- CLI
@@ -531,12 +517,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate_checkpoint(
-        args.checkpoint, split=args.split, out_dir=args.out, device=args.device, batch_size=args.batch_size,
+    report = evaluate(EvaluateOptions(
+        args.checkpoint, split=args.split, out=args.out, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
         include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split,
-    )
+    ))
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]
     )

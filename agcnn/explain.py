@@ -43,12 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agcnn.config import check_choice
+from agcnn.config import EXPLAIN_METHODS, check_choice
 from agcnn.models.roi import largest_component_boxes, upsample_bilinear
+from agcnn.stages import BRANCHES
 
 __all__ = [
-    "BRANCHES",
-    "METHODS",
     "Explanation",
     "cam_boxes",
     "cam_from_features",
@@ -57,9 +56,6 @@ __all__ = [
     "feature_maps",
     "paste_into_boxes",
 ]
-
-METHODS = ("cam", "gradcam")
-BRANCHES = ("global", "local", "fusion")
 
 
 @dataclass
@@ -257,7 +253,7 @@ def explain(model: nn.Module, x: Tensor, classes: Tensor | None = None, method: 
     already made is :func:`cam_from_features`. ``branches`` limits Grad-CAM's backward passes to
     the maps needed (CAM computes all three from the same two einsums).
     """
-    check_choice("explanation method", method, METHODS)
+    check_choice("explanation method", method, EXPLAIN_METHODS)
     for branch in branches:
         check_choice("branch", branch, BRANCHES)
     classes = check_classes(classes, x.shape[0], model.num_classes, x.device)

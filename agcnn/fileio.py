@@ -11,7 +11,7 @@ import datetime as _dt
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -30,6 +30,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
 
     A reader (or a kill -9) never sees a half-written file at ``path``.
     """
+    with atomic_write(path) as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """``with atomic_write(path, "w", newline="") as f:`` -- the file appears at ``path`` (fsynced,
+    by one rename) only when the block ends without an error; otherwise the old file stays.
+
+    The one temp-file-and-rename of the package: every file a reader may see half-written goes
+    through it. ``mode`` is ``wb`` or ``w``; ``open_kwargs`` go to :func:`open` (encoding, ...).
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode {mode!r}; use 'wb' or 'w'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,8 +53,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

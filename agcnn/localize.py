@@ -18,9 +18,10 @@ beside ours. Both ratios are invariant under the transform's scaling, so scoring
 grid equals scoring in the original pixels within the field of view.
 
 Geometry: a box in the table's pixel space (NIH: 1024 x 1024; phantoms: the image's own pixels)
-is scaled to the image as read, then follows the evaluation transform exactly: square resize to
-``first``, centre crop ``highres_size`` at ``round((first - highres_size) / 2)`` (torchvision's
-offset), and the model's view at ``image_size``. A box that loses all of its area to the crop is
+is scaled to the image as read, then follows the evaluation transform exactly
+(:meth:`agcnn.data.geometry.Geometry.to_input`). The model runs at the checkpoint's inference
+precision and memory format (:mod:`agcnn.inference`), so the attended box scored here is the
+box ``agcnn predict`` writes. A box that loses all of its area to the crop is
 counted as out of view and reported, one that loses part is scored on its visible part and
 counted as clipped.
 """
@@ -42,8 +43,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from agcnn.config import EXPLAIN_METHODS
+from agcnn.data.geometry import Geometry
 from agcnn.errors import DataError, UsageError
-from agcnn.explain import cam_boxes, explain
+from agcnn.explain import cam_boxes
 
 log = logging.getLogger(__name__)
 
@@ -141,42 +144,6 @@ def _parse_space(text: str) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------- geometry
 
-@dataclass(frozen=True)
-class Geometry:
-    """The evaluation transform's sizes (:func:`agcnn.data.transforms.build_transform`)."""
-
-    resize: int
-    image_size: int
-    highres_size: int
-
-    @classmethod
-    def from_config(cls, cfg) -> "Geometry":
-        return cls(cfg.data.resize, cfg.data.image_size, cfg.data.highres_size)
-
-
-def box_to_input(box: Sequence[float], *, height: int, width: int, geometry: Geometry) -> tuple[float, float, float, float]:
-    """Map a box in the original image's pixels (x1/y1 exclusive) onto the model's input grid.
-
-    Continuous coordinates: original pixel i covers [i, i + 1). The square resize scales x by
-    ``first / width`` and y by ``first / height``; the centre crop subtracts torchvision's offset
-    ``round((first - side) / 2)``; the model sees the crop at ``image_size``. Not clipped: see
-    :func:`clip_box`.
-    """
-    from agcnn.data.transforms import scaled_resize
-
-    g = geometry
-    first = scaled_resize(g.resize, g.image_size, g.highres_size)
-    offset = int(round((first - g.highres_size) / 2.0))
-    s = g.image_size / g.highres_size
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return (
-        (x0 * first / width - offset) * s,
-        (y0 * first / height - offset) * s,
-        (x1 * first / width - offset) * s,
-        (y1 * first / height - offset) * s,
-    )
-
-
 def clip_box(box: Sequence[float], size: int) -> tuple[tuple[float, float, float, float], float]:
     """Clip a box to ``[0, size]^2``; returns the clipped box and the share of its area kept."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -219,6 +186,90 @@ def _find_image(root: Path, rel: str, index: dict[str, str] | None) -> tuple[Pat
     return (Path(found) if found else None), index
 
 
+@dataclass
+class _Image:
+    """One image of the box table, decoded and transformed."""
+
+    rel: str
+    boxes: pd.DataFrame
+    x: torch.Tensor
+    height: int
+    width: int
+
+
+def _images(table: pd.DataFrame, root: Path, transform, counts: dict[str, Any]):
+    """The table's images in path order, transformed; a missing or unreadable one is counted."""
+    from agcnn.data import readers
+
+    index: dict[str, str] | None = None
+    for rel, boxes in table.groupby("path", sort=True):
+        full, index = _find_image(root, rel, index)
+        if full is None:
+            counts["missing_images"].append(rel)
+            continue
+        try:
+            pixels = readers.read_image(full)
+        except readers.UnusableImageError as e:
+            counts["unreadable_images"].append(f"{rel}: {e.reason}")
+            continue
+        h, w = pixels.shape
+        yield _Image(rel, boxes, transform(torch.from_numpy(np.ascontiguousarray(pixels))[None]), h, w)
+
+
+def _batches(images, size: int):
+    batch: list[_Image] = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _predicted(scored, methods: Sequence[str], cam_threshold: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each method's predicted boxes on the input grid, and whether its map was empty."""
+    ex = scored.explanation
+    n = len(scored.boxes)
+    pred: dict[str, np.ndarray] = {"attended": scored.boxes.cpu().numpy().astype(float)}
+    empty: dict[str, np.ndarray] = {"attended": np.zeros(n, bool)}
+    for branch in ("global", "local", "fusion"):
+        if f"{branch}_cam" in methods:
+            bx, em = cam_boxes(ex.maps[branch], cam_threshold)
+            pred[f"{branch}_cam"], empty[f"{branch}_cam"] = bx.cpu().numpy().astype(float), em.cpu().numpy()
+    return pred, empty
+
+
+def _box_rows(image: _Image, findings: list[int], pred, empty, probs: np.ndarray, i: int, *, labels: list[str],
+              geometry: Geometry, methods: Sequence[str], counts: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one image's ground-truth boxes: one per (box, method)."""
+    rows = []
+    h, w, size = image.height, image.width, geometry.image_size
+    for _, gt in image.boxes.iterrows():
+        sw, sh = (w, h) if gt["space_w"] == 0 else (gt["space_w"], gt["space_h"])
+        orig = (gt["x0"] * w / sw, gt["y0"] * h / sh, gt["x1"] * w / sw, gt["y1"] * h / sh)
+        gt_in, kept = clip_box(geometry.to_input(orig, height=h, width=w), size)
+        if kept <= 0:
+            counts["out_of_view"][gt["label"]] += 1
+            continue
+        if kept < 1 - 1e-9:
+            counts["clipped"][gt["label"]] += 1
+        j = findings.index(labels.index(gt["label"]))
+        for method in methods:
+            p = pred[method][i] if method == "attended" else pred[method][i, j]
+            e = bool(empty[method][i] if method == "attended" else empty[method][i, j])
+            sc = overlaps(np.array(gt_in), p)
+            rows.append({
+                "path": image.rel, "label": gt["label"], "method": method,
+                "iou": float(sc["iou"][0]), "iobb": float(sc["iobb"][0]), "centre_in_box": bool(sc["centre"][0]),
+                "empty_map": e, "probability": float(probs[i, labels.index(gt["label"])]),
+                "visible_share": round(kept, 6),
+                **{f"gt_{c}": round(v, 3) for c, v in zip(("x0", "y0", "x1", "y1"), gt_in)},
+                **{f"pred_{c}": float(v) for c, v in zip(("x0", "y0", "x1", "y1"), p)},
+            })
+    return rows
+
+
 def score_boxes(
     model: torch.nn.Module,
     cfg,
@@ -234,87 +285,38 @@ def score_boxes(
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every box of ``table`` (from :func:`read_box_table`) for each of ``methods``.
 
+    The model runs at ``cfg``'s inference precision and memory format (:func:`agcnn.inference.score`).
     Returns one row per (box, method) with ``iou``, ``iobb``, ``centre``, the predicted and
     ground-truth boxes on the input grid and flags, and counts of boxes not scored (image
     missing or unreadable, box out of the field of view). With ``keep_inputs`` the counts carry
     ``inputs``: the model's view of each image (for the pictures of best and worst cases).
     """
-    from agcnn.data import readers
     from agcnn.data.transforms import denormalize, transforms_from_config
+    from agcnn.inference import memory_format_of, score
 
-    geometry = Geometry.from_config(cfg)
-    labels = list(cfg.labels)
-    transform = transforms_from_config(cfg.data, train=False)
-    root = Path(images)
-    device = torch.device(device)
-    model = model.eval().to(device)
-    size = cfg.data.image_size
+    geometry, labels = Geometry.from_config(cfg), list(cfg.labels)
+    model = model.eval().to(torch.device(device))
     counts: dict[str, Any] = {"boxes": int(len(table)), "images": int(table["path"].nunique()), "missing_images": [],
                               "unreadable_images": [], "out_of_view": Counter(), "clipped": Counter()}
     rows: list[dict[str, Any]] = []
     inputs: dict[str, np.ndarray] = {}
-    index: dict[str, str] | None = None
-    groups = list(table.groupby("path", sort=True))
-
-    def flush(batch: list[tuple[str, pd.DataFrame, torch.Tensor, int, int]]) -> None:
-        x = torch.stack([b[2] for b in batch]).to(device)
-        findings = [sorted({labels.index(lab) for lab in b[1]["label"]}) for b in batch]
+    transform = transforms_from_config(cfg.data, train=False)
+    for batch in _batches(_images(table, Path(images), transform, counts), batch_size):
+        findings = [sorted({labels.index(lab) for lab in b.boxes["label"]}) for b in batch]
         k = max(len(f) for f in findings)
-        classes = torch.tensor([f + [f[0]] * (k - len(f)) for f in findings], device=device)
-        ex = explain(model, x, classes, method=explain_method)
-        pred: dict[str, np.ndarray] = {"attended": ex.boxes.cpu().numpy().astype(float)}
-        empty: dict[str, np.ndarray] = {"attended": np.zeros(len(batch), bool)}
-        for branch in ("global", "local", "fusion"):
-            if f"{branch}_cam" in methods:
-                bx, em = cam_boxes(ex.maps[branch], cam_threshold)
-                pred[f"{branch}_cam"], empty[f"{branch}_cam"] = bx.cpu().numpy().astype(float), em.cpu().numpy()
-        probs = torch.sigmoid(ex.logits["fusion" if "fusion_cam" in methods else "global"]).cpu().numpy()
+        classes = torch.tensor([f + [f[0]] * (k - len(f)) for f in findings])
+        # The checkpoint's precision: the attended box is the one predict writes for the image.
+        scored = score(model, torch.stack([b.x for b in batch]), precision=cfg.train.inference_precision,
+                       memory_format=memory_format_of(cfg), classes=classes, method=explain_method)
+        pred, empty = _predicted(scored, methods, cam_threshold)
+        probs = scored.probabilities("fusion" if "fusion_cam" in methods else "global").cpu().numpy()
         if keep_inputs:
-            view = denormalize(model.global_input(x))[:, 0]  # what the global branch saw, in [0, 1]
-            for (rel, *_), v in zip(batch, view.cpu().numpy()):
-                inputs[rel] = (v * 255).round().astype(np.uint8)
-        for i, (rel, boxes, _, h, w) in enumerate(batch):
-            for _, gt in boxes.iterrows():
-                sw, sh = (w, h) if gt["space_w"] == 0 else (gt["space_w"], gt["space_h"])
-                orig = (gt["x0"] * w / sw, gt["y0"] * h / sh, gt["x1"] * w / sw, gt["y1"] * h / sh)
-                gt_in, kept = clip_box(box_to_input(orig, height=h, width=w, geometry=geometry), size)
-                if kept <= 0:
-                    counts["out_of_view"][gt["label"]] += 1
-                    continue
-                if kept < 1 - 1e-9:
-                    counts["clipped"][gt["label"]] += 1
-                j = findings[i].index(labels.index(gt["label"]))
-                for method in methods:
-                    p = pred[method][i] if method == "attended" else pred[method][i, j]
-                    e = bool(empty[method][i] if method == "attended" else empty[method][i, j])
-                    sc = overlaps(np.array(gt_in), p)
-                    rows.append({
-                        "path": rel, "label": gt["label"], "method": method,
-                        "iou": float(sc["iou"][0]), "iobb": float(sc["iobb"][0]), "centre_in_box": bool(sc["centre"][0]),
-                        "empty_map": e, "probability": float(probs[i, labels.index(gt["label"])]),
-                        "visible_share": round(kept, 6),
-                        **{f"gt_{c}": round(v, 3) for c, v in zip(("x0", "y0", "x1", "y1"), gt_in)},
-                        **{f"pred_{c}": float(v) for c, v in zip(("x0", "y0", "x1", "y1"), p)},
-                    })
-
-    batch: list[tuple[str, pd.DataFrame, torch.Tensor, int, int]] = []
-    for rel, boxes in groups:
-        full, index = _find_image(root, rel, index)
-        if full is None:
-            counts["missing_images"].append(rel)
-            continue
-        try:
-            pixels = readers.read_image(full)
-        except readers.UnusableImageError as e:
-            counts["unreadable_images"].append(f"{rel}: {e.reason}")
-            continue
-        h, w = pixels.shape
-        batch.append((rel, boxes, transform(torch.from_numpy(np.ascontiguousarray(pixels))[None]), h, w))
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
+            view = denormalize(model.global_input(scored.input.float()))[:, 0]  # what the global branch saw, in [0, 1]
+            for b, v in zip(batch, view.cpu().numpy()):
+                inputs[b.rel] = (v * 255).round().astype(np.uint8)
+        for i, image in enumerate(batch):
+            rows += _box_rows(image, findings[i], pred, empty, probs, i, labels=labels, geometry=geometry,
+                              methods=methods, counts=counts)
     counts["out_of_view"] = dict(counts["out_of_view"])
     counts["clipped"] = dict(counts["clipped"])
     if keep_inputs:
@@ -376,15 +378,9 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
         f"({settings['bootstrap']} resamples)."
     )
-    if settings.get("pool") == "max":
-        # Measured on the phantoms (docs/demo.md, "The Effusion maps"): a max-pooling branch right on
-        # Effusion put its CAM's largest region off the effusion; the same branch with avg pooling on it.
-        lines.append("")
-        lines.append(
-            "The checkpoint pools with `max` (the paper's pool5): its class activation maps show where the "
-            "weighted channels are active, not how each logit was formed, and can lie far from a finding the "
-            "branch calls right. With `model.pool: avg` a CAM is an exact split of the logit."
-        )
+    if settings.get("pool") == "max":  # measured on the phantoms: docs/demo.md, "The Effusion maps"
+        lines += ["", "With `max` pooling (the paper's pool5) a CAM shows where the weighted channels are active, not how "
+                  "the logit was formed: it can lie far from a finding called right (`model.pool: avg`: an exact split)."]
     lines.append("")
     missing, unreadable = counts["missing_images"], counts["unreadable_images"]
     oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
@@ -441,6 +437,8 @@ def write_cases(path: Path, scores: pd.DataFrame, inputs: dict[str, np.ndarray],
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
+    from agcnn.fileio import atomic_write_bytes
+
     ranked = sm.sort_values(["iou", "iobb"], ascending=False, kind="stable")
     best, worst = ranked.head(n), ranked.tail(min(n, max(0, len(ranked) - n)))[::-1]
     rows = [("best", best), ("worst", worst)] if len(worst) else [("best", best)]
@@ -463,77 +461,101 @@ def write_cases(path: Path, scores: pd.DataFrame, inputs: dict[str, np.ndarray],
     fig.suptitle(f"{method}: ground truth (green), predicted (red), attended box (cyan)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))
     return True
 
 
-def localize_checkpoint(
-    checkpoint: str | os.PathLike[str],
-    boxes: str | os.PathLike[str],
-    images: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    *,
-    box_space: str | None = None,
-    cam_threshold: float = 0.5,
-    explain_method: str = "cam",
-    bootstrap: int = 1000,
-    seed: int = 0,
-    batch_size: int = 16,
-    device: str = "auto",
-    cases: int = 4,
-) -> dict[str, Any]:
-    """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
-    ``localization_boxes.csv``, ``localization_cases.png``) into ``out_dir``; return the report."""
-    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
-    from agcnn.runtime import resolve_device
+@dataclass
+class LocalizeOptions:
+    """One ``agcnn localize`` run: the checkpoint, the box table, its images and the report folder."""
 
-    if explain_method not in ("cam", "gradcam"):
-        raise UsageError(f"--explain {explain_method!r} is not a method; use cam or gradcam")
-    if not 0.0 <= cam_threshold < 1.0:
-        raise UsageError(f"--cam-threshold {cam_threshold} must be in [0, 1); 0.5 is the half-maximum contour")
-    if bootstrap < 0 or batch_size < 1 or cases < 0:
-        raise UsageError(f"--bootstrap ({bootstrap}) and --cases ({cases}) must be 0 or more, --batch-size ({batch_size}) at least 1")
-    if not Path(images).is_dir():
-        raise UsageError(f"--images {str(images)!r} is not a folder; pass the folder that holds the box table's images")
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ckpt, map_location=dev)
-    trained = trained_branches(ckpt)
-    methods = [m for m in METHODS if NEEDS[m] in trained]
-    table = read_box_table(boxes, cfg.labels, box_space)
-    scores, counts = score_boxes(model, cfg, table, images, methods=methods, cam_threshold=cam_threshold,
-                                 explain_method=explain_method, batch_size=batch_size, device=dev, keep_inputs=cases > 0)
+    checkpoint: str | os.PathLike[str]
+    boxes: str | os.PathLike[str]
+    images: str | os.PathLike[str]
+    out: str | os.PathLike[str]
+    box_space: str | None = None
+    cam_threshold: float = 0.5
+    explain: str = "cam"
+    bootstrap: int = 1000
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    cases: int = 4
+
+    def check(self) -> LocalizeOptions:
+        """Raise :class:`UsageError` for an option that cannot work; nothing is read or written yet."""
+        from agcnn.config import EXPLAIN_METHODS, valid_device
+
+        if self.explain not in EXPLAIN_METHODS:
+            raise UsageError(f"--explain {self.explain!r} is not a method; use {' or '.join(EXPLAIN_METHODS)}")
+        if not 0.0 <= self.cam_threshold < 1.0:
+            raise UsageError(f"--cam-threshold {self.cam_threshold} must be in [0, 1); 0.5 is the half-maximum contour")
+        if self.bootstrap < 0 or self.batch_size < 1 or self.cases < 0:
+            raise UsageError(f"--bootstrap ({self.bootstrap}) and --cases ({self.cases}) must be 0 or more, "
+                             f"--batch-size ({self.batch_size}) at least 1")
+        if not valid_device(self.device):
+            raise UsageError(f"--device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        if not Path(self.images).is_dir():
+            raise UsageError(f"--images {str(self.images)!r} is not a folder; pass the folder that holds the box table's images")
+        return self
+
+
+def localize_checkpoint(
+    checkpoint: str | os.PathLike[str], boxes: str | os.PathLike[str], images: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str], *, explain_method: str = "cam", **options: Any,
+) -> dict[str, Any]:
+    """``localize(LocalizeOptions(checkpoint, boxes, images, out_dir, explain=explain_method, **options))``."""
+    return localize(LocalizeOptions(checkpoint, boxes, images, out_dir, explain=explain_method, **options))
+
+
+def localize(options: LocalizeOptions) -> dict[str, Any]:
+    """Score a checkpoint against a box table; write ``localization.csv/.json/.md`` (and
+    ``localization_boxes.csv``, ``localization_cases.png``) into ``options.out``; return the report."""
+    from agcnn.inference import load_for_inference
+
+    o = options.check()
+    loaded = load_for_inference(o.checkpoint, o.device)
+    cfg = loaded.config
+    methods = [m for m in METHODS if NEEDS[m] in loaded.branches]
+    table = read_box_table(o.boxes, cfg.labels, o.box_space)
+    scores, counts = score_boxes(loaded.model, cfg, table, o.images, methods=methods, cam_threshold=o.cam_threshold,
+                                 explain_method=o.explain, batch_size=o.batch_size, device=loaded.device,
+                                 keep_inputs=o.cases > 0)
     inputs = counts.pop("inputs", {})
     if counts["missing_images"] and len(counts["missing_images"]) == counts["images"]:
         raise LocalizationError(
-            f"none of the {counts['images']} images of {str(boxes)!r} was found under {str(images)!r} "
+            f"none of the {counts['images']} images of {str(o.boxes)!r} was found under {str(o.images)!r} "
             f"(first: {counts['missing_images'][0]}); pass the folder that holds them with --images"
         )
-    summary = summarise(scores, n_boot=bootstrap, seed=seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(scores, n_boot=o.bootstrap, seed=o.seed)
     settings = {
-        "checkpoint": str(checkpoint), "boxes": str(boxes), "images": str(images), "box_space": box_space,
-        "explain": explain_method, "cam_threshold": cam_threshold, "attention_threshold": cfg.model.threshold,
-        "bootstrap": bootstrap, "seed": seed, "methods": methods, "trained_branches": list(trained),
-        "pool": cfg.model.pool,
-        "geometry": {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size},
+        "checkpoint": str(o.checkpoint), "boxes": str(o.boxes), "images": str(o.images), "box_space": o.box_space,
+        "explain": o.explain, "cam_threshold": o.cam_threshold, "attention_threshold": cfg.model.threshold,
+        "bootstrap": o.bootstrap, "seed": o.seed, "methods": methods, "trained_branches": list(loaded.branches),
+        "pool": cfg.model.pool, "geometry": Geometry.from_config(cfg).as_dict(), "inference_precision": loaded.precision,
+        "pixels": {"source": "original"},
     }
-    summary.to_csv(out / "localization.csv", index=False)
-    scores.to_csv(out / "localization_boxes.csv", index=False)
     report = {
         "settings": settings,
         "counts": counts,
         "wang2017_resnet50_iobb_0.5": WANG2017_IOBB_05,
         "summary": json.loads(summary.to_json(orient="records")),
     }
-    (out / "localization.json").write_text(json.dumps(report, indent=2))
-    (out / "localization.md").write_text(markdown_report(summary, counts, settings))
+    _write_report(Path(o.out), report, summary, scores)
     method = "fusion_cam" if "fusion_cam" in methods else methods[-1]
-    report["cases"] = write_cases(out / "localization_cases.png", scores, inputs, method=method, n=cases) if cases else False
+    report["cases"] = write_cases(Path(o.out) / "localization_cases.png", scores, inputs, method=method, n=o.cases) if o.cases else False
     return report
+
+
+def _write_report(out: Path, report: dict[str, Any], summary: pd.DataFrame, scores: pd.DataFrame) -> None:
+    from agcnn.fileio import atomic_write_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "localization.csv", lambda f: summary.to_csv(f, index=False))
+    atomic_write_bytes(out / "localization_boxes.csv", lambda f: scores.to_csv(f, index=False))
+    atomic_write_bytes(out / "localization.json", lambda f: f.write(json.dumps(report, indent=2).encode()))
+    md = markdown_report(summary, report["counts"], report["settings"])
+    atomic_write_bytes(out / "localization.md", lambda f: f.write(md.encode()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -547,7 +569,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 1024 for the NIH table, image for boxes.csv)")
     parser.add_argument("--cam-threshold", type=float, default=0.5,
                         help="a CAM box is the largest region above this fraction of the map's maximum (default 0.5)")
-    parser.add_argument("--explain", choices=("cam", "gradcam"), default="cam",
+    parser.add_argument("--explain", choices=EXPLAIN_METHODS, default="cam",
                         help="class activation maps (default) or Grad-CAM from monai.visualize")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000; 0 = none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
@@ -558,11 +580,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = localize_checkpoint(
+    report = localize(LocalizeOptions(
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
-        explain_method=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
+        explain=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
         device=args.device, cases=args.cases,
-    )
+    ))
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0
     c = report["counts"]

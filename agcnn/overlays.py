@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -66,13 +65,12 @@ def choose_findings(probs: np.ndarray, thresholds: Sequence[float | None] | None
 
 def write_overlay(path: str | os.PathLike[str], **kwargs) -> None:
     """Write :func:`overlay_figure` as a PNG at ``path`` atomically (a kill never leaves half a picture)."""
+    from agcnn.fileio import atomic_write
+
     fig = overlay_figure(**kwargs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    # No metadata beyond what is drawn: nothing from the DICOM header goes into the PNG.
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        # No metadata beyond what is drawn: nothing from the DICOM header goes into the PNG.
+        fig.savefig(f, format="png", metadata={"Software": None})
 
 
 def overlay_figure(

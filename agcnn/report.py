@@ -1,7 +1,9 @@
-"""The evaluation report: ``auc.md``, ``auc.csv``, ``predictions.csv`` and ``roc.png``.
+"""The evaluation report: the numbers (:func:`build_report`), and ``auc.md``, ``auc.csv``,
+``predictions.csv`` and ``roc.png`` rendered from them.
 
-Rendering only: :func:`agcnn.evaluate.evaluate_checkpoint` computes the numbers and hands the
-report dictionary (and the probabilities) to these functions.
+:func:`build_report` is a pure function from probabilities, reference labels and what they were
+computed on to the report dictionary that ``auc.json`` holds; :mod:`agcnn.evaluate` scores the
+images and writes the files, so the numbers can be tested without a model or a folder.
 
 Imports: :mod:`agcnn.metrics` and :mod:`agcnn.stages`.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agcnn.metrics import mean_auc
+from agcnn.metrics import bootstrap_auc_ci, mean_auc, per_class_auc, youden_thresholds
 from agcnn.stages import BRANCHES
 
 PAPER_NOTE = (
@@ -37,6 +39,97 @@ def json_number(x: Any) -> float | None:
 def fmt(x: float | None) -> str:
     """Three decimals, or ``n/a`` for no value."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def build_report(
+    probs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    names: Sequence[str],
+    *,
+    header: dict[str, Any],
+    bootstrap: dict[str, Any],
+    groups: np.ndarray | None = None,
+    stored_points: dict[str, Sequence[float]] | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, list[float]] | None]:
+    """The report of scored images: ``(report, aucs, youden)``.
+
+    ``probs``: ``{branch: [N, K]}`` for the trained branches; ``labels`` [N, K] (1 / 0 / NaN).
+    ``header``: what the numbers were computed on (checkpoint, split, pixels, ...), copied first.
+    ``bootstrap``: ``n``, ``seed``, ``alpha``; resampling whole patients when ``groups`` (one id
+    per image) is given. ``stored_points``: the checkpoint's operating points, scored when they
+    fit. ``youden``: per-class Youden thresholds of every trained branch, on the validation
+    split only (``header["split"]["name"] == "val"``), else None.
+    """
+    report: dict[str, Any] = {
+        **header,
+        "labels": list(names),
+        "n_images": int(len(labels)),
+        "positives": {n: int((labels[:, k] == 1).sum()) for k, n in enumerate(names)},
+        "negatives": {n: int((labels[:, k] == 0).sum()) for k, n in enumerate(names)},
+        "missing": {n: int(np.isnan(labels[:, k]).sum()) for k, n in enumerate(names)},
+        "bootstrap": {**bootstrap, "unit": "patient" if groups is not None else "image"},
+        "branches": {},
+    }
+    aucs: dict[str, np.ndarray] = {}
+    for b in BRANCHES:
+        if b not in probs:
+            report["branches"][b] = {"trained": False}
+            continue
+        aucs[b] = per_class_auc(probs[b], labels)
+        report["branches"][b] = _branch_numbers(probs[b], labels, names, aucs[b], bootstrap, groups)
+    youden = None
+    if report["split"]["name"] == "val":
+        youden = {b: [float(t) for t in youden_thresholds(p, labels)] for b, p in probs.items()}
+        report["youden_operating_points"] = {b: {n: json_number(t) for n, t in zip(names, v)} for b, v in youden.items()}
+    if isinstance(stored_points, dict):
+        use = "fusion" if "fusion" in stored_points and "fusion" in probs else next((b for b in probs if b in stored_points), None)
+        if use is not None and len(stored_points[use]) == len(names):
+            report["operating_points_scored"] = {
+                "branch": use, "classes": operating_point_scores(probs[use], labels, stored_points[use], names)}
+    return report, aucs, youden
+
+
+def _branch_numbers(probs: np.ndarray, labels: np.ndarray, names: Sequence[str], aucs: np.ndarray, bootstrap: dict[str, Any],
+                    groups: np.ndarray | None) -> dict[str, Any]:
+    r = {"trained": True, "auc": {n: json_number(a) for n, a in zip(names, aucs)},
+         "mean_auc": json_number(mean_auc(aucs)), "classes_in_mean": int((~np.isnan(aucs)).sum()),
+         "ci_lo": {n: None for n in names}, "ci_hi": {n: None for n in names}, "mean_ci": [None, None]}
+    if int(bootstrap["n"]) > 0:
+        # The same seed for every branch: paired resamples, so branch differences are not resampling noise.
+        lo, hi, mlo, mhi = bootstrap_auc_ci(probs, labels, n_boot=int(bootstrap["n"]), seed=bootstrap["seed"],
+                                            alpha=bootstrap["alpha"], groups=groups)
+        r["ci_lo"] = {n: json_number(x) for n, x in zip(names, lo)}
+        r["ci_hi"] = {n: json_number(x) for n, x in zip(names, hi)}
+        r["mean_ci"] = [json_number(mlo), json_number(mhi)]
+    return r
+
+
+def operating_point_scores(probs: np.ndarray, labels: np.ndarray, thresholds: Sequence[float], names: Sequence[str]) -> dict:
+    """Sensitivity and specificity per class at the given thresholds (None where undefined)."""
+    out = {}
+    for k, name in enumerate(names):
+        t = float(thresholds[k])
+        seen = ~np.isnan(labels[:, k])
+        y, called = labels[seen, k] == 1, probs[seen, k] >= t
+        pos, neg = int(y.sum()), int((~y).sum())
+        out[name] = {
+            "threshold": json_number(t),
+            "sensitivity": json_number((called & y).sum() / pos) if pos and not math.isnan(t) else None,
+            "specificity": json_number((~called & ~y).sum() / neg) if neg and not math.isnan(t) else None,
+        }
+    return out
+
+
+def pixels_text(pixels: dict[str, Any] | None) -> str:
+    """Which pixels the model was given, in words (see ``XrayDataset.pixels``)."""
+    if not pixels:
+        return "pixels not recorded"
+    if pixels.get("source") == "prepare_cache":
+        return (f"the `agcnn prepare` cache ({pixels.get('size')} px {pixels.get('dtype')} squares), not the decoded "
+                f"originals `agcnn predict` reads")
+    if pixels.get("source") == "original_resized":
+        return f"the decoded originals resized to {pixels.get('size')} px squares first"
+    return "the decoded originals, as `agcnn predict` reads them"
 
 
 def write_roc_figure(path: Path, probs: dict[str, np.ndarray], labels: np.ndarray, names: Sequence[str],
@@ -112,7 +205,7 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
         f"agcnn {report['agcnn_version']}. "
         f"{report['n_images']} images" + (f" of {split['patients']} patients" if split.get("patients") else "")
         + f" from {split['source']}. Scored at {report['inference_precision']} on {report['device']}, the "
-        f"precision training validated at.",
+        f"precision training validated at, on {pixels_text(report.get('pixels'))}.",
         "",
         "| Finding | Positives | Global | Local | Fusion |",
         "|---|---:|---:|---:|---:|",
@@ -121,6 +214,20 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
         lines.append(f"| {name} | {report['positives'][name]} | " + " | ".join(cell(b, k) for b in BRANCHES) + " |")
     lines.append(f"| **Mean** ({n_in_mean} of {len(names)} findings) | | " + " | ".join(cell(b, None) for b in BRANCHES) + " |")
     lines.append("")
+    lines += [f"{i}. {n}" for i, n in enumerate(_notes(report, has_ci), 1)]
+    ops = report.get("operating_points_scored")
+    if ops:
+        lines += ["", f"## At the checkpoint's operating points ({ops['branch']} branch)", "",
+                  "| Finding | Threshold | Sensitivity | Specificity |", "|---|---:|---:|---:|"]
+        for name in names:
+            r = ops["classes"][name]
+            lines.append(f"| {name} | {fmt(r['threshold'])} | {fmt(r['sensitivity'])} | {fmt(r['specificity'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _notes(report: dict, has_ci: bool) -> list[str]:
+    """The footnotes of auc.md: which split, intervals, what was left out, how to compare."""
+    split, branches = report["split"], report["branches"]
     notes = []
     check = split.get("training_split") or {}
     if check.get("problems"):
@@ -164,16 +271,12 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
         notes.append("These are validation numbers, used to choose checkpoints and operating points; report the test split.")
     if split["name"] == "train":
         notes.append("These are training-set numbers: they show fit, not how the model generalises.")
+    chosen_on = report.get("operating_points_pixels")
+    if report.get("operating_points_scored") and chosen_on and chosen_on != report.get("pixels"):
+        notes.append(f"The checkpoint's operating points were chosen on {pixels_text(chosen_on)}; here the model saw "
+                     f"{pixels_text(report.get('pixels'))}, so calls close to a threshold can differ.")
     notes.append(PAPER_NOTE)
-    lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
-    ops = report.get("operating_points_scored")
-    if ops:
-        lines += ["", f"## At the checkpoint's operating points ({ops['branch']} branch)", "",
-                  "| Finding | Threshold | Sensitivity | Specificity |", "|---|---:|---:|---:|"]
-        for name in names:
-            r = ops["classes"][name]
-            lines.append(f"| {name} | {fmt(r['threshold'])} | {fmt(r['sensitivity'])} | {fmt(r['specificity'])} |")
-    return "\n".join(lines) + "\n"
+    return notes
 
 
 def write_auc_csv(path: Path, report: dict, names: Sequence[str]) -> None:

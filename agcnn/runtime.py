@@ -5,19 +5,19 @@ One device rule for every command: ``auto`` (CUDA when PyTorch sees a device, el
 ``cuda:N``. Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_runtime` joins the process
 group (nccl on CUDA, gloo on the CPU); the helpers below are no-ops in a single process.
 
-Imports: ``torch`` and :mod:`agcnn.errors` only.
+Imports: ``torch``, :mod:`agcnn.errors` and the device names of :mod:`agcnn.config`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from agcnn.config import valid_device
 from agcnn.errors import UsageError
 
 
@@ -27,12 +27,12 @@ def resolve_device(name: str, *, option: str = "--device", local_rank: int | Non
     ``option`` is how the user gave the name (``--device``, ``train.device``), for the error;
     ``local_rank`` picks the device of a bare ``cuda`` (default: ``LOCAL_RANK``, else 0).
     """
+    if not valid_device(name):
+        raise UsageError(f"{option}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    if name != "cuda" and not re.fullmatch(r"cuda:\d+", name):
-        raise UsageError(f"{option}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
         raise UsageError(f"{option}={name!r} asks for CUDA, but no CUDA device is visible to PyTorch; "
                          f"use {option}=cpu (or auto)")

@@ -6,7 +6,8 @@ III. the fusion head on the concatenated pool5 features, both branches fixed -- 
      ``train.finetune_all``, everything fine-tuned together (Table II, "G L F*").
 
 Each stage is one :class:`Stage` row: which modules train, which are frozen, which logits are
-scored, which branches are reported, and which earlier stage's ``best.pt`` seeds it. Training
+scored, which branches are reported, which earlier stage's ``best.pt`` seeds it, which cache of
+its frozen branches' outputs it may train on, and whether its branch may start as the global one. Training
 reads the table to build a stage; ``AGCNN.forward`` to know how far a stage's forward pass
 goes; ``checkpoint`` / ``evaluate`` / ``predict`` to know which branches a stage's checkpoint
 has trained (the others hold random weights).
@@ -53,6 +54,13 @@ class Stage:
     reports: tuple[str, ...]
     # The stage whose RUN_DIR/<stage>/best.pt initialises this one (None: start from scratch).
     seed_from: str | None
+    # The switch (``train.<name>``) that lets the stage train on what its frozen branches
+    # compute once from un-augmented images, instead of running every batch through them
+    # (None: no such cache; a stage with nothing frozen has none).
+    cache: str | None = None
+    # The switch (``train.<name>``) that starts the branch this stage scores as the global
+    # branch, when no checkpoint it starts from has trained that branch.
+    from_global: str | None = None
 
 
 STAGE_TABLE: tuple[Stage, ...] = (
@@ -61,10 +69,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
     # Stage II: the local branch on crops; the global branch is fixed because its heatmap
     # chooses the crop (Sec. 3.2).
     Stage("local", trains=("local_branch",), frozen=("global_branch",), scores="local",
-          reports=("global", "local"), seed_from="global"),
+          reports=("global", "local"), seed_from="global", cache="cache_local_crops", from_global="local_from_global"),
     # Stage III: the fusion head on [global pool5, local pool5] (Sec. 3.4), both branches fixed.
     Stage("fusion", trains=("fusion",), frozen=("global_branch", "local_branch"), scores="fusion",
-          reports=("global", "local", "fusion"), seed_from="local"),
+          reports=("global", "local", "fusion"), seed_from="local", cache="cache_fusion_features",
+          from_global="fusion_from_global"),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in STAGE_TABLE}
 
@@ -75,7 +84,8 @@ def stage_plan(name: str, finetune_all: bool = False) -> Stage:
         raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(STAGES)} (or 'all')")
     row = STAGES[name]
     if name == "fusion" and finetune_all:
-        row = dataclasses.replace(row, trains=MODULES, frozen=())
+        # Nothing frozen: nothing the branches compute stays the same from epoch to epoch.
+        row = dataclasses.replace(row, trains=MODULES, frozen=(), cache=None)
     return row
 
 

@@ -16,25 +16,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from agcnn.config import HEATMAPS, Config
+from agcnn.config import HEATMAPS
 from agcnn.data.datasets import build_datasets
 from agcnn.data.synthetic import FINDINGS
 from agcnn.demo import attended_opacities, box_area, inside_counts
+from agcnn.inference import load_for_inference
 
 
 def attention_on_split(checkpoint: Path, split: str = "val", batch_size: int = 32, heatmap: str | None = None) -> dict:
     """``heatmap`` measures another ``model.heatmap`` on the same global branch (no retraining)."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(ckpt["config"])
+    loaded = load_for_inference(checkpoint, "cpu")
+    cfg = loaded.config
     if cfg.data.dataset != "synthetic":
         raise SystemExit(f"{checkpoint} was trained on data.dataset={cfg.data.dataset!r}; this measures phantom runs only "
                          "(for boxes of real films use agcnn localize)")
     dataset = build_datasets(cfg, splits=(split,))[split]
-    model, _ = model_from_checkpoint(ckpt, map_location="cpu")
     if heatmap is not None:
-        model.heatmap_kind = heatmap
-    ops, seen = attended_opacities(model, dataset, cfg, batch_size)
+        loaded.model.heatmap_kind = heatmap
+    ops, seen = attended_opacities(loaded, dataset, cfg, batch_size)
     table = dataset.table.reset_index(drop=True)
     large = [f for f in FINDINGS if f != "Nodule"]
     competing = table.loc[ops["row"], large].sum(axis=1).to_numpy() > 0

@@ -4,7 +4,7 @@ Measures images/s of one optimizer step (forward, masked BCE, backward, SGD) for
 
 * ``bare``           -- a plain torchvision backbone + 14-way classifier on the global input
                         (the reference: stage I should be nearly as fast);
-* ``global``         -- stage I (agcnn.train's "global" row);
+* ``global``         -- stage I (the "global" row of agcnn.stages);
 * ``local``          -- stage II: frozen global branch, batched tensor region step
                         (agcnn.models.roi), local branch trained;
 * ``local_cpu_loop`` -- stage II with the region step done per image on the CPU, the way earlier
@@ -31,7 +31,7 @@ import torchvision
 from agcnn.config import ModelConfig
 from agcnn.models import AGCNN
 from agcnn.stages import apply_freezing, set_train_mode, stage_plan
-from agcnn.train import train_step
+from agcnn.train.step import train_step
 from benchutil import cpu_loop_region_step, device_name, measure, rate, versions
 
 K = 14

@@ -133,9 +133,9 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
 
 
 def _check_picture_only_where_the_box_holds_the_opacity(demo: Path, out: str) -> None:
-    from agcnn.checkpoint import load_checkpoint, model_from_checkpoint
     from agcnn.data.datasets import build_datasets
     from agcnn.demo import attended_opacities
+    from agcnn.inference import load_for_inference
 
     shown = re.search(r"changed the call on (\S+) ", out)
     picture = demo / "overlay_changed_call.png"
@@ -143,10 +143,9 @@ def _check_picture_only_where_the_box_holds_the_opacity(demo: Path, out: str) ->
     if shown is None:
         return
     cfg = Config.load(demo / "run" / "config.yaml")
-    ckpt = load_checkpoint(demo / "run" / "fusion" / "best.pt")
-    model, _ = model_from_checkpoint(ckpt)
+    loaded = load_for_inference(demo / "run" / "fusion" / "best.pt", "cpu")
     dataset = build_datasets(cfg, splits=("test",))["test"]
-    ops, _ = attended_opacities(model, dataset, cfg, batch_size=8)
+    ops, _ = attended_opacities(loaded, dataset, cfg, batch_size=8)
     row = list(dataset.table["path"]).index(shown.group(1))
     assert ops.loc[ops["row"] == row, "inside"].any()
 
@@ -195,7 +194,9 @@ def test_quick_and_long_exclude_each_other(tmp_path):
 
 def test_overlay_of_a_changed_call_is_written(tmp_path):
     from agcnn.config import DataConfig
+    from agcnn.checkpoint import save_checkpoint
     from agcnn.demo import _overlay
+    from agcnn.inference import load_for_inference
     from agcnn.models import AGCNN
 
     class Films:
@@ -210,6 +211,7 @@ def test_overlay_of_a_changed_call_is_written(tmp_path):
     cfg = Config.load(demo_config_path(), ["data.resize=32", "data.image_size=32", "data.highres_size=64", "model.local_size=32"])
     assert isinstance(cfg.data, DataConfig)
     model = AGCNN.from_config(cfg.model, num_classes=len(cfg.labels), image_size=32).eval()
-    _overlay(tmp_path / "o.png", model, Films(), 1, np.array([8, 8, 24, 24]), np.random.rand(1, 1).astype(np.float32),
+    save_checkpoint(tmp_path / "m.pt", model_state=model.state_dict(), config=cfg, stage="fusion")
+    _overlay(tmp_path / "o.png", load_for_inference(tmp_path / "m.pt"), Films(), 1, np.array([8, 8, 24, 24]), np.random.rand(1, 1).astype(np.float32),
              cfg, "Nodule", 0.8)
     assert (tmp_path / "o.png").stat().st_size > 1000

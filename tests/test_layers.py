@@ -9,6 +9,7 @@ benchmarked without the training or inference code, and no import circle can com
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,14 +36,15 @@ LAYERS = {
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
-    "agcnn.data.prepare": 6,  # `agcnn prepare`
-    "agcnn.train": 6,
-    "agcnn.evaluate": 6,
-    "agcnn.predict": 6,
-    "agcnn.localize": 6,  # `agcnn localize`
-    "agcnn.demo": 7,  # runs train, evaluate and predict
-    "agcnn.cli": 8,
-    "agcnn.__main__": 9,
+    "agcnn.inference": 6,  # checkpoint -> model for inference, and scoring at its precision
+    "agcnn.data.prepare": 7,  # `agcnn prepare`
+    "agcnn.train": 7,
+    "agcnn.evaluate": 7,
+    "agcnn.predict": 7,
+    "agcnn.localize": 7,  # `agcnn localize`
+    "agcnn.demo": 8,  # runs train, evaluate and predict
+    "agcnn.cli": 9,
+    "agcnn.__main__": 10,
 }
 
 
@@ -113,3 +115,151 @@ def test_no_private_name_is_imported_from_another_module(module):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agcnn"):
             private = [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]
             assert not private, f"{module} imports {private} from {node.module}; make them public or keep them there"
+
+
+# ---------------------------------------------------------------------- rooms that cannot grow back
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+MAX_DRIVER_LINES = 60
+# The functions that run a command from start to end: each reads as a short list of named steps.
+DRIVERS = {
+    "agcnn.cli": ("main",),
+    "agcnn.evaluate": ("run", "evaluate"),
+    "agcnn.localize": ("run", "localize"),
+    "agcnn.predict.command": ("run",),
+    "agcnn.predict.run": ("predict", "_run", "run_batches"),
+    "agcnn.predict.merge": ("run", "merge_shards"),
+    "agcnn.demo": ("run", "run_demo"),
+    "agcnn.data.prepare": ("run",),
+    "agcnn.data.synthetic": ("run",),
+    "agcnn.train.command": ("run",),
+    "agcnn.train.loop": ("train", "run_stage", "train_epoch"),
+    "agcnn.train.stage": ("build_stage",),
+}
+# Longer on purpose, each with its reason. A module name stands for the module's length and
+# every function in it; "module.function" for that function alone.
+SIZE_ALLOWED = {
+    "agcnn.data.readers": "the DICOM reader: one decision per DICOM rule (photometric, VOI, frames, "
+                          "scope), each with its error message; split, the rules lose their order",
+    "agcnn.data.synthetic.make_phantom": "the phantom painter: one anatomical layer after another, in the order "
+                                         "they are drawn",
+    "agcnn.dicom_out.write_dicom_results": "being split into the SR and the SC builders",
+}
+
+
+def _functions(tree: ast.AST):
+    """(qualified name, node) of every function, methods and nested ones included."""
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f"{prefix}{child.name}", child
+                yield from walk(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                yield from walk(child, f"{prefix}{child.name}.")
+
+    yield from walk(tree, "")
+
+
+def _path(module: str) -> Path:
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    return path if path.exists() else PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+
+
+def _allowed(module: str, function: str | None = None) -> bool:
+    return any(key in SIZE_ALLOWED for key in (module, *(m for m in [f"{module}.{function}"] if function)))
+
+
+def test_the_size_allow_list_names_what_exists():
+    for key in SIZE_ALLOWED:
+        module, _, function = key.rpartition(".")
+        if key in modules():
+            continue
+        assert module in modules() and function in dict(_functions(ast.parse(_path(module).read_text()))), (
+            f"SIZE_ALLOWED names {key}, which no longer exists; remove it from the list")
+
+
+@pytest.mark.parametrize("module", modules())
+def test_no_module_or_function_grows_past_its_size(module):
+    source = _path(module).read_text()
+    lines = len(source.splitlines())
+    assert lines <= MAX_MODULE_LINES or _allowed(module), (
+        f"{module} has {lines} lines (at most {MAX_MODULE_LINES}); split it by concern")
+    drivers = DRIVERS.get(module, ())
+    for name, node in _functions(ast.parse(source)):
+        n = node.end_lineno - node.lineno + 1
+        limit = MAX_DRIVER_LINES if name in drivers else MAX_FUNCTION_LINES
+        assert n <= limit or _allowed(module, name), (
+            f"{module}.{name} has {n} lines (at most {limit}{', a driver' if name in drivers else ''}); "
+            f"give its steps names of their own")
+
+
+# One home for each concept: (what, the calls that do it, the modules allowed to make them).
+SINGLE_HOMES = [
+    ("a checkpoint rebuilt into a model for inference", ("model_from_checkpoint",),
+     {"agcnn.checkpoint", "agcnn.inference"}),
+    ("a model scored at an inference precision", ("inference_precision",),
+     # agcnn.train.sources: validation of the cached stages scores pool5 features and crops, which
+     # no image pass gives; images are scored through agcnn.inference.score.
+     {"agcnn.precision", "agcnn.inference", "agcnn.train.sources"}),
+    ("the evaluation transform's geometry", ("scaled_resize", "centre_offset"), {"agcnn.data.geometry"}),
+]
+
+
+@pytest.mark.parametrize("what,calls,homes", SINGLE_HOMES, ids=[h[0] for h in SINGLE_HOMES])
+def test_each_concept_has_one_home(what, calls, homes):
+    offenders = []
+    for module in modules():
+        if module in homes:
+            continue
+        for node in ast.walk(ast.parse(_path(module).read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in calls:
+                    offenders.append(f"{module}:{node.lineno} {name}")
+    assert not offenders, f"{what} lives in {sorted(homes)}; also done in {offenders}"
+
+
+def test_the_crop_offset_is_computed_in_one_place():
+    # The centre crop's offset, written out by hand (round((first - side) / 2), (first - side) // 2).
+    pattern = re.compile(r"\(\s*\w*first\w*\s*-\s*[\w.]+\s*\)\s*(//|/)\s*2")
+    offenders = [f"{m}:{i}" for m in modules() if m != "agcnn.data.geometry"
+                 for i, line in enumerate(_path(m).read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, f"use agcnn.data.geometry.Geometry for the crop offset: {offenders}"
+
+
+def _bound_names(module: str) -> set[str]:
+    """Names ``module`` defines itself (not those it imports from another agcnn module)."""
+    names: set[str] = set()
+    for node in ast.parse(_path(module).read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("agcnn"):
+            names.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and _path(module).name == "__init__.py" and node.module.startswith(module + "."):
+            names.update(a.asname or a.name for a in node.names)  # a package presents its own modules' names
+        elif isinstance(node, (ast.If, ast.Try)):
+            names.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+    return names
+
+
+@pytest.mark.parametrize("module", modules())
+def test_names_are_imported_from_their_home(module):
+    known = set(modules())
+    for node in ast.walk(ast.parse(_path(module).read_text())):
+        if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("agcnn") and not node.level):
+            continue
+        if node.module not in known:
+            continue
+        home = _bound_names(node.module)
+        for a in node.names:
+            if f"{node.module}.{a.name}" in known or a.name == "__version__":
+                continue  # a submodule
+            assert a.name in home, (
+                f"{module} imports {a.name} from {node.module}, which only passes it on; import it from where it is "
+                f"defined")

@@ -17,13 +17,12 @@ from torch import nn
 from agcnn.checkpoint import save_checkpoint
 from agcnn.cli import main
 from agcnn.config import Config
+from agcnn.data.geometry import Geometry
 from agcnn.data.transforms import transforms_from_config
 from agcnn.errors import UsageError
 from agcnn.labels import LABELS
 from agcnn.localize import (
-    Geometry,
     LocalizationError,
-    box_to_input,
     bootstrap_share,
     clip_box,
     overlaps,
@@ -59,15 +58,13 @@ NIH_BOXES = SHARED / "data" / "nih-metadata" / "BBox_List_2017.csv.gz"
 )
 def test_box_to_input_golden(geometry, hw, box, expected):
     h, w = hw
-    assert box_to_input(box, height=h, width=w, geometry=geometry) == pytest.approx(expected)
+    assert geometry.to_input(box, height=h, width=w) == pytest.approx(expected)
 
 
 def test_box_to_input_inverts_predicts_mapping_back_to_the_original():
-    from agcnn.predict import box_to_original
-
     g = Geometry(256, 224, 224)
-    back = box_to_original([40, 60, 120, 200], height=1024, width=1024, resize=256, image_size=224, highres_size=224)
-    assert box_to_input(back, height=1024, width=1024, geometry=g) == pytest.approx((40, 60, 120, 200))
+    back = g.to_original([40, 60, 120, 200], height=1024, width=1024)
+    assert g.to_input(back, height=1024, width=1024) == pytest.approx((40, 60, 120, 200))
 
 
 @pytest.mark.parametrize("resize,image_size,highres", [(256, 224, 224), (80, 64, 64), (64, 64, 128), (300, 224, 224)])
@@ -83,7 +80,7 @@ def test_box_lands_where_the_transform_puts_the_pixels(resize, image_size, highr
     on = (view * 0.229 + 0.485) > 0.5
     ys, xs = torch.nonzero(on, as_tuple=True)
     found = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
-    mapped = box_to_input(box, height=h, width=w, geometry=Geometry(resize, image_size, highres))
+    mapped = Geometry(resize, image_size, highres).to_input(box, height=h, width=w)
     clipped, _ = clip_box(mapped, image_size)
     assert found == pytest.approx(clipped, abs=1.0)
 
@@ -332,4 +329,4 @@ def test_report_says_a_max_pooling_cam_is_approximate(pool):
     settings = {"checkpoint": "c.pt", "boxes": "b.csv", "explain": "cam", "cam_threshold": 0.5,
                 "attention_threshold": 0.7, "bootstrap": 0, "pool": pool}
     text = markdown_report(pd.DataFrame(), counts, settings)
-    assert ("not how each logit was formed" in text) == (pool == "max")
+    assert ("not how the logit was formed" in text) == (pool == "max")

@@ -13,7 +13,7 @@ from agcnn.config import Config
 from agcnn.evaluate import evaluate_checkpoint
 from agcnn.labels import LABELS
 from agcnn.precision import inference_precision
-from agcnn.train import train
+from agcnn.train.loop import train
 
 TINY = [
     "model.pretrained=none",

@@ -28,7 +28,8 @@ from agcnn.cli import main
 from agcnn.data import readers
 from agcnn.data.dicom_write import encodable_transfer_syntaxes, write_dicom
 from agcnn.labels import LABELS
-from agcnn.predict import box_to_original, parse_shard, shard_of
+from agcnn.data.geometry import Geometry
+from agcnn.predict import parse_shard, shard_of
 
 # Identifying values written into the test files; none may appear in an output folder.
 SECRETS = {
@@ -203,11 +204,11 @@ def _by_path(rows):
 
 def test_box_to_original_golden():
     # resize 72, crop 64 at offset 4; the original is 144 wide (x2) and 100 high (x100/72).
-    geo = dict(resize=72, image_size=64, highres_size=64)
-    assert box_to_original((0, 0, 64, 64), height=100, width=144, **geo) == (8, 5, 136, 95)
-    assert box_to_original((10, 20, 30, 40), height=72, width=72, **geo) == (14, 24, 34, 44)
+    geo = Geometry(resize=72, image_size=64, highres_size=64)
+    assert geo.to_original((0, 0, 64, 64), height=100, width=144) == (8, 5, 136, 95)
+    assert geo.to_original((10, 20, 30, 40), height=72, width=72) == (14, 24, 34, 44)
     # highres 128 at image 64: the box doubles before the crop offset (round((144 - 128) / 2) = 8).
-    assert box_to_original((0, 0, 64, 64), height=144, width=144, resize=72, image_size=64, highres_size=128) == (8, 8, 136, 136)
+    assert Geometry(72, 64, 128).to_original((0, 0, 64, 64), height=144, width=144) == (8, 8, 136, 136)
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "1", "a/b", "0/0", "1/2/3"])
@@ -528,7 +529,7 @@ def test_rows_of_a_batch_take_the_probabilities_of_the_usable_records_in_order()
         local=torch.tensor([[0.6, 0.7], [0.8, 0.9]]),
         boxes=torch.tensor([[0, 0, 32, 32], [8, 8, 16, 24]]),
     )
-    geometry = {"resize": 32, "image_size": 32, "highres_size": 32}
+    geometry = Geometry(resize=32, image_size=32, highres_size=32)
     rows = build_rows(records, probs, columns=columns, labels=labels, geometry=geometry,
                       thresholds=torch.tensor([0.5, float("nan")]), all_branches=True)
     assert [r["path"] for r in rows] == ["bad.dcm", "one.png", "two.dcm"]

@@ -31,7 +31,7 @@ from agcnn.dicom_out import object_paths
 from agcnn.labels import LABELS
 from agcnn.models import AGCNN
 from agcnn.predict.journal import lock_output
-from agcnn.predict.options import UsageError
+from agcnn.errors import UsageError
 
 PATIENT = dict(patient_name="DOE^JANE^SECRETNAME", patient_id="PID-98765", AccessionNumber="ACC-55555")
 

@@ -29,6 +29,33 @@ def test_cuda_without_a_device_says_what_to_use(name):
         resolve_device(name)
 
 
+@no_cuda
+@pytest.mark.parametrize("command", [["predict", "--input", ".", "--output", "out"], ["evaluate", "--out", "out"],
+                                     ["localize", "--boxes", "b.csv", "--images", ".", "--out", "out"]])
+def test_every_command_takes_cuda_n(command, tmp_path, capsys, monkeypatch):
+    # One device-name pattern: `--device cuda:1` reaches the device rule in every command (no
+    # argparse menu that lacks cuda:N), which says what to use on a machine without CUDA.
+    from agcnn.cli import main
+
+    from agcnn.checkpoint import save_checkpoint
+    from agcnn.config import Config
+    from agcnn.models import AGCNN
+
+    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 32},
+                            "data": {"image_size": 32, "resize": 32, "highres_size": 32}})
+    save_checkpoint(tmp_path / "m.pt", model_state=AGCNN.from_config(cfg.model, 14, 32).state_dict(), config=cfg)
+    monkeypatch.chdir(tmp_path)
+    assert main([command[0], "--checkpoint", "m.pt", "--device", "cuda:1", *command[1:]]) == 2
+    assert "--device='cuda:1' asks for CUDA, but no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_the_device_names_are_one_pattern():
+    from agcnn.config import valid_device
+
+    assert all(valid_device(n) for n in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"))
+    assert not any(valid_device(n) for n in ("gpu", "cuda:", "cuda:x", "cuda1", " cpu", "CPU", ""))
+
+
 @pytest.mark.gpu
 def test_bare_cuda_is_this_process_local_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # wraps round to the first device
@@ -49,7 +76,7 @@ def test_loader_workers_are_capped_at_the_cores_this_process_may_use_said_once(m
     import os
 
     from agcnn import runtime
-    from agcnn.train import make_loader
+    from agcnn.train.loaders import make_loader
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

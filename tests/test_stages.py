@@ -23,6 +23,23 @@ def test_stage_table_rows():
         stage_plan("fusoin")
 
 
+def test_each_row_names_its_cache_and_start_switches_and_a_stage_with_nothing_frozen_has_no_cache():
+    from dataclasses import fields
+
+    from agcnn.config import TrainConfig
+    from agcnn.train.sources import CACHED_SOURCES
+
+    switches = {f.name for f in fields(TrainConfig) if f.type in (bool, "bool")}
+    for row in STAGE_TABLE:
+        assert row.cache is None or (row.cache in switches and row.cache in CACHED_SOURCES and row.frozen), row
+        assert row.from_global is None or (row.from_global in switches and row.scores != "global"), row
+    assert {r.name: r.cache for r in STAGE_TABLE} == {"global": None, "local": "cache_local_crops",
+                                                      "fusion": "cache_fusion_features"}
+    # G L F*: the branches move every step, so nothing they compute can be cached.
+    assert stage_plan("fusion", finetune_all=True).cache is None
+    assert stage_plan("fusion", finetune_all=True).from_global == "fusion_from_global"
+
+
 @pytest.mark.parametrize("stage, trained", [
     ("global", ("global",)),
     ("local", ("global", "local")),

@@ -13,7 +13,7 @@ from agcnn.checkpoint import CheckpointError, load_checkpoint
 from agcnn.cli import main
 from agcnn.config import Config
 from agcnn.metrics import masked_bce_with_logits
-from agcnn.train import train
+from agcnn.train.loop import train
 
 K = 14
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -322,7 +322,8 @@ def test_cached_crops_are_the_attended_crops_and_are_flipped_at_random(tmp_path,
     from agcnn.checkpoint import model_from_checkpoint
     from agcnn.runtime import Runtime
     from agcnn.stages import apply_freezing, stage_plan
-    from agcnn.train import CachedCropSource
+    from agcnn.train.context import TrainContext
+    from agcnn.train.sources import CachedCropSource
 
     run = tmp_path / "run"
     cfg = tiny_config("train.global.epochs=2")
@@ -330,7 +331,7 @@ def test_cached_crops_are_the_attended_crops_and_are_flipped_at_random(tmp_path,
     model, _ = model_from_checkpoint(load_checkpoint(run / "global" / "best.pt"))
     plan = stage_plan("local")
     apply_freezing(model, plan)
-    src = CachedCropSource(model, plan, cfg, Runtime(torch.device("cpu")), plain_data["train"], plain_data["val"], 4, quiet)
+    src = CachedCropSource(model, plan, TrainContext(cfg, Runtime(torch.device("cpu")), say=quiet), plain_data, 4)
     model.eval()
     x = torch.stack([plain_data["train"][i]["image"] for i in range(12)])
     with torch.no_grad():
@@ -379,7 +380,7 @@ def test_cached_crop_stage_resumes_to_the_same_weights(tmp_path, plain_data, tin
 
 def test_crop_cache_too_large_for_the_machine_is_refused_naming_the_setting():
     from agcnn.config import ConfigError
-    from agcnn.train import check_crop_cache_fits
+    from agcnn.train.sources import check_crop_cache_fits
 
     assert check_crop_cache_fits(10, 5, 32) == (10 * 2 + 5 * 4) * 3 * 32 * 32
     with pytest.raises(ConfigError, match=r"train.cache_local_crops=true would hold [\d.]+ GiB of crops \(10000000000 \+ 0 "
@@ -399,7 +400,8 @@ class _Draws(torch.utils.data.Dataset):
 
 def test_each_rank_draws_its_own_augmentation_on_the_shared_partition(tiny_config):
     from agcnn.runtime import Runtime
-    from agcnn.train import make_loader, rank_seed
+    from agcnn.train.loaders import make_loader
+    from agcnn.train.seeds import rank_seed
 
     cfg = tiny_config("data.num_workers=1")
     got = {}
@@ -420,7 +422,7 @@ def test_each_rank_draws_its_own_augmentation_on_the_shared_partition(tiny_confi
 def test_sync_batchnorm_converts_only_the_trained_branch_and_keeps_names(tiny_model):
     from agcnn.runtime import Runtime
     from agcnn.stages import stage_plan
-    from agcnn.train import convert_sync_batchnorm
+    from agcnn.train.parallel import convert_sync_batchnorm
 
     model = tiny_model
     names = list(model.state_dict())
@@ -434,10 +436,10 @@ def test_sync_batchnorm_converts_only_the_trained_branch_and_keeps_names(tiny_mo
 
 
 def test_fusion_head_module_holds_only_the_fusion_layer(tiny_model):
-    from agcnn.train import _FuseHead
+    from agcnn.train.parallel import FuseHead
 
     model = tiny_model
-    head = _FuseHead(model)
+    head = FuseHead(model)
     assert {n for n, _ in head.named_parameters()} == {"fusion.weight", "fusion.bias"}
     g, l = torch.randn(2, model.global_branch.num_features), torch.randn(2, model.local_branch.num_features)
     assert torch.equal(head(g, l), model.fuse(g, l))
@@ -446,7 +448,7 @@ def test_fusion_head_module_holds_only_the_fusion_layer(tiny_model):
 @pytest.mark.parametrize("name,lrs", [("sgd-step", [0.1, 0.1, 0.01, 0.01]), ("adamw-cosine", [0.1, 0.1 * (2 + 2**0.5) / 4, 0.05, 0.1 * (2 - 2**0.5) / 4])])
 def test_stage_optimiser_and_schedule_follow_the_config(tiny_model, name, lrs):
     from agcnn.config import StageConfig
-    from agcnn.train import build_optimizer
+    from agcnn.train.step import build_optimizer
 
     optimizer, schedule = name.split("-")
     sc = StageConfig(epochs=4, lr=0.1, momentum=0.8, weight_decay=0.01, lr_step=2, optimizer=optimizer, schedule=schedule)

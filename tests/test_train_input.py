@@ -12,7 +12,12 @@ from agcnn.config import Config, ConfigError
 from agcnn.data.datasets import build_datasets
 from agcnn.data.device_transforms import DeviceTransform
 from agcnn.data.synthetic import generate_phantoms
-from agcnn.train import ImageSource, augment_on_device, init_runtime, stage_plan, train
+from agcnn.runtime import init_runtime
+from agcnn.stages import stage_plan
+from agcnn.train.context import TrainContext
+from agcnn.train.loaders import augment_on_device
+from agcnn.train.loop import train
+from agcnn.train.sources import ImageSource
 
 TINY = [
     "model.pretrained=none",
@@ -67,10 +72,10 @@ def test_persistent_loader_draws_what_a_new_one_draws(phantoms):
         tf = sets["train"].batch_transform
         return [(b["index"].tolist(), tf.draw(len(b["index"]))[0].tolist()) for b in loader]
 
-    reused = ImageSource(None, None, stage_plan("global"), cfg, rt, sets["train"], sets["val"], 4)
+    reused = ImageSource(None, stage_plan("global"), TrainContext(cfg, rt), sets, 4)
     runs = [epoch_batches(reused, e) for e in range(3)]
     assert reused._loaders["train"].persistent_workers
-    fresh = [epoch_batches(ImageSource(None, None, stage_plan("global"), cfg, rt, sets["train"], sets["val"], 4), e)
+    fresh = [epoch_batches(ImageSource(None, stage_plan("global"), TrainContext(cfg, rt), sets, 4), e)
              for e in range(3)]
     assert runs == fresh
     assert runs[0] != runs[1]

@@ -91,7 +91,7 @@ def cache_folder(data_cfg) -> Path | None:
 
 def require_cache(data_cfg, config_path: str | None = None) -> Path | None:
     """:func:`cache_folder`, with a message naming the command that builds it when it is absent."""
-    from agcnn.config import ConfigError
+    from agcnn.errors import ConfigError
 
     folder = cache_folder(data_cfg)
     if folder is None or (folder / "meta.json").is_file() or data_cfg.cache:
@@ -199,30 +199,54 @@ def build_cache(
             report.unusable = _read_unusable(out)
             return report
 
+    _open_partial(partial, index, meta)
+    status = np.load(partial / "status.npy", mmap_mode="r")
+    todo = np.flatnonzero(status == PENDING)
+    del status
+    report.reused = len(index) - len(todo)
+    if max_images is not None:
+        todo = todo[:max_images]
+    jobs = [(int(r), str(resolve(index["path"][r], root)), size, dtype, scope) for r in todo]
+    log.info("decoding %d images into %s (%d already done)", len(jobs), partial, report.reused)
+    _decode_into(partial, index, jobs, workers, report, progress_every)
+
+    status = np.load(partial / "status.npy", mmap_mode="r")
+    if (status == PENDING).any():
+        report.seconds = time.monotonic() - start
+        return report
+    del status
+    _publish(partial, out)
+    report.complete = True
+    report.unusable = _read_unusable(out)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _open_partial(partial: Path, index: pd.DataFrame, meta: dict) -> None:
+    """``<cache>.partial`` for these images and settings: the one a killed run left, or a new one."""
     resume = False
     if (partial / "meta.json").is_file():
         old = json.loads((partial / "meta.json").read_text())
         resume = all(old.get(k) == v for k, v in meta.items()) and _same_index(_read_index(partial), index)
         if not resume:
             log.info("discarding %s: it was started for other images or settings", partial)
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=DTYPES[dtype], shape=(len(index), size, size)).flush()
-        np.lib.format.open_memmap(partial / "status.npy", mode="w+", dtype=np.uint8, shape=(len(index),)).flush()
-        index.rename_axis("row").to_csv(partial / "index.csv")
-        (partial / "unusable.csv").write_text("row,path,reason\n")
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+    if resume:
+        return
+    size = meta["size"]
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=DTYPES[meta["dtype"]], shape=(len(index), size, size)).flush()
+    np.lib.format.open_memmap(partial / "status.npy", mode="w+", dtype=np.uint8, shape=(len(index),)).flush()
+    index.rename_axis("row").to_csv(partial / "index.csv")
+    (partial / "unusable.csv").write_text("row,path,reason\n")
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1))
 
+
+def _decode_into(partial: Path, index: pd.DataFrame, jobs: list[tuple], workers: int, report: CacheReport,
+                 progress_every: float) -> None:
+    """Decode ``jobs`` into the partial cache, in worker processes; each row's status as it lands."""
     images = np.load(partial / "images.npy", mmap_mode="r+")
     status = np.load(partial / "status.npy", mmap_mode="r+")
-    todo = np.flatnonzero(status == PENDING)
-    report.reused = len(index) - len(todo)
-    if max_images is not None:
-        todo = todo[:max_images]
-    jobs = [(int(r), str(resolve(index["path"][r], root)), size, dtype, scope) for r in todo]
-    log.info("decoding %d images into %s (%d already done)", len(jobs), partial, report.reused)
-
     with open(partial / "unusable.csv", "a", newline="") as bad_file:
         bad_csv = csv.writer(bad_file)
         # Spawned workers: the parent may hold torch / OpenMP threads that a fork would copy in a
@@ -252,13 +276,10 @@ def build_cache(
                 pool.join()
             images.flush()
             status.flush()
-    del images
 
-    if (status == PENDING).any():
-        report.seconds = time.monotonic() - start
-        return report
-    del status
-    # Publish atomically: the complete folder appears under its final name in one rename.
+
+def _publish(partial: Path, out: Path) -> None:
+    """The complete folder appears under its final name in one rename."""
     if out.exists():
         stale = out.with_name(out.name + ".old")
         shutil.rmtree(stale, ignore_errors=True)
@@ -267,10 +288,6 @@ def build_cache(
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(partial, out)
-    report.complete = True
-    report.unusable = _read_unusable(out)
-    report.seconds = time.monotonic() - start
-    return report
 
 
 def _read_unusable(folder: Path) -> list[tuple[str, str]]:

@@ -219,42 +219,7 @@ def load_chestxray14(
     lists = {"train": train_list, "test": test_list}
     if val_list:
         lists["val"] = Path(val_list)
-    parts = []
-    for split, path in lists.items():
-        if not Path(path).is_file():
-            official = {"train": "train_val_list.txt", "test": "test_list.txt", "val": "val_list.txt"}[split]
-            raise MissingFileError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the path of {official}")
-        if is_labelled_list(path):
-            part = read_labelled_list(path, labels)
-        else:
-            part = pd.DataFrame({"image": read_name_list(path)})
-        part["split"] = split
-        parts.append(part)
-    table = pd.concat(parts, ignore_index=True)
-    dup = table["image"][table["image"].duplicated()]
-    if len(dup):
-        raise DataError(f"image {dup.iloc[0]!r} is listed in more than one split list ({len(dup)} such names); the lists must not overlap")
-
-    has_list_labels = all(c in table.columns for c in labels) and table[list(labels)].notna().all().all()
-    if metadata is not None:
-        entry = read_data_entry(metadata, labels).set_index("image")
-        unknown = table["image"][~table["image"].isin(entry.index)]
-        if len(unknown):
-            raise DataError(f"{len(unknown)} listed images are not in {str(metadata)!r} (e.g. {unknown.iloc[0]!r}); the lists and the metadata must come from the same release")
-        if has_list_labels:
-            # Labels from the lists (2017) win, so an old split reproduces earlier results;
-            # the Data_Entry file only contributes patient and view.
-            table = table.join(entry[["patient", "view"]], on="image")
-        else:
-            table = table[["image", "split"]].join(entry[["patient", "view", *labels]], on="image")
-    elif has_list_labels:
-        table["patient"] = table["image"].map(patient_from_name)
-        table["view"] = ""
-        if views:
-            raise DataError("data.views needs the Data_Entry file (View Position); set data.metadata to Data_Entry_2017_v2020.csv.gz")
-    else:
-        raise MissingFileError(f"no Data_Entry_2017*.csv(.gz) found in {str(root)!r} or its parent; set data.metadata to its path")
-
+    table = _with_labels(_read_lists(lists, labels), metadata, root, labels, views)
     if views:
         wanted = {v.upper() for v in views}
         table = table[table["view"].isin(wanted)].reset_index(drop=True)
@@ -276,3 +241,47 @@ def load_chestxray14(
     for name in labels:
         table[name] = table[name].astype(np.float32)
     return table[["path", "image", "patient", "split", "view", *labels]].reset_index(drop=True)
+
+
+def _read_lists(lists: dict[str, Path], labels: Sequence[str]) -> pd.DataFrame:
+    """The split lists as one table of ``image, split`` (and the labels of CheXNet-style lists)."""
+    parts = []
+    for split, path in lists.items():
+        if not Path(path).is_file():
+            official = {"train": "train_val_list.txt", "test": "test_list.txt", "val": "val_list.txt"}[split]
+            raise MissingFileError(f"{split} list {str(path)!r} does not exist; set data.{split}_list to the path of {official}")
+        if is_labelled_list(path):
+            part = read_labelled_list(path, labels)
+        else:
+            part = pd.DataFrame({"image": read_name_list(path)})
+        part["split"] = split
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    dup = table["image"][table["image"].duplicated()]
+    if len(dup):
+        raise DataError(f"image {dup.iloc[0]!r} is listed in more than one split list ({len(dup)} such names); the lists must not overlap")
+    return table
+
+
+def _with_labels(table: pd.DataFrame, metadata: Path | None, root: Path, labels: Sequence[str], views: Sequence[str]) -> pd.DataFrame:
+    """Patient, view and labels of each listed image, from the Data_Entry file or the lists."""
+    has_list_labels = all(c in table.columns for c in labels) and table[list(labels)].notna().all().all()
+    if metadata is not None:
+        entry = read_data_entry(metadata, labels).set_index("image")
+        unknown = table["image"][~table["image"].isin(entry.index)]
+        if len(unknown):
+            raise DataError(f"{len(unknown)} listed images are not in {str(metadata)!r} (e.g. {unknown.iloc[0]!r}); the lists and the metadata must come from the same release")
+        if has_list_labels:
+            # Labels from the lists (2017) win, so an old split reproduces earlier results;
+            # the Data_Entry file only contributes patient and view.
+            table = table.join(entry[["patient", "view"]], on="image")
+        else:
+            table = table[["image", "split"]].join(entry[["patient", "view", *labels]], on="image")
+    elif has_list_labels:
+        table["patient"] = table["image"].map(patient_from_name)
+        table["view"] = ""
+        if views:
+            raise DataError("data.views needs the Data_Entry file (View Position); set data.metadata to Data_Entry_2017_v2020.csv.gz")
+    else:
+        raise MissingFileError(f"no Data_Entry_2017*.csv(.gz) found in {str(root)!r} or its parent; set data.metadata to its path")
+    return table

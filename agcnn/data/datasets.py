@@ -100,6 +100,18 @@ class XrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def pixels(self) -> dict[str, Any]:
+        """Which pixels the model is given: the originals decoded (``original``), or the squares of
+        the ``agcnn prepare`` cache (``prepare_cache``), which are resized and rounded to integers
+        before the transform, so a model's scores differ slightly between the two. Recorded beside
+        every score and every operating point (``auc.json``, the predict manifest)."""
+        if self.cache is not None:
+            return {"source": "prepare_cache", "cache": str(self.cache.folder), "size": self.cache.size,
+                    "dtype": str(self.cache.meta.get("dtype"))}
+        if self.stored_size is not None:
+            return {"source": "original_resized", "size": int(self.stored_size)}
+        return {"source": "original"}
+
     def __getstate__(self) -> dict:
         # Workers never apply the batch transform (the training loop does, on the device).
         state = self.__dict__.copy()
@@ -258,6 +270,6 @@ def build_datasets(cfg, splits: Sequence[str] = SPLITS, *, table: pd.DataFrame |
         if stored:
             from agcnn.data.device_transforms import DeviceTransform
 
-            # Applied by the training loop to each batch on its device (agcnn.train.model_input).
+            # Applied by the training loop to each batch on its device (agcnn.train.loaders.model_input).
             out[split].batch_transform = DeviceTransform.from_config(cfg.data, train=split == "train")
     return out

@@ -8,7 +8,7 @@ a few cores per GPU for the transforms alone. Here the loader only decodes (or r
 runs on:
 
 1. integer grey levels -> float32 in [0, 1] (what the cache's reader returns on the CPU);
-2. the square resize to ``scaled_resize(resize, image_size, side)`` -- the same
+2. the square resize to ``Geometry.first`` (:mod:`agcnn.data.geometry`) -- the same
    ``F.interpolate(bilinear, antialias=True)`` the CPU transform calls, on the batch at once;
 3. training: a random crop per image, drawn exactly as torchvision draws it -- ``paper``:
    ``RandomCrop(side)``; ``resized_crop``: ``RandomResizedCrop(side, scale=data.crop_scale)``
@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from agcnn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_SCALE, scaled_resize
+from agcnn.config import AUGMENTS
+from agcnn.data.geometry import Geometry
+from agcnn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_SCALE
 
-AUGMENTS = ("paper", "resized_crop")
 # torchvision's RandomResizedCrop aspect-ratio range and number of tries.
 RATIO = (3 / 4, 4 / 3)
 TRIES = 10
@@ -97,7 +98,8 @@ class DeviceTransform(nn.Module):
             raise ValueError(f"data.augment={augment!r} is not known; valid: {', '.join(AUGMENTS)}")
         self.train_mode, self.augment = train, augment
         self.side = image_size if highres_size is None else highres_size
-        self.first = scaled_resize(resize, image_size, self.side)
+        self.geometry = Geometry(resize, image_size, self.side)
+        self.first = self.geometry.first
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
@@ -117,7 +119,7 @@ class DeviceTransform(nn.Module):
     def draw(self, n: int) -> tuple[Tensor, Tensor]:
         """This many images' crop boxes (top, left, height, width on the resized square) and flips."""
         if not self.train_mode:
-            off = int(round((self.first - self.side) / 2.0))  # torchvision's CenterCrop offset
+            off = self.geometry.offset  # torchvision's CenterCrop offset
             box = torch.tensor([off, off, self.side, self.side]).expand(n, 4)
             return box, torch.zeros(n, dtype=torch.bool)
         if self.augment == "paper":

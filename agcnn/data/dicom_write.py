@@ -165,6 +165,19 @@ def write_dicom(
     """
     pixels = np.asarray(pixels)
     ts = UID(str(transfer_syntax))
+    _check_arguments(pixels, photometric, ts, extra_tags)
+    modality = modality.upper()
+    ds = _header(_SOP_CLASS.get(modality, SecondaryCaptureImageStorage), modality, photometric, patient_name, patient_id)
+    bits = pixels.dtype.itemsize * 8
+    ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=True)
+    if "BitsStored" in extra_tags and "HighBit" not in extra_tags:
+        extra_tags["HighBit"] = int(extra_tags["BitsStored"]) - 1
+    for keyword, value in extra_tags.items():
+        setattr(ds, keyword, value)
+    return _save(ds, path, ts, pixels)
+
+
+def _check_arguments(pixels: np.ndarray, photometric: str, ts: UID, extra_tags: dict[str, Any]) -> None:
     if photometric not in _PHOTOMETRICS:
         raise ValueError(
             f"photometric={photometric!r} is not supported; use one of {_PHOTOMETRICS}"
@@ -183,8 +196,9 @@ def write_dicom(
             "'WindowCenter', 'RescaleSlope', 'ViewPosition'"
         )
 
-    modality = modality.upper()
-    sop_class = _SOP_CLASS.get(modality, SecondaryCaptureImageStorage)
+
+def _header(sop_class: str, modality: str, photometric: str, patient_name: str, patient_id: str) -> Dataset:
+    """The dataset of a new image with fresh UIDs, everything but its pixels."""
     now = datetime.datetime.now()
 
     ds = Dataset()
@@ -223,15 +237,12 @@ def write_dicom(
         # DX/CR: INVERSE goes with MONOCHROME1 and IDENTITY with MONOCHROME2 (PS3.3 C.8.11.7);
         # both describe the same display, they are not an extra inversion.
         ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    return ds
 
+
+def _save(ds: Dataset, path: str | os.PathLike[str], ts: UID, pixels: np.ndarray) -> Dataset:
+    """Encode the pixel data in ``ts`` and write the file; returns the dataset as written."""
     bits = pixels.dtype.itemsize * 8
-    ds.set_pixel_data(pixels, photometric, bits, generate_instance_uid=True)
-
-    if "BitsStored" in extra_tags and "HighBit" not in extra_tags:
-        extra_tags["HighBit"] = int(extra_tags["BitsStored"]) - 1
-    for keyword, value in extra_tags.items():
-        setattr(ds, keyword, value)
-
     if ts in _GDCM_ENCODED and not _pydicom_can_encode(ts):
         if not _has_gdcm():
             raise RuntimeError(f"cannot encode {ts.name} here: python-gdcm is not installed")

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agcnn.config import Config, ConfigError
+    from agcnn.config import Config
+    from agcnn.errors import ConfigError
     from agcnn.data.cache import build_cache, cache_folder
     from agcnn.data.datasets import load_dataframe, scope_policy
 

@@ -58,6 +58,7 @@ import numpy as np
 import pandas as pd
 
 from agcnn.errors import ConfigError, DataError
+from agcnn.fileio import atomic_write
 from agcnn.labels import LABELS
 
 try:
@@ -70,9 +71,7 @@ log = logging.getLogger(__name__)
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
 # Independent draws; P(no finding) = 0.50 * 0.85 * 0.85 * 0.82 * 0.85 = 0.25.
 PREVALENCE = {"Nodule": 0.50, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
-# 4: exposure scaled by a region no finding touches (see make_phantom), so each finding's
-# evidence lies in its box (tests/data/test_phantom_evidence.py).
-FORMAT_VERSION = 4
+FORMAT_VERSION = 4  # 4: exposure scaled where no finding is drawn (tests/data/test_phantom_evidence.py)
 # Stored grey levels: 12 bits, as most digital radiography detectors deliver.
 BITS = 12
 
@@ -275,9 +274,8 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     there too, under its kind (``granuloma`` or ``vessel``, lower case: not a label).
     ``findings`` forces which findings are planted and ``lookalike`` which look-alike (only
     without a nodule); by default both are drawn (:data:`PREVALENCE`, :data:`OPACITY_RATES`).
-    ``omit`` names findings (or a look-alike kind) drawn but not painted: the same film, every
-    random draw the same, with that region left as normal tissue (and no label or box for it),
-    which is how the tests check that a finding's evidence lies where it is drawn.
+    ``omit``: findings (or a look-alike kind) drawn but not painted -- the same film, every draw
+    the same, that region normal tissue, no label or box: where a finding's evidence lies.
     """
     import cv2
 
@@ -311,8 +309,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
 
     # Heart: an ellipse left of the midline of the patient (image right), larger in cardiomegaly.
     scale = rng.uniform(1.30, 1.45) if findings["Cardiomegaly"] else 1.0
-    if "Cardiomegaly" in omit:
-        scale = 1.0
+    scale = 1.0 if "Cardiomegaly" in omit else scale
     hx, hy = a.cx + a.heart_x, a.heart_y + (scale - 1) * 0.03
     hr = ((u - hx) / (a.heart_rx * scale)) ** 2 + ((v - hy) / (a.heart_ry * scale)) ** 2
     heart = _sig(1.0 - hr, 0.12)
@@ -398,7 +395,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if kind is not None:
         r = rng.uniform(*OPACITY_RADIUS) * S
         x, y = _pick_in_lung(rng, lungs, 2 * r + 2)
-        # An omitted opacity is painted on a scratch copy: its random draws are made all the same.
+        # An omitted opacity is painted on a scratch copy, so its random draws are still made.
         shown = kind not in omit and not (kind == "nodule" and "Nodule" in omit)
         box = _small_opacity(d if shown else d.copy(), y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
         if shown:
@@ -414,11 +411,9 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     sigma = 0.6 * S / 512
     d = cv2.GaussianBlur(d.astype(np.float32), (0, 0), sigma)
     d = np.clip(d, 0, None) ** a.gamma
-    # Exposure: scaled by the brightest grey levels above the lung apices (neck, shoulders,
-    # spine), where no finding is ever drawn. Scaling by the whole film's (format 3) let an
-    # enlarged heart or a pneumothorax shift every pixel of the film a little: a cue outside the
-    # finding. The whole film's 99.5th percentile is 1.06-1.11 times this band's (measured at
-    # 128-512 px), so 0.85 keeps it near the 0.92 of format 3.
+    # Exposure: scaled by the brightest levels above the lung apices, where no finding is drawn;
+    # the whole film's (format 3) let an enlarged heart or a pneumothorax shift every pixel a
+    # little. The film's 99.5th percentile is 1.06-1.11 times this band's: 0.85 keeps it at ~0.92.
     d = d / max(float(np.percentile(d[: max(1, int((a.top - 0.03) * S))], 99.5)), 1e-6) * 0.85
     d += 0.012 * rng.standard_normal(d.shape, dtype=np.float32) + 0.02 * _smooth_noise(rng, S, 4)
     top = (1 << BITS) - 1
@@ -548,10 +543,10 @@ def generate_phantoms(out_dir: str | Path, count: int = 600, size: int = 512, se
     table = table[["path", "patient", "split", "view", "format", *LABELS]]
     boxes.to_csv(out / "boxes.csv", index=False)
     meta = {"version": FORMAT_VERSION, "count": count, "size": size, "seed": seed, "dicom_fraction": dicom_fraction}
-    # labels.csv last (through a temporary name): its presence marks a finished set.
-    table.to_csv(out / "labels.csv.tmp", index=False)
+    # labels.csv last (atomically): its presence marks a finished set.
     (out / "phantoms.json").write_text(json.dumps(meta, indent=1))
-    (out / "labels.csv.tmp").replace(out / "labels.csv")
+    with atomic_write(out / "labels.csv", "w", newline="") as f:
+        table.to_csv(f, index=False)
     return out / "labels.csv"
 
 

@@ -141,6 +141,22 @@ def normalise_table(
         keep = table[column].astype(str).str.strip().str.upper().isin({v.upper() for v in views}).to_numpy()
         out, table = out[keep].reset_index(drop=True), table[keep].reset_index(drop=True)
 
+    out["split"] = _splits(out, table, where, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+    if has_patient:
+        by = out.groupby("patient")["split"].nunique()
+        if (by > 1).any():
+            raise DataError(
+                f"patient {by[by > 1].index[0]!r} has images in more than one split of {where} ({int((by > 1).sum())} such patients); "
+                f"fix the split column so each patient is in exactly one split"
+            )
+    return out[["path", "patient", "split", *labels]]
+
+
+def _splits(out: pd.DataFrame, table: pd.DataFrame, where: str, *, val_fraction: float, test_fraction: float,
+            split_seed: int) -> pd.Series:
+    """Each row's split: the table's split column (val carved from train when it has none), or
+    patient-wise test and val shares."""
+    out = out.copy()
     if "split" in table.columns:
         split = table["split"].astype(str).str.strip().str.lower().replace({"valid": "val", "validation": "val"})
         bad = sorted(set(split) - set(SPLITS))
@@ -157,15 +173,7 @@ def normalise_table(
         train = out["split"] == "train"
         rest = val_fraction / (1.0 - test_fraction) if test_fraction < 1 else 0.0
         out.loc[train, "split"] = split_patientwise(out.loc[train], min(rest, 0.99), split_seed + 1, "patient")
-
-    if has_patient:
-        by = out.groupby("patient")["split"].nunique()
-        if (by > 1).any():
-            raise DataError(
-                f"patient {by[by > 1].index[0]!r} has images in more than one split of {where} ({int((by > 1).sum())} such patients); "
-                f"fix the split column so each patient is in exactly one split"
-            )
-    return out[["path", "patient", "split", *labels]]
+    return out["split"]
 
 
 def load_table(

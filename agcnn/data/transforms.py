@@ -17,7 +17,8 @@ pipelines agree.
 High-resolution copy. The local branch of AG-CNN crops the attended region from an image. With
 ``highres_size == image_size`` that is the image the global branch saw (the paper). With a larger
 ``highres_size`` every size is scaled by ``highres_size / image_size``: resize to
-``round(resize * highres_size / image_size)``, crop ``highres_size``. The tensor then covers
+``round(resize * highres_size / image_size)``, crop ``highres_size`` (:mod:`agcnn.data.geometry`
+holds these sizes, and maps boxes between the original image and the model's input). The tensor then covers
 exactly the global branch's field of view at higher resolution, and the model downsamples it to
 ``image_size`` for the global branch. One tensor per sample keeps the random crop and flip
 identical for both branches.
@@ -31,6 +32,7 @@ import torch
 from torchvision.transforms import v2
 
 from agcnn.config import AUGMENTS, check_choice
+from agcnn.data.geometry import Geometry
 
 # torchvision's ImageNet statistics: the pretrained backbones expect inputs normalised with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,15 +48,6 @@ TRAIN_CROP_SCALE = (0.08, 1.0)
 #   resized_crop  resize, then RandomResizedCrop keeping `crop_scale` of the area at aspect
 #                 3/4-4/3, then flip: stronger zoom augmentation, with the risk that a small
 #                 crop cuts a finding out while its label stays on.
-
-
-def scaled_resize(resize: int, image_size: int, highres_size: int) -> int:
-    """Side of the first (square) resize for a tensor of side ``highres_size``."""
-    if highres_size < image_size:
-        raise ValueError(f"data.highres_size={highres_size} is smaller than data.image_size={image_size}; use highres_size >= image_size")
-    if resize < image_size:
-        raise ValueError(f"data.resize={resize} is smaller than data.image_size={image_size}; the crop must fit inside the resized image")
-    return int(round(resize * highres_size / image_size))
 
 
 def build_transform(
@@ -73,7 +66,7 @@ def build_transform(
     """
     check_choice("data.augment", augment, AUGMENTS)
     side = image_size if highres_size is None else highres_size
-    first = scaled_resize(resize, image_size, side)
+    first = Geometry(resize, image_size, side).first
     ops: list[Callable] = [v2.ToDtype(torch.float32, scale=True), v2.Resize((first, first), antialias=True)]
     if train:
         # Horizontal flip as in the paper, although it mirrors the heart to the right side;

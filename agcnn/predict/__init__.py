@@ -66,21 +66,21 @@ share is the same whatever the others see -- and writes ``OUT/shard-K-of-N/``;
 The package, one module per part (each imports only the ones listed before it):
 
 * :mod:`~agcnn.predict.options` -- :class:`PredictOptions` (one run's options, checked before
-  any work), :class:`UsageError` and the exit statuses;
+  any work; its errors are :class:`agcnn.errors.UsageError`);
 * :mod:`~agcnn.predict.listing` -- the input folder as sorted relative paths; shares;
 * :mod:`~agcnn.predict.records` -- decoding a file into a record (in the loader's workers);
 * :mod:`~agcnn.predict.rows` -- the columns, and :func:`build_rows` (records + probabilities ->
   rows, a pure function);
 * :mod:`~agcnn.predict.journal` -- the output folder: journal, final tables, state, lock;
-* :mod:`~agcnn.predict.run` -- :func:`predict`: checkpoint, model, loader, the batch loop;
+* :mod:`~agcnn.predict.run` -- :func:`predict`: the model (:mod:`agcnn.inference`), loader, the batch loop;
 * :mod:`~agcnn.predict.command` -- ``agcnn predict`` arguments and exit status;
 * :mod:`~agcnn.predict.merge` -- ``agcnn merge``.
 """
 
 from agcnn.predict.journal import Journal, iter_rows, write_tables
 from agcnn.predict.listing import Listing, list_files, shard_of
-from agcnn.predict.options import PredictOptions, UsageError, parse_shard
-from agcnn.predict.rows import box_to_original, build_rows, columns_for
+from agcnn.predict.options import PredictOptions, parse_shard
+from agcnn.predict.rows import build_rows, columns_for
 from agcnn.predict.run import Summary, predict, predict_folder
 
 __all__ = [
@@ -88,8 +88,6 @@ __all__ = [
     "Listing",
     "PredictOptions",
     "Summary",
-    "UsageError",
-    "box_to_original",
     "build_rows",
     "columns_for",
     "iter_rows",

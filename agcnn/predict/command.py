@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
-from agcnn.predict.options import EXIT_FAILED, EXIT_OK, PredictOptions, parse_shard
+from agcnn.config import EXPLAIN_METHODS
+from agcnn.errors import EXIT_FAILED, EXIT_OK
+from agcnn.predict.options import PredictOptions, parse_shard
 from agcnn.predict.run import predict
 
 
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by `agcnn train`")
     parser.add_argument("--input", required=True, help="folder of DICOM / PNG / JPEG files (searched recursively)")
     parser.add_argument("--output", required=True, help="folder for the results; re-running on it resumes")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available (default)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=_positive, default=32, help="images per model batch (default 32)")
     parser.add_argument(
         "--workers", type=_non_negative, default=min(4, os.cpu_count() or 1),
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", action="store_true",
                         help="write a picture per predicted image: attention heatmap and box, and the fusion CAM of each "
                              "finding called positive at the checkpoint's operating points (or of the top findings)")
-    parser.add_argument("--explain", choices=("cam", "gradcam"), default="cam",
+    parser.add_argument("--explain", choices=EXPLAIN_METHODS, default="cam",
                         help="overlay maps: class activation maps (default) or Grad-CAM from monai.visualize")
     parser.add_argument("--overlay-top", type=_non_negative_count, default=None, metavar="K",
                         help="overlays explain the K most probable findings instead of those called positive "

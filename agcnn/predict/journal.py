@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agcnn.fileio import atomic_write_bytes, fsync_dir
-from agcnn.predict.options import UsageError
+from agcnn.fileio import atomic_write, atomic_write_bytes, fsync_dir
+from agcnn.errors import UsageError
 
 JOURNAL = "predictions.jsonl"
 CSV_NAME = "predictions.csv"
@@ -84,22 +84,13 @@ class Journal:
         any moment leaves either the old journal or the new one; returns the dropped paths.
         """
         self._f.close()
-        dropped: list[str] = []
-        tmp = self.path.with_name(f".{self.path.name}.retry.tmp")
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
-            for line in src:
-                row = json.loads(line)
-                if row.get("status") == "failed":
-                    dropped.append(row["path"])
-                else:
-                    dst.write(line)
-            dst.flush()
-            os.fsync(dst.fileno())
+        dropped = [row["path"] for row in iter_rows(self.path) if row.get("status") == "failed"]
         if dropped:
-            os.replace(tmp, self.path)
+            with open(self.path, "rb") as src, atomic_write(self.path) as dst:
+                for line in src:
+                    if json.loads(line).get("status") != "failed":
+                        dst.write(line)
             fsync_dir(self.path.parent)
-        else:
-            tmp.unlink()
         self.done.difference_update(dropped)
         self._f = open(self.path, "ab")
         return dropped
@@ -145,10 +136,10 @@ def write_tables(journals: Sequence[Path], out_dir: Path, columns: Sequence[str]
         raise ValueError(f"{len(dups)} files have more than one row, e.g. {dups[:5]}")
     counts: Counter = Counter()
     handles = [open(p, "rb") for p in journals]
-    tmp_jsonl = out_dir / f".{JOURNAL}.tmp"
-    tmp_csv = out_dir / f".{CSV_NAME}.tmp"
     try:
-        with open(tmp_jsonl, "wb") as fj, open(tmp_csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as fc:
+        # The journal is replaced first, then the table made from it (the inner block ends first).
+        with atomic_write(out_dir / CSV_NAME, "w", newline="", encoding="utf-8", errors="surrogateescape") as fc, \
+                atomic_write(out_dir / JOURNAL) as fj:
             writer = csv.DictWriter(fc, fieldnames=list(columns), restval="", extrasaction="ignore")
             writer.writeheader()
             for _, j, offset in index:
@@ -160,14 +151,9 @@ def write_tables(journals: Sequence[Path], out_dir: Path, columns: Sequence[str]
                 if row.get("reason"):
                     counts[f"{row['status']}:{row['reason'].split(':', 1)[0]}"] += 1
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-            for f in (fj, fc):
-                f.flush()
-                os.fsync(f.fileno())
     finally:
         for h in handles:
             h.close()
-    os.replace(tmp_jsonl, out_dir / JOURNAL)
-    os.replace(tmp_csv, out_dir / CSV_NAME)
     fsync_dir(out_dir)
     return counts
 

@@ -28,7 +28,7 @@ from typing import Any
 from agcnn.fileio import utc_now
 from agcnn.predict.journal import CSV_NAME, JOURNAL, MANIFEST, STATE, iter_rows, write_manifest, write_tables
 from agcnn.predict.listing import shard_of
-from agcnn.predict.options import EXIT_FAILED, EXIT_OK, UsageError
+from agcnn.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -62,6 +62,26 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def merge_shards(output: str | Path) -> Counter:
     """Check and merge ``output/shard-K-of-N/``; returns the counts by status and reason."""
     out = Path(output)
+    n = _share_count(out)
+    dirs = [out / f"shard-{k}-of-{n}" for k in range(n)]
+    states, manifests = _finished_shares(out, dirs, n)
+    first = states[0]
+    try:
+        counts = write_tables([d / JOURNAL for d in dirs], out, first["columns"])
+    except ValueError as e:  # found before anything is written
+        raise MergeError(f"the shares overlap: {e}; remove the duplicated share folders and re-run them") from None
+    rows = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
+    listed = manifests[0]["listing"]["files"]
+    if rows != listed:
+        for name in (JOURNAL, CSV_NAME):
+            (out / name).unlink(missing_ok=True)
+        raise MergeError(f"the shares hold {rows} rows but the input listed {listed} files; re-run every share, then merge")
+    write_manifest(out, _merged_manifest(manifests, counts, n, overlays=bool(first.get("options", {}).get("overlays"))))
+    return counts
+
+
+def _share_count(out: Path) -> int:
+    """N of the ``shard-K-of-N`` folders in ``out``, all of which are there."""
     if not out.is_dir():
         raise MergeError(f"{str(out)!r} is not a folder; pass the --output folder of the sharded predict run")
     if (out / STATE).exists():
@@ -88,8 +108,11 @@ def merge_shards(output: str | Path) -> Counter:
             f"missing shares {', '.join(f'{k}/{n}' for k in missing)} of {n}; run `agcnn predict --shard K/{n} "
             f"--output {out}` for each (same checkpoint and options), then merge again"
         )
+    return n
 
-    dirs = [out / f"shard-{k}-of-{n}" for k in range(n)]
+
+def _finished_shares(out: Path, dirs: list[Path], n: int) -> tuple[list[dict], list[dict]]:
+    """The state and manifest of each share, checked: finished, same checkpoint, options and input."""
     states, manifests = [], []
     unfinished = []
     for k, d in enumerate(dirs):
@@ -122,25 +145,14 @@ def merge_shards(output: str | Path) -> Counter:
         for row in iter_rows(d / JOURNAL):
             if shard_of(row["path"], n) != k:
                 raise MergeError(f"{d / JOURNAL} holds {row['path']!r}, which belongs to share {shard_of(row['path'], n)}/{n}")
-    try:
-        counts = write_tables([d / JOURNAL for d in dirs], out, first["columns"])
-    except ValueError as e:
-        for name in (f".{JOURNAL}.tmp", f".{CSV_NAME}.tmp"):
-            (out / name).unlink(missing_ok=True)
-        raise MergeError(f"the shares overlap: {e}; remove the duplicated share folders and re-run them") from None
-    rows = sum(counts.get(s, 0) for s in ("ok", "skipped", "failed"))
-    listed = manifests[0]["listing"]["files"]
-    if rows != listed:
-        for name in (JOURNAL, CSV_NAME):
-            (out / name).unlink(missing_ok=True)
-        raise MergeError(f"the shares hold {rows} rows but the input listed {listed} files; re-run every share, then merge")
+    return states, manifests
 
+
+def _merged_manifest(manifests: list[dict], counts: Counter, n: int, *, overlays: bool) -> dict[str, Any]:
     base = manifests[0]
-    merged = {
-        k: base[k]
-        for k in ("agcnn_version", "checkpoint", "labels", "config", "operating_points", "columns", "versions", "listing")
-        if k in base
-    }
+    keys = ("agcnn_version", "checkpoint", "labels", "config", "operating_points", "columns", "versions", "listing",
+            "inference_precision", "pixels", "operating_points_pixels")
+    merged = {k: base[k] for k in keys if k in base}
     merged.update(
         merged_from=[
             {
@@ -157,8 +169,7 @@ def merge_shards(output: str | Path) -> Counter:
         merged=utc_now(),
         counts={k: v for k, v in sorted(counts.items()) if ":" not in k},
         reasons={k: v for k, v in sorted(counts.items()) if ":" in k},
-        overlays=[f"shard-{k}-of-{n}/overlays" for k in range(n)] if first.get("options", {}).get("overlays") else None,
+        overlays=[f"shard-{k}-of-{n}/overlays" for k in range(n)] if overlays else None,
         complete=True,
     )
-    write_manifest(out, merged)
-    return counts
+    return merged

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # UsageError: a problem with the command line or the folders, found before any work (exit 2).
-from agcnn.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: F401 - part of this module's API
+from agcnn.config import EXPLAIN_METHODS, valid_device
+from agcnn.errors import UsageError
 
 
 @dataclass
@@ -45,8 +46,10 @@ class PredictOptions:
         """Raise :class:`UsageError` for what needs nothing written; fill ``shard`` from torchrun."""
         if self.batch_size < 1:
             raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.explain not in ("cam", "gradcam"):
-            raise UsageError(f"--explain {self.explain!r} is not a method; use cam or gradcam")
+        if self.explain not in EXPLAIN_METHODS:
+            raise UsageError(f"--explain {self.explain!r} is not a method; use {' or '.join(EXPLAIN_METHODS)}")
+        if not valid_device(self.device):
+            raise UsageError(f"--device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.overlay_top is not None and self.overlay_top < 0:
             raise UsageError(f"--overlay-top {self.overlay_top} must be 0 (the findings called positive) or more")
         if self.workers < 0:

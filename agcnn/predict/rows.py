@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agcnn.data.geometry import Geometry
 from agcnn.predict.records import IDENTIFIER_COLUMNS, UID_COLUMNS
 
 BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")
@@ -32,14 +33,14 @@ def build_rows(
     *,
     columns: Sequence[str],
     labels: Sequence[str],
-    geometry: Mapping[str, int],
+    geometry: Geometry,
     thresholds: Any = None,
     all_branches: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per record, in order; the ``ok`` records take the probabilities in turn.
 
-    ``geometry`` holds the config's ``resize``, ``image_size`` and ``highres_size`` (to map the
-    box back to the original pixels); ``thresholds`` is a float tensor of fusion operating
+    ``geometry``: the evaluation transform's (to map the box back to the original pixels,
+    :meth:`agcnn.data.geometry.Geometry.to_original`); ``thresholds`` is a float tensor of fusion operating
     points per label (NaN: none for that label), or None for no ``call_`` columns.
     """
     rows = []
@@ -56,7 +57,7 @@ def build_rows(
                 for j, lab in enumerate(labels):
                     row[f"global_{lab}"] = probability(float(probs.global_[k, j]))
                     row[f"local_{lab}"] = probability(float(probs.local[k, j]))
-            box = box_to_original(probs.boxes[k].tolist(), height=rec["height"], width=rec["width"], **geometry)
+            box = geometry.to_original(probs.boxes[k].tolist(), height=rec["height"], width=rec["width"])
             row.update(zip(BOX_COLUMNS, box))
             if thresholds is not None:
                 for j, lab in enumerate(labels):
@@ -65,36 +66,6 @@ def build_rows(
             k += 1
         rows.append(row)
     return rows
-
-
-def box_to_original(
-    box: Sequence[int], *, height: int, width: int, resize: int, image_size: int, highres_size: int
-) -> tuple[int, int, int, int]:
-    """Map a box on the global-input grid back to the original image's pixels.
-
-    The evaluation transform (:func:`agcnn.data.transforms.build_transform`) resizes the image
-    to a ``first x first`` square, centre-crops ``highres_size`` (offset as torchvision's
-    ``center_crop``: ``round((first - side) / 2)``), and the model sees that crop at
-    ``image_size``. Undo the three steps; resized pixel i covers original pixels
-    [i * W / first, (i + 1) * W / first). The box is widened to whole pixels (floor / ceil),
-    x1 / y1 exclusive, clipped to the image.
-    """
-    from agcnn.data.transforms import scaled_resize
-
-    first = scaled_resize(resize, image_size, highres_size)
-    offset = int(round((first - highres_size) / 2.0))
-    s = highres_size / image_size
-    x0, y0, x1, y1 = (float(v) for v in box)
-
-    def to_orig(v: float, full: int) -> float:
-        return (v * s + offset) * full / first
-
-    # A small tolerance so that exact integers are not pushed out by float rounding.
-    ox0 = max(0, math.floor(to_orig(x0, width) + 1e-6))
-    oy0 = max(0, math.floor(to_orig(y0, height) + 1e-6))
-    ox1 = min(width, math.ceil(to_orig(x1, width) - 1e-6))
-    oy1 = min(height, math.ceil(to_orig(y1, height) - 1e-6))
-    return ox0, oy0, max(ox1, ox0 + 1), max(oy1, oy0 + 1)
 
 
 def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool) -> list[str]:

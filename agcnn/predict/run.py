@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agcnn.data.geometry import Geometry
+from agcnn.errors import UsageError
 from agcnn.fileio import utc_now
 from agcnn.predict.journal import (
     CSV_NAME,
@@ -32,10 +34,10 @@ from agcnn.predict.journal import (
     write_tables,
 )
 from agcnn.predict.listing import Listing, list_files, shard_of
-from agcnn.predict.options import PredictOptions, UsageError
+from agcnn.predict.options import PredictOptions
 from agcnn.predict.records import FileRecords, collate, quiet_pydicom, worker_init
-from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, box_to_original, build_rows, columns_for
-from agcnn.runtime import cpu_count, resolve_device
+from agcnn.predict.rows import BOX_COLUMNS, BatchProbabilities, build_rows, columns_for
+from agcnn.runtime import cpu_count
 
 OVERLAYS = "overlays"
 # Batches each decoding worker prepares ahead of the model.
@@ -72,13 +74,14 @@ def predict_folder(
 def predict(options: PredictOptions) -> Summary:
     """Predict every file under ``options.input`` into ``options.output`` (see :mod:`agcnn.predict`).
 
-    Raises :class:`UsageError` for problems found before any work (nothing is written then,
-    except the output folder itself when it had to be created).
+    Raises :class:`UsageError` (or :class:`~agcnn.errors.CheckpointError`) for problems found
+    before any work (nothing is written then, except the output folder itself when it had to be
+    created).
     """
     started, t0 = utc_now(), time.perf_counter()
     options.check()
-    loaded = load_model(options.checkpoint)
-    device = resolve_device(options.device)
+    loaded = load_model(options.checkpoint, options.device)
+    device = loaded.device
 
     out_dir = options.out_dir()
     check_writable(out_dir)
@@ -104,47 +107,26 @@ def predict(options: PredictOptions) -> Summary:
 
 @dataclass
 class LoadedModel:
-    """A fusion-stage model rebuilt from its checkpoint, with what the rows need from it."""
+    """A fusion-stage model ready to score (:func:`agcnn.inference.load_for_inference`), with
+    its fusion operating points, one per label (None: the checkpoint has none)."""
 
-    model: Any
-    cfg: Any
-    labels: list[str]
-    thresholds: list[float | None] | None  # fusion operating points, one per label
-    path: str
-    sha256: str
+    inference: Any  # agcnn.inference.InferenceModel
+    thresholds: list[float | None] | None
+
+    model = property(lambda self: self.inference.model)
+    cfg = property(lambda self: self.inference.config)
+    labels = property(lambda self: self.inference.labels)
+    device = property(lambda self: self.inference.device)
+    path = property(lambda self: str(self.inference.path))
+    sha256 = property(lambda self: self.inference.sha256)
 
 
-def load_model(checkpoint: str | os.PathLike[str]) -> LoadedModel:
-    """Load and check a checkpoint for prediction; :class:`UsageError` says what is wrong."""
-    from agcnn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, trained_branches
-    from agcnn.fileio import sha256_file
+def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
+    """Load and check a checkpoint for prediction on ``device`` (``--device``)."""
+    from agcnn.inference import load_for_inference
 
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        trained = trained_branches(ckpt)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:  # label list / config problems inside an agcnn checkpoint
-        raise UsageError(f"checkpoint {str(checkpoint)!r}: {e}") from None
-    if "fusion" not in trained:
-        # Its fusion head (and for stage I its local branch) still holds random weights.
-        raise UsageError(
-            f"checkpoint {str(checkpoint)!r} is from the {ckpt.get('stage')} stage, whose fusion head is untrained; "
-            f"predict with the fusion stage's checkpoint (RUN_DIR/fusion/best.pt)"
-        )
-    try:
-        model, cfg = model_from_checkpoint(ckpt)
-    except Exception as e:  # noqa: BLE001 - weights that do not fit the stored config
-        raise UsageError(f"checkpoint {str(checkpoint)!r} does not rebuild a model ({type(e).__name__}: {e}); re-export it with `agcnn train`") from None
-    labels = list(ckpt["labels"])
-    thresholds = (ckpt.get("operating_points") or {}).get("fusion")
-    if thresholds is not None and len(thresholds) != len(labels):
-        raise UsageError(
-            f"checkpoint {str(checkpoint)!r} has {len(thresholds)} fusion operating points for {len(labels)} labels; "
-            f"re-run the operating-point selection"
-        )
-    return LoadedModel(model=model, cfg=cfg, labels=labels, thresholds=thresholds, path=str(checkpoint),
-                       sha256=sha256_file(checkpoint))
+    inference = load_for_inference(checkpoint, device, need="fusion", command="predict")
+    return LoadedModel(inference=inference, thresholds=inference.operating_points("fusion"))
 
 
 # ---------------------------------------------------------------------- the batch loop
@@ -153,8 +135,6 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
          *, started: str, t0: float) -> Summary:
     import torch
     from tqdm import tqdm
-
-    import agcnn
 
     in_dir, cfg = Path(options.input), loaded.cfg
     dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
@@ -166,47 +146,18 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     if dicom_out is not None:
         _prepare_dicom_out(dicom_out, shard)
 
-    manifest = {
-        "agcnn_version": agcnn.__version__,
-        "checkpoint": {"path": loaded.path, "sha256": loaded.sha256},
-        "arguments": {
-            "checkpoint": str(options.checkpoint), "input": str(options.input), "output": str(options.output),
-            "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
-            **options.row_options(), "shard": f"{shard[0]}/{shard[1]}" if shard else None,
-            "retry_failed": options.retry_failed, "dicom_out": str(dicom_out) if dicom_out else None,
-        },
-        # What was predicted: frontal chest radiographs unless a check was switched off.
-        "scope": {"any_body_part": options.any_body_part, "any_view": options.any_view},
-        "labels": loaded.labels,
-        "config": cfg.to_dict(),
-        "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
-        "columns": columns,
-        "versions": _library_versions(),
-        "device": _device_name(device),
-        "inference_precision": cfg.train.inference_precision,
-        "listing": {"files": len(listing.paths), "sha256": listing.digest(), "duplicates_via_links": listing.duplicates,
-                    "directory_loops": listing.loops},
-        "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
-        "resumed_rows": len(journal.done),
-        "retried_failed_rows": len(retried),
-        "started": started,
-        "complete": False,
-    }
+    manifest = _manifest(options, loaded, device, columns, listing, mine, resumed=len(journal.done),
+                         retried=len(retried), started=started)
     write_manifest(out_dir, manifest)
 
     threads_before = torch.get_num_threads()
-    if device.type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to each decoding worker: oversubscribed OpenMP threads spin at their
-        # barriers and slow the model several-fold (measured: 5x with 2 threads + 2 workers on
-        # 2 busy cores). OMP_NUM_THREADS, when set, is the user's choice and is kept.
-        torch.set_num_threads(max(1, cpu_count() - options.workers))
-    manifest["torch_threads"] = torch.get_num_threads()
+    manifest["torch_threads"] = _share_cores(device, options.workers)
 
     infer = _Inference(loaded, device, maps=options.overlays or dicom_out is not None,
                        cams=options.overlays or dicom_out is not None,
                        method=options.explain, top=options.overlay_top)
     make_loader = _loader_factory(options, listing, cfg, pin_memory=device.type == "cuda")
-    geometry = {"resize": cfg.data.resize, "image_size": cfg.data.image_size, "highres_size": cfg.data.highres_size}
+    geometry = Geometry.from_config(cfg)
     thresholds = (torch.tensor([float("nan") if t is None else float(t) for t in loaded.thresholds])
                   if loaded.thresholds is not None else None)
 
@@ -241,55 +192,85 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     return Summary(out_dir=out_dir, counts=total_counts, new_rows=new_rows, seconds=loop_seconds)
 
 
+def _manifest(options: PredictOptions, loaded: LoadedModel, device, columns: list[str], listing: Listing, mine: list[str], *,
+              resumed: int, retried: int, started: str) -> dict[str, Any]:
+    """manifest.json at the start of a run: what is predicted, with what, on what (``complete``: False)."""
+    import agcnn
+
+    shard, dicom_out = options.shard, options.dicom_out
+    return {
+        "agcnn_version": agcnn.__version__,
+        "checkpoint": {"path": loaded.path, "sha256": loaded.sha256},
+        "arguments": {
+            "checkpoint": str(options.checkpoint), "input": str(options.input), "output": str(options.output),
+            "device": options.device, "batch_size": options.batch_size, "workers": options.workers,
+            **options.row_options(), "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+            "retry_failed": options.retry_failed, "dicom_out": str(Path(dicom_out)) if dicom_out else None,
+        },
+        # What was predicted: frontal chest radiographs unless a check was switched off.
+        "scope": {"any_body_part": options.any_body_part, "any_view": options.any_view},
+        "labels": loaded.labels,
+        "config": loaded.cfg.to_dict(),
+        "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
+        # Which pixels the model saw, and which ones the operating points were chosen on
+        # (agcnn.data.datasets.XrayDataset.pixels): predict always decodes the originals.
+        "pixels": {"source": "original"},
+        "operating_points_pixels": ((loaded.inference.meta.get("operating_points_info") or {}).get("pixels")
+                                    if loaded.thresholds is not None else None),
+        "columns": columns,
+        "versions": _library_versions(),
+        "device": _device_name(device),
+        "inference_precision": loaded.cfg.train.inference_precision,
+        "listing": {"files": len(listing.paths), "sha256": listing.digest(), "duplicates_via_links": listing.duplicates,
+                    "directory_loops": listing.loops},
+        "share": {"k": shard[0], "n": shard[1], "files": len(mine)} if shard else None,
+        "resumed_rows": resumed,
+        "retried_failed_rows": retried,
+        "started": started,
+        "complete": False,
+    }
+
+
 class _Inference:
     """The model on its device: a batch of usable images -> probabilities (and maps).
 
     ``maps``: also the attention heatmap. ``cams``: also the fusion map of each finding an overlay
-    explains; for CAM the forward pass leaves the two feature maps (:func:`agcnn.explain.feature_maps`)
-    and the maps come from them without a second pass; Grad-CAM needs its own backward passes.
+    explains; for CAM the scored pass keeps the two feature maps and the maps come from them
+    without a second pass; Grad-CAM needs its own backward passes (:func:`agcnn.inference.explain_scores`).
     """
 
     def __init__(self, loaded: LoadedModel, device, *, maps: bool, cams: bool = False, method: str = "cam",
                  top: int | None = None):
-        import torch
-
-        self.model = loaded.model.eval().to(device).to(memory_format=torch.channels_last)
+        self.inference = loaded.inference
         self.device = device
         self.maps, self.cams, self.method, self.top = maps or cams, cams, method, top
         self.thresholds = loaded.thresholds
-        self.precision = loaded.cfg.train.inference_precision
 
     def __call__(self, images) -> tuple[BatchProbabilities, dict[str, Any] | None]:
         import torch
 
-        from agcnn import explain, overlays
-        from agcnn.precision import inference_precision
+        from agcnn import overlays
+        from agcnn.inference import explain_scores
 
-        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        taps = explain.feature_maps(self.model) if self.cams and self.method == "cam" else contextlib.nullcontext({})
-        # The checkpoint's precision on every device: its operating points were chosen on
-        # validation scores computed the same way (agcnn.precision).
-        with taps as feats, inference_precision(self.precision, self.device):
-            out = self.model(x, stage="fusion")
+        # The checkpoint's precision and memory format on every device: its operating points
+        # were chosen on validation scores computed the same way (agcnn.inference).
+        scored = self.inference.score(images, stage="fusion", features=self.cams and self.method == "cam")
         probs = BatchProbabilities(
-            fusion=torch.sigmoid(out.fusion_logits.float()).cpu(),
-            global_=torch.sigmoid(out.global_logits.float()).cpu(),
-            local=torch.sigmoid(out.local_logits.float()).cpu(),
-            boxes=out.boxes.cpu(),
+            fusion=scored.probabilities("fusion").cpu(),
+            global_=scored.probabilities("global").cpu(),
+            local=scored.probabilities("local").cpu(),
+            boxes=scored.boxes.cpu(),
         )
         if not self.maps:
             return probs, None
         if not self.cams:
-            return probs, {"heatmap": out.heatmap.float().cpu()}
+            return probs, {"heatmap": scored.heatmap.cpu()}
         chosen, left_out = overlays.choose_findings(probs.fusion.numpy(), self.thresholds, self.top)
         k = max(1, max(len(c) for c in chosen))
         # Pad every image's list to k (an image with none still needs a row); only chosen maps are drawn.
         classes = torch.tensor([(c + [c[0] if c else 0] * k)[:k] for c in chosen], device=self.device)
-        if self.method == "cam":
-            ex = explain.cam_from_features(self.model, out, feats, classes)
-        else:
-            ex = explain.explain(self.model, x, classes, method=self.method, out=out, branches=("fusion",))
-        return probs, {"heatmap": out.heatmap.float().cpu(), "fusion": ex.maps["fusion"].float().cpu(),
+        ex = explain_scores(self.inference.model, scored, classes, method=self.method, branches=("fusion",))
+        return probs, {"heatmap": scored.heatmap.cpu(), "fusion": ex.maps["fusion"].float().cpu(),
                        "chosen": chosen, "left_out": left_out, "method": self.method}
 
     def close(self) -> None:
@@ -300,7 +281,7 @@ class _BatchWriter:
     """Each decoded batch -> the model -> rows (and pictures) -> one journal append."""
 
     def __init__(self, infer: _Inference, journal: Journal, bar, *, columns: list[str], labels: list[str],
-                 geometry: dict[str, int], thresholds, all_branches: bool, overlays: Path | None,
+                 geometry: Geometry, thresholds, all_branches: bool, overlays: Path | None,
                  dicom_out: Path | None = None, loaded: LoadedModel | None = None):
         self.infer, self.journal, self.bar = infer, journal, bar
         self.columns, self.labels, self.geometry = columns, labels, geometry
@@ -329,7 +310,7 @@ class _BatchWriter:
 
 
 def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]], probs: BatchProbabilities,
-                    maps: dict[str, Any], *, labels: Sequence[str], geometry: dict[str, int]) -> None:
+                    maps: dict[str, Any], *, labels: Sequence[str], geometry: Geometry) -> None:
     """One picture per ``ok`` record; a picture that cannot be written becomes a note in its row."""
     from agcnn import overlays
 
@@ -339,8 +320,7 @@ def _write_overlays(folder: Path, records: Sequence[dict[str, Any]], rows: list[
         if rec["status"] != "ok":
             continue
         p = probs.fusion[k]
-        crop = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
-                               height=rec["height"], width=rec["width"], **geometry)
+        crop = geometry.field(height=rec["height"], width=rec["width"])
         findings = [overlays.FindingMap(labels[j], float(p[j]), maps["fusion"][k, i].numpy())
                     for i, j in enumerate(maps["chosen"][k])]
         try:
@@ -383,7 +363,7 @@ def _prepare_dicom_out(folder: Path, shard: tuple[int, int] | None) -> None:
 
 def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]],
                          maps: dict[str, Any], *, loaded: LoadedModel, labels: Sequence[str],
-                         geometry: dict[str, int]) -> None:
+                         geometry: Geometry) -> None:
     """The SR and Secondary Capture of each ``ok`` DICOM record; a failure becomes a note in its row."""
     import agcnn
     from agcnn.dicom_out import DicomResult, SourceError, render_overlay, write_dicom_results
@@ -401,8 +381,7 @@ def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: 
             if header is None:
                 raise SourceError("the header could not be read again")
             box = tuple(int(row[c]) for c in BOX_COLUMNS)
-            field = box_to_original([0, 0, geometry["image_size"], geometry["image_size"]],
-                                    height=rec["height"], width=rec["width"], **geometry)
+            field = geometry.field(height=rec["height"], width=rec["width"])
             # The fusion map (agcnn.explain) of the first finding the overlays would explain (the
             # most probable one called positive, or --overlay-top); with none, the attention heatmap.
             chosen = maps["chosen"][k]
@@ -506,6 +485,18 @@ def _decode_isolated(make_loader: Callable, path: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the machine, for the manifest
+
+def _share_cores(device, workers: int) -> int:
+    """The model's CPU threads beside ``workers`` decoding processes; returns their number."""
+    import torch
+
+    if device.type != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to each decoding worker: oversubscribed OpenMP threads spin at their
+        # barriers and slow the model several-fold (measured: 5x with 2 threads + 2 workers on
+        # 2 busy cores). OMP_NUM_THREADS, when set, is the user's choice and is kept.
+        torch.set_num_threads(max(1, cpu_count() - workers))
+    return torch.get_num_threads()
+
 
 @contextlib.contextmanager
 def _restore_threads(n: int):

@@ -125,7 +125,7 @@ def test_skip_unreadable_trains_without_them_and_counts_them(tmp_path, capsys):
     # page.png: refused by its header; cut.png: a valid header, fails when decoded.
     _csv_set(tmp_path / "data", {"page.png": HTML, "cut.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40})
     cfg = Config.load(None, [*TINY, f"data.root={tmp_path / 'data'}", "data.skip_unreadable=true"])
-    from agcnn.train import train
+    from agcnn.train.loop import train
 
     lines: list[str] = []
     train(cfg, tmp_path / "run", ["global"], progress=False, say=lines.append)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from agcnn.data.transforms import IMAGENET_MEAN, build_transform, denormalize, scaled_resize
+from agcnn.data.geometry import scaled_resize
+from agcnn.data.transforms import IMAGENET_MEAN, build_transform, denormalize
 
 
 @pytest.mark.parametrize(
