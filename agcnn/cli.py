@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("agcnn.demo", "generate phantoms, train the three stages on CPU, evaluate and predict"),
     "train": ("agcnn.train.command", "train the global, local and fusion stages"),
     "evaluate": ("agcnn.evaluate", "per-class AUC with confidence intervals for each branch"),
+    "calibrate": ("agcnn.calibrate", "fit a monotone probability map per finding on labelled data; new operating points"),
     "predict": ("agcnn.predict.command", "batch inference over a folder of DICOM / PNG / JPEG files"),
     "localize": ("agcnn.localize", "score the attended box and each branch's CAM against ground-truth boxes"),
     "merge": ("agcnn.predict.merge", "merge the shares of a sharded predict run"),

@@ -80,6 +80,8 @@ class DicomResult:
     algorithm_version: str
     checkpoint_sha256: str
     algorithm_name: str = "agcnn AG-CNN"
+    # Which calibration turned the model's outputs into these probabilities (None: raw sigmoid).
+    calibration: str | None = None
 
 
 def object_paths(out_dir: str | os.PathLike[str], rel: str) -> tuple[Path, Path]:
@@ -233,7 +235,8 @@ def write_dicom_results(
     sc.SoftwareVersions = result.algorithm_version
 
     # ---- Comprehensive SR: the numbers
-    params = [f"checkpoint sha256 {result.checkpoint_sha256}"]
+    params = [f"checkpoint sha256 {result.checkpoint_sha256}",
+              f"probabilities: {result.calibration or 'raw model output, no calibration'}"]
     if result.thresholds is not None:
         params.append("operating points " + ", ".join(
             f"{lab} {'none' if t is None else format(float(t), 'g')}" for lab, t in zip(result.labels, result.thresholds)

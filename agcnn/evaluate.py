@@ -13,6 +13,10 @@ Written into ``--out``:
   in brackets) and footnotes that say which split the numbers come from.
 * ``roc.png`` -- a 4 x 4 grid, one panel per finding with the three branches overlaid: a reader
   compares branches on one finding at a time, and 14 curves on one axis cannot be told apart.
+* ``reliability.png`` -- the same grid of reliability diagrams (equal-width bins, per branch);
+  ``auc.json`` holds each branch's expected calibration error per finding (``branches.<branch>.ece``,
+  equal-width and equal-mass bins, bootstrap intervals) and ``auc.md`` its table
+  (:mod:`agcnn.calibration`).
 * ``predictions.csv`` -- per image: ``path`` (and ``patient`` with ``--include-identifiers``), the reference labels (1 / 0 / empty, the
   checkpoint's label order) and ``p_<branch>_<label>`` probabilities.
 * ``skipped.csv`` -- only when some images could not be read: their path and the reason. They are
@@ -30,6 +34,13 @@ taken from the test split. On any split, operating points already in the checkpo
 The AG-CNN paper's mean AUC of 0.868 (Table I) was measured on a random image-level split of
 ChestX-ray14, on which one patient's images fall on both sides; on the official patient-wise split
 comparable methods score about 0.80-0.83. The report says which kind of split it used.
+
+A checkpoint written by ``agcnn calibrate`` carries a calibration: every probability is
+calibrated (``--uncalibrated``: the raw ones), the reports name it, and a set that shares
+patients with the data it was fitted on is refused like training patients. A checkpoint with a
+reference score summary (stored with ``--write-operating-points`` and by ``agcnn calibrate``)
+gets a site check (:mod:`agcnn.drift`): per finding, the shift of this set's scores from the
+reference's (PSI, KS) and the shares called positive at the operating points here and there.
 
 What the numbers are checked against: the checkpoint's split record (agcnn.data.provenance). A
 split that differs from the one the weights were trained and validated on, or an evaluated set
@@ -59,8 +70,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agcnn import __version__
+from agcnn.calibration_report import add_calibration, calibration_markdown, calibration_to_apply, write_reliability_figure
 from agcnn.checkpoint import load_checkpoint, save_checkpoint
 from agcnn.config import Config, apply_override, describe_start
+from agcnn.drift import score_reference
 from agcnn.errors import ConfigError, UsageError
 from agcnn.fileio import atomic_write_bytes
 from agcnn.inference import load_for_inference, score
@@ -284,13 +297,17 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
 
 # ---------------------------------------------------------------------- operating points
 
-def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any]) -> None:
-    """Rewrite the checkpoint (atomically) with ``operating_points`` added; everything else is kept."""
+def store_operating_points(checkpoint: str | Path, points: dict[str, list[float]], info: dict[str, Any],
+                           reference: dict[str, Any] | None = None) -> None:
+    """Rewrite the checkpoint (atomically) with ``operating_points`` (and the ``reference`` score
+    summary the site check compares with) added; everything else is kept."""
     ckpt = load_checkpoint(checkpoint)
     own = {"format", "format_version", "agcnn_version", "config", "labels", "model"}
     extra = {k: v for k, v in ckpt.items() if k not in own}
     extra["operating_points"] = {b: [float(t) for t in v] for b, v in points.items()}
     extra["operating_points_info"] = info
+    if reference is not None:
+        extra["reference"] = reference
     save_checkpoint(checkpoint, model_state=ckpt["model"], config=Config.from_dict(ckpt["config"]), **extra)
 
 
@@ -306,6 +323,10 @@ class EvaluateOptions:
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
     ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
     trained with, or holds its training patients (refused otherwise, before anything is written).
+    ``calibrated``: apply the checkpoint's calibration (``agcnn calibrate``) to the probabilities;
+    a set that holds the calibration's fitting data is refused as training patients are.
+    ``keep_scores``: add ``scores`` (raw probabilities, labels, table, bootstrap groups) to the
+    returned report (not to auc.json), for commands built on this one (``agcnn calibrate``).
     """
 
     checkpoint: str | Path
@@ -323,6 +344,8 @@ class EvaluateOptions:
     roc: bool = True
     include_identifiers: bool = False
     allow_other_split: bool = False
+    calibrated: bool = True
+    keep_scores: bool = False
 
     def check(self) -> str:
         """Raise :class:`EvaluationError` for an option that cannot work; return the split's name."""
@@ -380,13 +403,16 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     if n_boot < 0:
         raise EvaluationError(f"--bootstrap must be 0 (no intervals) or a positive number of resamples, got {n_boot}")
     dataset, split_info = _evaluated_set(loaded.meta, cfg, o, split_name, set_keys)
+    calibration = calibration_to_apply(loaded.calibration, calibrated=o.calibrated, write_points=o.write_operating_points,
+                                       allow=o.allow_other_split, evaluated=dataset.table, info=split_info)
     log.info("evaluating %s (%s stage) on %d %s images on %s", checkpoint.name, loaded.stage or "fusion",
              len(dataset), split_name, loaded.device)
-    probs, labels, rows, unreadable = predict_split(
+    raw, labels, rows, unreadable = predict_split(
         loaded.model, dataset, loaded.branches, device=loaded.device, batch_size=o.batch_size,
         num_workers=cfg.data.num_workers if o.num_workers is None else o.num_workers,
         precision=loaded.precision, channels_last=cfg.train.channels_last,
     )
+    probs = {b: calibration.apply(p, b) for b, p in raw.items()} if calibration is not None else raw
     unreadable.sort()
     if not len(rows):
         raise EvaluationError(f"none of the {len(dataset)} images of the {split_name} split could be read; "
@@ -398,35 +424,45 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
         split_info["patients"] = int(table["patient"].nunique())  # of the images actually scored
     header = {
         "agcnn_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
-        "stage": loaded.stage,
-        # Where the branches started (ImageNet or random weights); older checkpoints say it only in their config.
-        "start": loaded.meta.get("start") or describe_start(Config.from_dict(loaded.meta["config"]).model),
-        "split": split_info, "n_skipped": len(unreadable), "data": cfg.to_dict()["data"],
-        "device": str(loaded.device), "inference_precision": loaded.precision,
+        "stage": loaded.stage, "split": split_info, "n_skipped": len(unreadable), "data": cfg.to_dict()["data"],
+        "device": str(loaded.device), "inference_precision": loaded.precision, "start": _start(loaded.meta),
         # Which pixels the model was given: the prepare cache's squares, or the decoded originals.
         "pixels": dataset.pixels(),
+        "calibration": calibration.describe() if calibration is not None else None,
     }
     if loaded.meta.get("operating_points"):
         # ... and which ones the checkpoint's operating points were chosen on (None: not recorded).
         header["operating_points_pixels"] = (loaded.meta.get("operating_points_info") or {}).get("pixels")
+    groups = _bootstrap_groups(table, split_info, o.bootstrap_unit)
     report, aucs, youden = build_report(
         probs, labels, list(loaded.labels), header=header, bootstrap={"n": n_boot, "seed": o.seed, "alpha": o.alpha},
-        groups=_bootstrap_groups(table, split_info, o.bootstrap_unit), stored_points=loaded.meta.get("operating_points"),
+        groups=groups, stored_points=loaded.meta.get("operating_points"),
     )
+    add_calibration(report, raw, probs, labels, groups, calibration=loaded.calibration, calibrated=o.calibrated,
+                    reference=loaded.meta.get("reference"), points=loaded.meta.get("operating_points"))
     skipped = pd.DataFrame({"path": dataset.table["path"].iloc[[r for r, _ in unreadable]].to_numpy(),
                             "reason": [m for _, m in unreadable]})
     _write_files(Path(o.out), report, table, labels, probs, skipped, aucs, youden, o)
     if o.write_operating_points:
-        info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
-                "inference_precision": loaded.precision, "pixels": report["pixels"],
-                "other_split_problems": split_info["training_split"]["problems"]}
-        store_operating_points(checkpoint, youden, info)
-        report["operating_points_written"] = True
-        log.info("stored the validation Youden operating points in %s", checkpoint)
+        _write_points(checkpoint, report, youden, raw, labels)
     report["seconds"] = round(time.monotonic() - t0, 2)
     text = json.dumps(report, indent=1, default=str, allow_nan=False) + "\n"
     atomic_write_bytes(Path(o.out) / "auc.json", lambda f: f.write(text.encode()))
+    if o.keep_scores:
+        report["scores"] = {"raw": raw, "labels": labels, "table": table, "groups": groups}
     return report
+
+
+def _write_points(checkpoint: Path, report: dict[str, Any], youden, raw: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Store the validation Youden points, and the reference score summary the site check compares with."""
+    info = {"rule": "youden", "split": "val", "n_images": int(len(labels)), "evaluated_with": __version__,
+            "inference_precision": report["inference_precision"], "pixels": report["pixels"],
+            "other_split_problems": report["split"]["training_split"]["problems"]}
+    reference = {"name": "the validation split", "source": report["split"]["source"], "images": int(len(labels)),
+                 "branches": {b: score_reference(p, labels, report["labels"]) for b, p in raw.items()}}
+    store_operating_points(checkpoint, youden, info, reference=reference)
+    report["operating_points_written"] = True
+    log.info("stored the validation Youden operating points in %s", checkpoint)
 
 
 def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_name: str, set_keys: list[str]):
@@ -458,6 +494,12 @@ def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_
     return dataset, split_info
 
 
+def _start(meta: dict[str, Any]) -> str:
+    """Where the checkpoint's branches started (ImageNet or random weights); a checkpoint written
+    before training recorded it says so only through its config."""
+    return meta.get("start") or describe_start(Config.from_dict(meta["config"]).model)
+
+
 def _bootstrap_groups(table: pd.DataFrame, split_info: dict[str, Any], unit: str) -> np.ndarray | None:
     """The patient of each image, to resample whole patients; None to resample images."""
     if unit != "patient" or not split_info["patient_ids"]:
@@ -484,7 +526,13 @@ def _write_files(out: Path, report: dict[str, Any], table: pd.DataFrame, labels:
                          title=f"ROC, {split['name']} split ({len(labels)} images), {Path(o.checkpoint).name}"
                          + (" [--allow-other-split: not the training run's split]" if split["training_split"]["problems"] else ""),
                          points=youden)
-    md = auc_markdown(report, names)
+    if o.roc:
+        cal = report.get("calibration")
+        write_reliability_figure(out / "reliability.png", probs, labels, names,
+                                 {b: [report["branches"][b]["ece"]["width"]["ece"][n] for n in names] for b in probs},
+                                 title=f"Reliability, {split['name']} split ({len(labels)} images), {Path(o.checkpoint).name}, "
+                                 + (f"{cal['method']} calibration {cal['id']}" if cal else "raw probabilities"))
+    md = auc_markdown(report, names) + calibration_markdown(report, names)
     atomic_write_bytes(out / "auc.md", lambda f: f.write(md.encode()))
 
 
@@ -512,6 +560,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-other-split", action="store_true",
                         help="evaluate even when the split differs from the checkpoint's training split or holds its "
                              "training patients (refused otherwise); every report then says so")
+    parser.add_argument("--uncalibrated", dest="calibrated", action="store_false",
+                        help="score the model's raw probabilities, without the checkpoint's calibration (agcnn calibrate)")
     parser.add_argument("--write-operating-points", action="store_true",
                         help="with --split val: store the per-class Youden thresholds in the checkpoint for `agcnn predict`")
 
@@ -521,7 +571,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, split=args.split, out=args.out, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
-        include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split,
+        include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split, calibrated=args.calibrated,
     ))
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]

@@ -22,6 +22,7 @@ Imports :mod:`agcnn.checkpoint`, :mod:`agcnn.explain` and below; never a command
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from agcnn.calibration import Calibration, CalibrationError
 from agcnn.checkpoint import load_checkpoint, model_from_checkpoint, trained_branches
 from agcnn.config import Config
 from agcnn.errors import CheckpointError
@@ -191,6 +193,22 @@ class InferenceModel:
                 f"re-run the operating-point selection"
             )
         return points
+
+    @functools.cached_property
+    def calibration(self) -> Calibration | None:
+        """The checkpoint's calibration (``agcnn calibrate``), or None."""
+        try:
+            return Calibration.of(self.meta)
+        except CalibrationError as e:
+            raise CheckpointError(f"checkpoint {str(self.path)!r}: {e}") from None
+
+    def probabilities(self, scored: Scores, branch: str) -> Tensor:
+        """``[B, K]`` float32 probabilities of ``branch`` on the CPU: the sigmoid of the logits,
+        then the checkpoint's calibration when it carries one -- what every output writes."""
+        p = scored.probabilities(branch).float().cpu()
+        if self.calibration is None:
+            return p
+        return torch.from_numpy(self.calibration.apply(p.numpy(), branch)).float()
 
     def score(self, images: Tensor, **kwargs: Any) -> Scores:
         """:func:`score` at this checkpoint's precision and memory format."""

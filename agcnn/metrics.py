@@ -29,6 +29,7 @@ __all__ = [
     "youden_thresholds",
     "masked_bce_with_logits",
     "with_no_finding",
+    "resample_weights",
 ]
 
 # Bootstrap weights are processed in blocks of at most this many cells (resamples x images), so a
@@ -127,6 +128,13 @@ def _resample_weights(
     offsets = (np.arange(n_boot) * g)[:, None]
     counts = np.bincount((idx + offsets).ravel(), minlength=n_boot * g).reshape(n_boot, g)
     return counts[:, group_of].astype(np.float64)
+
+
+def resample_weights(n_boot: int, n: int, *, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
+    """``[n_boot, n]`` counts of each image in each bootstrap resample (whole patients with
+    ``groups``), for statistics other than the AUC that are resampled the same way."""
+    groups = _check_bootstrap(n_boot, 0.05, groups, n)
+    return _resample_weights(np.random.default_rng(seed), n_boot, n, groups)
 
 
 def _check_bootstrap(n_boot: int, alpha: float, groups: np.ndarray | None, n: int) -> np.ndarray | None:

@@ -114,6 +114,7 @@ def test_objects_read_back_with_references_and_values(source, tmp_path):
     params = texts["Algorithm Parameters"]
     assert f"checkpoint sha256 {result.checkpoint_sha256}" in params
     assert any(p.startswith("operating points Atelectasis none, Cardiomegaly 0.5") for p in params)
+    assert "probabilities: raw model output, no calibration" in params
 
     sc = pydicom.dcmread(sc_path)
     assert sc.SOPClassUID == SecondaryCaptureImageStorage
@@ -126,6 +127,15 @@ def test_objects_read_back_with_references_and_values(source, tmp_path):
     # The box is drawn in green on the picture's grid (same size as the source here).
     px = sc.pixel_array
     assert tuple(px[50, 10]) == (0, 255, 0) and tuple(px[20, 30]) == (0, 255, 0)
+
+
+def test_the_sr_names_the_calibration_of_its_probabilities(source, tmp_path):
+    src_path, _ = source
+    line = "platt calibration 0123456789ab (fitted on the table site.csv, 240 images)"
+    result = _result(calibration=line)
+    sr_path, _ = write_dicom_results(tmp_path / "dicom", "chest.dcm", src_path, result, picture=_picture(result),
+                                     map_name="attention heatmap")
+    assert f"probabilities: {line}" in text_items(read_sr_values(sr_path)[0])["Algorithm Parameters"]
 
 
 def test_writing_again_replaces_the_pair_with_new_uids(source, tmp_path):

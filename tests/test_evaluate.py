@@ -71,7 +71,7 @@ def test_phantom_test_split_through_the_cli(phantom_ckpt, tmp_path):
     assert [c for c in preds.columns if c.startswith("p_fusion_")] == [f"p_fusion_{n}" for n in LABELS]
     md = (out / "auc.md").read_text()
     assert "| Finding | Positives | Global | Local | Fusion |" in md and "0.868" in md and "patient-wise" in md
-    assert md.count("\n| ") == len(LABELS) + 2  # header, 14 findings, mean
+    assert md.split("## Calibration")[0].count("\n| ") == len(LABELS) + 2  # header, 14 findings, mean
 
 
 def test_csv_file_split_numbers_and_intervals(csv_set, tmp_path):
@@ -132,6 +132,11 @@ def test_val_operating_points_are_stored_and_then_scored(phantom_ckpt, tmp_path)
     after = evaluate_checkpoint(ckpt, split="test", out_dir=tmp_path / "test", bootstrap=0, roc=False)
     assert after["operating_points_scored"]["branch"] == "fusion"
     assert "youden_operating_points" not in after  # never chosen on test
+    # The validation scores' summary travels with the points: the test split is checked against it.
+    reference = stored["reference"]["branches"]["fusion"]
+    assert reference["images"] == report["n_images"] and len(reference["findings"]["Nodule"]["quantiles"]) == 201
+    assert set(after["site_check"]["findings"]) == set(LABELS) and after["site_check"]["branch"] == "fusion"
+    assert "site_check" not in report and "no reference score summary" in report["site_check_note"]
 
 
 @pytest.mark.parametrize(

@@ -26,16 +26,19 @@ LAYERS = {
     "agcnn.metrics": 1,
     "agcnn": 2,  # the package itself: __version__, and the label list re-exported (any module may import it)
     "agcnn.config": 2,
+    "agcnn.calibration": 2,  # the calibration math (imports metrics)
     "agcnn.stages": 3,
     "agcnn.runtime": 3,
     "agcnn.precision": 3,
     "agcnn.data": 3,
+    "agcnn.drift": 3,  # the site check (imports calibration)
     "agcnn.overlays": 3,
     "agcnn.dicom_out": 3,
     "agcnn.models": 4,
     "agcnn.report": 4,  # renders what evaluate computed
     "agcnn.checkpoint": 5,
     "agcnn.explain": 5,  # maps of a model; no checkpoint or command code
+    "agcnn.calibration_report": 5,  # renders what evaluate computed on calibration
     "agcnn.inference": 6,  # checkpoint -> model for inference, and scoring at its precision
     "agcnn.data.prepare": 7,  # `agcnn prepare`
     "agcnn.train": 7,
@@ -43,6 +46,7 @@ LAYERS = {
     "agcnn.predict": 7,
     "agcnn.localize": 7,  # `agcnn localize`
     "agcnn.demo": 8,  # runs train, evaluate and predict
+    "agcnn.calibrate": 8,  # `agcnn calibrate`: scores its data with evaluate
     "agcnn.cli": 9,
     "agcnn.__main__": 10,
 }

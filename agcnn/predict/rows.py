@@ -36,12 +36,14 @@ def build_rows(
     geometry: Geometry,
     thresholds: Any = None,
     all_branches: bool = False,
+    calibration: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per record, in order; the ``ok`` records take the probabilities in turn.
 
     ``geometry``: the evaluation transform's (to map the box back to the original pixels,
     :meth:`agcnn.data.geometry.Geometry.to_original`); ``thresholds`` is a float tensor of fusion operating
     points per label (NaN: none for that label), or None for no ``call_`` columns.
+    ``calibration``: the id of the calibration the probabilities carry, written to each ``ok`` row.
     """
     rows = []
     k = 0
@@ -57,6 +59,8 @@ def build_rows(
                 for j, lab in enumerate(labels):
                     row[f"global_{lab}"] = probability(float(probs.global_[k, j]))
                     row[f"local_{lab}"] = probability(float(probs.local[k, j]))
+            if calibration is not None:
+                row["calibration"] = calibration
             box = geometry.to_original(probs.boxes[k].tolist(), height=rec["height"], width=rec["width"])
             row.update(zip(BOX_COLUMNS, box))
             if thresholds is not None:
@@ -68,7 +72,8 @@ def build_rows(
     return rows
 
 
-def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool) -> list[str]:
+def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool, calls: bool,
+                calibration: bool = False) -> list[str]:
     cols = ["path", "status", "reason", "format", "height", "width", *UID_COLUMNS]
     if identifiers:
         cols += list(IDENTIFIER_COLUMNS)
@@ -78,6 +83,8 @@ def columns_for(labels: Sequence[str], *, identifiers: bool, all_branches: bool,
     cols += list(BOX_COLUMNS)
     if calls:
         cols += [f"call_{c}" for c in labels]
+    if calibration:
+        cols.append("calibration")  # the id of the checkpoint's calibration (agcnn calibrate)
     cols.append("notes")
     return cols
 

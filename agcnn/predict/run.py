@@ -86,7 +86,7 @@ def predict(options: PredictOptions) -> Summary:
     out_dir = options.out_dir()
     check_writable(out_dir)
     columns = columns_for(loaded.labels, identifiers=options.include_identifiers, all_branches=options.all_branches,
-                          calls=loaded.thresholds is not None)
+                          calls=loaded.thresholds is not None, calibration=loaded.calibration is not None)
     lock = lock_output(out_dir)
     try:
         check_state(out_dir, {
@@ -119,6 +119,8 @@ class LoadedModel:
     device = property(lambda self: self.inference.device)
     path = property(lambda self: str(self.inference.path))
     sha256 = property(lambda self: self.inference.sha256)
+    # The checkpoint's calibration (agcnn calibrate), or None: the probabilities predict writes.
+    calibration = property(lambda self: self.inference.calibration)
 
 
 def load_model(checkpoint: str | os.PathLike[str], device: str = "cpu") -> LoadedModel:
@@ -212,6 +214,8 @@ def _manifest(options: PredictOptions, loaded: LoadedModel, device, columns: lis
         "labels": loaded.labels,
         "config": loaded.cfg.to_dict(),
         "operating_points": {"fusion": loaded.thresholds} if loaded.thresholds is not None else None,
+        # Which map turned the model's outputs into the probabilities written (None: raw sigmoid).
+        "calibration": loaded.calibration.describe() if loaded.calibration is not None else None,
         # Which pixels the model saw, and which ones the operating points were chosen on
         # (agcnn.data.datasets.XrayDataset.pixels): predict always decodes the originals.
         "pixels": {"source": "original"},
@@ -255,10 +259,12 @@ class _Inference:
         # The checkpoint's precision and memory format on every device: its operating points
         # were chosen on validation scores computed the same way (agcnn.inference).
         scored = self.inference.score(images, stage="fusion", features=self.cams and self.method == "cam")
+        # Sigmoid, then the checkpoint's calibration (if any), as evaluate applies it: rows, calls,
+        # overlays and the SR all read these probabilities.
         probs = BatchProbabilities(
-            fusion=scored.probabilities("fusion").cpu(),
-            global_=scored.probabilities("global").cpu(),
-            local=scored.probabilities("local").cpu(),
+            fusion=self.inference.probabilities(scored, "fusion"),
+            global_=self.inference.probabilities(scored, "global"),
+            local=self.inference.probabilities(scored, "local"),
             boxes=scored.boxes.cpu(),
         )
         if not self.maps:
@@ -293,7 +299,8 @@ class _BatchWriter:
     def __call__(self, records: list[dict[str, Any]], images) -> None:
         probs, maps = self.infer(images) if images is not None else (None, None)
         rows = build_rows(records, probs, columns=self.columns, labels=self.labels, geometry=self.geometry,
-                          thresholds=self.thresholds, all_branches=self.all_branches)
+                          thresholds=self.thresholds, all_branches=self.all_branches,
+                          calibration=self.loaded.calibration.id if self.loaded and self.loaded.calibration else None)
         if self.overlays is not None and probs is not None:
             _write_overlays(self.overlays, records, rows, probs, maps, labels=self.labels, geometry=self.geometry)
         if self.dicom_out is not None and probs is not None:
@@ -398,7 +405,8 @@ def _write_dicom_results(folder: Path, records: Sequence[dict[str, Any]], rows: 
                                      field=field, heat=heat, caption=caption)
             result = DicomResult(labels=labels, probabilities=[row[lab] for lab in labels],
                                  thresholds=loaded.thresholds, box=box, algorithm_version=agcnn.__version__,
-                                 checkpoint_sha256=loaded.sha256)
+                                 checkpoint_sha256=loaded.sha256,
+                                 calibration=loaded.calibration.summary() if loaded.calibration is not None else None)
             write_dicom_results(folder, rec["path"], header, result, picture=picture, map_name=map_name)
         except Exception as e:  # noqa: BLE001 - the prediction stands without its DICOM copy
             # Only the error's kind: messages about a header can quote its identifying values.
