@@ -24,7 +24,7 @@ from agcnn.errors import ConfigError
 from agcnn.labels import LABELS
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "StageConfig", "TrainConfig", "apply_override", "check_choice",
-           "setting", "valid_device", "Check", "OneOf", "Range", "Rule"]
+           "describe_start", "setting", "valid_device", "Check", "OneOf", "Range", "Rule"]
 
 
 # ---------------------------------------------------------------------- value checks
@@ -47,6 +47,15 @@ DATASETS = ("synthetic", "chestxray14", "csv")
 AUGMENT_PLACES = ("auto", "device", "loader")
 # Training augmentations (agcnn.data.transforms): the paper's plain random crop, or zoom.
 AUGMENTS = ("paper", "resized_crop")
+# model.pretrained's two names (anything else is a file path), and the torchvision weights
+# "imagenet" means for each backbone: the first ImageNet weights torchvision published (V1), the
+# ones a 2018 paper could start from; later recipes (V2) were trained differently.
+PRETRAINED_NAMES = ("imagenet", "none")
+IMAGENET_WEIGHTS = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "densenet121": "DenseNet121_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+}
 # Inference precisions (agcnn.precision).
 PRECISIONS = ("fp32", "bf16")
 # Stage optimisers and learning-rate schedules (agcnn.train.step.build_optimizer).
@@ -184,7 +193,12 @@ class ModelConfig:
     global_stride: int = setting(32, OneOf(GLOBAL_STRIDES))
     # Side of the square crop that the local branch sees (the paper resizes to 224).
     local_size: int = setting(224, Range(32))  # ResNet / DenseNet reduce 32x
-    # torchvision-format ImageNet weights on local disk; never downloaded.
+    # Where both branches start (paper Sec. III-C fine-tunes ImageNet weights): "imagenet" --
+    # torchvision's own ImageNet weights for the backbone (IMAGENET_WEIGHTS), read from torch
+    # hub's cache ($TORCH_HOME/hub/checkpoints) and downloaded there when absent and the machine
+    # is online; "none" -- random weights; or the path of a torchvision-format state-dict file.
+    # No default: a run that trains a stage from scratch must say which (agcnn.models.backbones.
+    # check_start_weights), since random weights trained silently where ImageNet was meant.
     pretrained: str | None = setting(None, NOT_EMPTY)
     # Dropout before the classifiers; 0 as in the paper.
     dropout: float = setting(0.0, FRACTION)
@@ -194,6 +208,9 @@ class ModelConfig:
     # The paper's label vector has 15 entries: the 14 findings and "No Finding" (Sec. 4.1). True
     # adds that 15th output to every classifier, trained on "no finding is positive"; it is only
     # a training target: AUC, operating points and every output file keep the 14 findings.
+    # Default False: unlike the other recipe choices it is tied to a label list that covers
+    # what a film can show (ChestX-ray14's); on a site's own subset of findings, "none of these"
+    # is not "normal". The paper configs set it.
     no_finding: bool = False
 
 
@@ -235,12 +252,15 @@ class DataConfig:
     resize: int = setting(256, AT_LEAST_1)
     image_size: int = setting(224, Range(32))
     # Training augmentation (AUGMENTS, see agcnn.data.transforms): "paper" = resize, random
-    # image_size crop, horizontal flip (Sec. 4.2); "resized_crop" = RandomResizedCrop keeping
-    # crop_scale of the area, then flip.
-    augment: str = setting("resized_crop", OneOf(AUGMENTS))
-    # resized_crop: the range of the image's area a training crop keeps (torchvision's default
-    # 8-100 %). Small training sets with small findings want a narrower range, since a crop can
-    # cut the finding out while its label stays on.
+    # image_size crop, horizontal flip; "resized_crop" = RandomResizedCrop keeping crop_scale of
+    # the area, then flip. Default "paper": Sec. IV-B says "randomly resized cropping", Fig. 1
+    # "randomly cropped"; with the 256 resize and 224 crop the paper gives, both read as resize,
+    # then a plain random crop (a 256 resize before a zoom crop would serve no purpose). Zoom
+    # also cuts small findings out of a crop while their labels stay on, on any data set.
+    augment: str = setting("paper", OneOf(AUGMENTS))
+    # resized_crop only: the range of the image's area a training crop keeps (torchvision's
+    # default 8-100 %). Small training sets with small findings want a narrower range, since a
+    # crop can cut the finding out while its label stays on.
     crop_scale: list[float] = setting(factory=lambda: [0.08, 1.0], check=Rule(
         _crop_scale_ok, "must be two area fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]"))
     # Side of the copy the local branch crops from. Equal to image_size: crop from the same
@@ -313,16 +333,18 @@ class TrainConfig:
     # The paper's Table II "G L F*": fine-tune both branches in stage III instead of freezing them.
     finetune_all: bool = False
     # Stage III starts its fusion head as the global classifier (zero weight on local features),
-    # rather than at random; see AGCNN.init_fusion_from_global.
-    fusion_from_global: bool = True
+    # rather than at random; see AGCNN.init_fusion_from_global. Default False, the paper's
+    # (Sec. III-D: a new fully connected layer over both pool5 vectors); the demo sets true.
+    fusion_from_global: bool = False
     # Stage II starts the local branch as a copy of the trained global branch (same
     # architecture, no weight sharing afterwards), rather than from its own start (ImageNet
     # weights or random); see AGCNN.init_local_from_global.
     local_from_global: bool = False
     # Stage III with both branches frozen: compute their pool5 features once (un-augmented
-    # training images) and train the fusion head on them every epoch. False: augmented images
-    # through both branches every epoch, as in the paper's training code.
-    cache_fusion_features: bool = True
+    # training images) and train the fusion head on them every epoch. False (default): augmented
+    # images through both branches every epoch, as in the paper's training; true is faster and
+    # trains the head without augmentation (the demo sets it for its CPU budget).
+    cache_fusion_features: bool = False
     # Stage II with the global branch frozen: crop each training image's attended box once
     # (un-augmented images; the crops then flipped at random each epoch) and train the local
     # branch on those crops, instead of augmented images through the global branch every
@@ -381,6 +403,19 @@ class Config:
 
 # ---------------------------------------------------------------------- helpers
 
+def describe_start(model: ModelConfig) -> str:
+    """Where a model's branches started, in words, for logs, checkpoints and reports."""
+    p = model.pretrained
+    if p == "imagenet":
+        return f"ImageNet weights (torchvision {IMAGENET_WEIGHTS[model.backbone]})"
+    if p == "none":
+        return "random weights (model.pretrained: none)"
+    if p is None:
+        # Configs written before the value was required meant random weights by null.
+        return "random weights (model.pretrained not set)"
+    return f"weights from {Path(p).name} (model.pretrained)"
+
+
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``; else a :class:`ConfigError` naming it, the
     valid choices and the nearest one (for names checked outside a config, e.g. a stage)."""
@@ -420,7 +455,7 @@ def _cross_checks(cfg: "Config") -> list[str]:
         out.append(f"model.width={m.width} applies to the ResNet backbones only; use width 64 with {m.backbone}")
     if m.global_stride != 32 and not m.backbone.startswith("resnet"):
         out.append(f"model.global_stride={m.global_stride} applies to the ResNet backbones only; use 32 with {m.backbone}")
-    if m.width != 64 and m.pretrained:
+    if m.width != 64 and m.pretrained not in (None, "none"):
         out.append(f"model.width={m.width} cannot load ImageNet weights (model.pretrained), which have width 64")
     unknown = [v for v in d.label_map.values() if v not in cfg.labels]
     if unknown:

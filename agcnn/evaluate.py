@@ -75,13 +75,14 @@ from torch.utils.data import DataLoader, Dataset
 from agcnn import __version__
 from agcnn.calibration_report import add_calibration, calibration_markdown, calibration_to_apply, write_reliability_figure
 from agcnn.checkpoint import load_checkpoint, save_checkpoint
-from agcnn.config import Config, apply_override
+from agcnn.config import Config, apply_override, describe_start
 from agcnn.drift import score_reference
 from agcnn.errors import ConfigError, UsageError
 from agcnn.fileio import atomic_write_bytes
 from agcnn.inference import load_for_inference, score
 from agcnn.labels import LabelMismatchError
 from agcnn.report import auc_markdown, build_report, fmt, write_auc_csv, write_predictions, write_roc_figure
+from agcnn.runtime import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def predict_split(model, dataset, branches: Sequence[str], *, device: torch.devi
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # A global-stage checkpoint needs no region step or local branch.
     stage = "global" if tuple(branches) == ("global",) else "fusion"
-    loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(_Records(dataset), batch_size=batch_size, shuffle=False, num_workers=loader_workers(num_workers),
                         collate_fn=_collate_records, pin_memory=device.type == "cuda", persistent_workers=False)
     probs: dict[str, list[np.ndarray]] = {b: [] for b in branches}
     labels, rows, unreadable = [], [], []
@@ -423,7 +424,7 @@ def evaluate(options: EvaluateOptions) -> dict[str, Any]:
     header = {
         "agcnn_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": loaded.sha256,
         "stage": loaded.stage, "split": split_info, "n_skipped": len(unreadable), "data": cfg.to_dict()["data"],
-        "device": str(loaded.device), "inference_precision": loaded.precision,
+        "device": str(loaded.device), "inference_precision": loaded.precision, "start": _start(loaded.meta),
         # Which pixels the model was given: the prepare cache's squares, or the decoded originals.
         "pixels": dataset.pixels(),
         "calibration": calibration.describe() if calibration is not None else None,
@@ -500,6 +501,12 @@ def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_
         log.warning("%d of %d images cannot be used and will be left out (listed in skipped.csv):%s", len(problems),
                     len(dataset), listing(problems))
     return dataset, split_info
+
+
+def _start(meta: dict[str, Any]) -> str:
+    """Where the checkpoint's branches started (ImageNet or random weights); a checkpoint written
+    before training recorded it says so only through its config."""
+    return meta.get("start") or describe_start(Config.from_dict(meta["config"]).model)
 
 
 def _bootstrap_groups(table: pd.DataFrame, split_info: dict[str, Any], unit: str) -> np.ndarray | None:

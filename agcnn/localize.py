@@ -379,6 +379,9 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
         f"({settings['bootstrap']} resamples)."
     )
+    if settings.get("pool") == "max":  # measured on the phantoms: docs/demo.md, "The Effusion maps"
+        lines += ["", "With `max` pooling (the paper's pool5) a CAM shows where the weighted channels are active, not how "
+                  "the logit was formed: it can lie far from a finding called right (`model.pool: avg`: an exact split)."]
     lines.append("")
     missing, unreadable = counts["missing_images"], counts["unreadable_images"]
     oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
@@ -534,7 +537,7 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
         "checkpoint": str(o.checkpoint), "boxes": str(o.boxes), "images": str(o.images), "box_space": o.box_space,
         "explain": o.explain, "cam_threshold": o.cam_threshold, "attention_threshold": cfg.model.threshold,
         "bootstrap": o.bootstrap, "seed": o.seed, "methods": methods, "trained_branches": list(loaded.branches),
-        "geometry": Geometry.from_config(cfg).as_dict(), "inference_precision": loaded.precision,
+        "pool": cfg.model.pool, "geometry": Geometry.from_config(cfg).as_dict(), "inference_precision": loaded.precision,
         "pixels": {"source": "original"}, "training_patients": provenance, "caveats": provenance["caveats"],
     }
     report = {

@@ -201,7 +201,8 @@ def auc_markdown(report: dict, names: Sequence[str]) -> str:
         f"# AG-CNN per-class AUC: {split['name']} split" + "".join(f" ({c})" for c in split.get("caveats", [])),
         "",
         f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:16]}...`, stage "
-        f"{report['stage'] or 'fusion'}), agcnn {report['agcnn_version']}. "
+        f"{report['stage'] or 'fusion'}, trained from {report.get('start') or 'an unrecorded start'}), "
+        f"agcnn {report['agcnn_version']}. "
         f"{report['n_images']} images" + (f" of {split['patients']} patients" if split.get("patients") else "")
         + f" from {split['source']}. Scored at {report['inference_precision']} on {report['device']}, the "
         f"precision training validated at, on {pixels_text(report.get('pixels'))}.",

@@ -10,6 +10,7 @@ Imports: ``torch``, :mod:`agcnn.errors` and the device names of :mod:`agcnn.conf
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,26 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+# (requested, cap) pairs already reported: the cap is said once per process, not per loader.
+_CAPPED: set[tuple[int, int]] = set()
+
+
+def loader_workers(requested: int, option: str = "data.num_workers") -> int:
+    """``requested`` DataLoader worker processes, at most the cores this process may use
+    (:func:`cpu_count`; under torchrun shared by the processes of this machine). More workers
+    than cores only compete for them, and torch warns about it at every loader. A cap is
+    logged once, naming the option."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cap = max(1, cpu_count() // local)
+    if requested <= cap:
+        return requested
+    if (requested, cap) not in _CAPPED:
+        _CAPPED.add((requested, cap))
+        where = f" per process ({local} on this machine)" if local > 1 else ""
+        logging.getLogger(__name__).warning("%s=%d capped at %d: the CPU cores this process may use%s", option, requested, cap, where)
+    return cap
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from agcnn.config import Config
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
     "data.num_workers=0", "train.device=cpu", "train.channels_last=false",
     "train.global.batch_size=4", "train.local.batch_size=4", "train.fusion.batch_size=4",

@@ -143,7 +143,8 @@ def test_error_classes_carry_their_exit_status_and_old_bases():
 def test_files_the_config_names_are_usage_errors(overrides, message, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     (tmp_path / "nih").mkdir()
-    Config.load(None, ["model.backbone=resnet18", "train.device=cpu", *[o.format(tmp=tmp_path) for o in overrides]]).dump(cfg)
+    Config.load(None, ["model.backbone=resnet18", "train.device=cpu", "model.pretrained=none",
+                       *[o.format(tmp=tmp_path) for o in overrides]]).dump(cfg)
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("agcnn train: error: ")

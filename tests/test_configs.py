@@ -37,6 +37,28 @@ def test_paper_config_matches_section_4():
     assert cfg.data.dataset == "chestxray14"
 
 
+def test_densenet_config_takes_the_papers_batches():
+    cfg = Config.load(ROOT / "configs" / "agcnn_densenet121.yaml")
+    assert cfg.model.backbone == "densenet121"
+    assert [cfg.stage(s).batch_size for s in ("global", "local", "fusion")] == [64, 32, 32]
+
+
+def test_library_defaults_are_the_papers_recipe():
+    """A config written for another data set gets the paper's choices unless it says otherwise."""
+    cfg = Config()
+    assert (cfg.data.augment, cfg.data.resize, cfg.data.image_size, cfg.data.highres_size) == ("paper", 256, 224, 224)
+    assert (cfg.model.pool, cfg.model.threshold, cfg.model.heatmap, cfg.model.global_stride) == ("max", 0.7, "channels", 32)
+    t = cfg.train
+    assert not (t.fusion_from_global or t.cache_fusion_features or t.local_from_global or t.cache_local_crops or t.finetune_all)
+    for s in ("global", "local", "fusion"):
+        sc = cfg.stage(s)
+        assert (sc.optimizer, sc.schedule, sc.epochs, sc.lr, sc.momentum, sc.weight_decay, sc.lr_step, sc.lr_gamma) == \
+            ("sgd", "step", 50, 0.01, 0.9, 1e-4, 20, 0.1)
+    assert [cfg.stage(s).batch_size for s in ("global", "local", "fusion")] == [128, 64, 64]
+    # Where the branches start has no default: a run from scratch must name it.
+    assert cfg.model.pretrained is None
+
+
 def test_shipped_demo_config_equals_the_repository_copy():
     assert (ROOT / "configs" / "demo.yaml").read_text() == (ROOT / "agcnn" / "configs" / "demo.yaml").read_text()
 

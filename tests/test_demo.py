@@ -60,6 +60,37 @@ def test_changed_call_picks_a_right_fusion_call_that_global_got_wrong():
     one = preds.iloc[[2]].reset_index(drop=True).assign(p_fusion_Nodule=0.31)
     assert _changed_call(one, shifted, labels) is None
     assert _changed_call(one.assign(p_global_Nodule=0.2), shifted, labels) == 0
+    # Only films whose attended box holds their planted opacity may be shown.
+    assert _changed_call(preds, points, labels, eligible=np.array([False, True, True, True])) == 1
+    assert _changed_call(preds, points, labels, eligible=np.array([False, False, False, True])) is None
+
+
+def test_a_run_that_does_not_show_the_mechanism_says_why():
+    from agcnn.demo import not_shown
+
+    shown = {"lo": 0.052, "hi": 0.079}
+    assert not_shown(shown, {"nodule": (108, 120), "vessel": (1, 48)}) == []
+    # The default run's numbers from before: interval reaching 0, 7 of 35 nodules in the box.
+    why = not_shown({"lo": -0.020, "hi": 0.023}, {"nodule": (7, 35)})
+    assert why == ["the paired interval of fusion - global, -0.020 to +0.023, reaches 0",
+                   "the attended box holds 7 of 35 nodules"]
+    assert not_shown(shown, {"nodule": (17, 35)}) == ["the attended box holds 17 of 35 nodules"]
+    assert not_shown(shown, {"nodule": (18, 35)}) == []
+    assert not_shown({"lo": None, "hi": None}, {}) == ["no paired interval (train.bootstrap=0)",
+                                                       "the attended box holds 0 of 0 nodules"]
+
+
+def test_seed_and_control_options_change_only_their_values(tmp_path):
+    from agcnn.demo import demo_config
+
+    base = demo_config(tmp_path).to_dict()
+    seeded = demo_config(tmp_path, seed=7).to_dict()
+    assert seeded["data"].pop("synthetic_seed") == 7 and base["data"].pop("synthetic_seed") == 0
+    assert seeded == base
+    control = demo_config(tmp_path, same_resolution=True, overrides=["data.image_size=96", "data.resize=96"])
+    # The paper's local input: cropped from the image the global branch saw.
+    assert control.data.highres_size == control.data.image_size == 96
+    assert control.data.synthetic_size == demo_config(tmp_path).data.synthetic_size
 
 
 @pytest.mark.slow
@@ -84,6 +115,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     text = page.read_text()
     assert 'name="agcnn-report" content="demo"' in text and 'id="predict-counts"' in text and "AG-CNN demo" in text
     assert "fusion - global mean AUC" in out and "attended box" in out
+    # --quick computes no interval: it never shows the mechanism, and says so in one line.
+    said = [line for line in out.splitlines() if "does not show the attention mechanism" in line]
+    assert len(said) == 1 and "`agcnn demo --long` does (about 23 min on 2 cores)" in said[0]
+    _check_picture_only_where_the_box_holds_the_opacity(tmp_path / "d", out)
     _check_attention_on_val(tmp_path / "d")
     # The same command into a fresh folder gives the same table, line by line.
     torch.set_num_threads(1)
@@ -100,6 +135,24 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert "skipped" in capsys.readouterr().out
+
+
+def _check_picture_only_where_the_box_holds_the_opacity(demo: Path, out: str) -> None:
+    from agcnn.data.datasets import build_datasets
+    from agcnn.demo import attended_opacities
+    from agcnn.inference import load_for_inference
+
+    shown = re.search(r"changed the call on (\S+) ", out)
+    picture = demo / "overlay_changed_call.png"
+    assert picture.is_file() == (shown is not None)
+    if shown is None:
+        return
+    cfg = Config.load(demo / "run" / "config.yaml")
+    loaded = load_for_inference(demo / "run" / "fusion" / "best.pt", "cpu")
+    dataset = build_datasets(cfg, splits=("test",))["test"]
+    ops, _ = attended_opacities(loaded, dataset, cfg, batch_size=8)
+    row = list(dataset.table["path"]).index(shown.group(1))
+    assert ops.loc[ops["row"] == row, "inside"].any()
 
 
 def _check_attention_on_val(demo: Path) -> None:

@@ -317,3 +317,16 @@ def test_localize_on_the_real_boxed_nih_images(tmp_path):
     row = boxes[(boxes["path"] == "00001369_000.png") & (boxes["method"] == "attended")].iloc[0]
     assert [row["gt_x0"], row["gt_y0"]] == pytest.approx([337.0 / 4 - 16, 276.317 / 4 - 16], abs=0.01)
     assert row["gt_x1"] == pytest.approx(min(224.0, (337.0 + 553.72) / 4 - 16), abs=0.01)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_report_says_a_max_pooling_cam_is_approximate(pool):
+    import pandas as pd
+
+    from agcnn.localize import markdown_report
+
+    counts = {"boxes": 0, "images": 0, "missing_images": [], "unreadable_images": [], "out_of_view": {}, "clipped": {}}
+    settings = {"checkpoint": "c.pt", "boxes": "b.csv", "explain": "cam", "cam_threshold": 0.5,
+                "attention_threshold": 0.7, "bootstrap": 0, "pool": pool}
+    text = markdown_report(pd.DataFrame(), counts, settings)
+    assert ("not how the logit was formed" in text) == (pool == "max")

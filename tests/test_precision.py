@@ -16,6 +16,7 @@ from agcnn.precision import inference_precision
 from agcnn.train.loop import train
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=36", "data.highres_size=48",
     "data.num_workers=0", "data.synthetic_count=40", "data.synthetic_size=64", "data.augment=paper",
     "train.device=cpu", "train.channels_last=false", "train.global.batch_size=8", "train.local.batch_size=8",

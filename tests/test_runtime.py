@@ -69,3 +69,27 @@ def test_single_process_helpers():
     assert all_gather(rt, {"a": 1}) == [{"a": 1}]
     assert mean_over_ranks(rt, 6.0, 3) == 2.0
     assert mean_over_ranks(rt, 0.0, 0) != mean_over_ranks(rt, 0.0, 0)  # NaN when nothing was counted
+
+
+def test_loader_workers_are_capped_at_the_cores_this_process_may_use_said_once(monkeypatch, caplog, tiny_config):
+    import logging
+    import os
+
+    from agcnn import runtime
+    from agcnn.train.loaders import make_loader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "_CAPPED", set())
+    with caplog.at_level(logging.WARNING, logger="agcnn.runtime"):
+        assert runtime.loader_workers(8) == 2
+        assert runtime.loader_workers(8) == 2  # every epoch builds a loader: no second line
+        assert runtime.loader_workers(2) == 2 and runtime.loader_workers(0) == 0
+        loader = make_loader(list(range(4)), 2, train=False, epoch=0, cfg=tiny_config("data.num_workers=8"),
+                             rt=Runtime(torch.device("cpu")))
+    assert loader.num_workers == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["data.num_workers=8 capped at 2: the CPU cores this process may use"]
+    # Under torchrun the processes of one machine share its cores.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.loader_workers(8) == 1

@@ -211,7 +211,7 @@ def test_checkpoint_from_before_a_model_setting_existed_seeds_with_its_default(t
 
 def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data, tiny_config):
     run = tmp_path / "run"
-    cfg = tiny_config("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0")
+    cfg = tiny_config("train.fusion.epochs=1", "train.fusion.lr=0.0", "train.fusion.weight_decay=0.0", "train.fusion_from_global=true")
     train(cfg, run, datasets=data, progress=False, say=quiet)
     fus = load_checkpoint(run / "fusion" / "last.pt")["model"]
     n = fus["global_branch.classifier.weight"].shape[1]

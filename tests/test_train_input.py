@@ -20,6 +20,7 @@ from agcnn.train.loop import train
 from agcnn.train.sources import ImageSource
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=36", "data.highres_size=48",
     "data.cache_size=64", "train.device=cpu", "train.channels_last=false", "data.augment_on=device",
     "train.global.batch_size=4", "train.global.epochs=2", "data.synthetic_count=24", "data.synthetic_size=64",

@@ -50,6 +50,7 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 FINDINGS = ("Nodule", "Mass", "Pneumothorax", "Effusion", "Cardiomegaly")
 # Independent draws; P(no finding) = 0.50 * 0.85 * 0.85 * 0.82 * 0.85 = 0.25.
 PREVALENCE = {"Nodule": 0.50, "Mass": 0.15, "Pneumothorax": 0.15, "Effusion": 0.18, "Cardiomegaly": 0.15}
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: exposure scaled where no finding is drawn (tests/data/test_phantom_evidence.py)
 # Stored grey levels: 12 bits, as most digital radiography detectors deliver.
 BITS = 12
 
@@ -265,7 +266,7 @@ def _small_opacity(d: np.ndarray, y: int, x: int, r: float, contrast: float, kin
 
 
 def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | None = None, findings: dict[str, bool] | None = None,
-                 lookalike: str | None = None):
+                 lookalike: str | None = None, omit: Collection[str] = ()):
     """One phantom: ``(uint16 image [size, size] with 12-bit values, labels, boxes)``.
 
     ``labels`` maps every name in LABELS to 0 / 1; ``boxes`` is a list of
@@ -273,6 +274,8 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     there too, under its kind (``granuloma`` or ``vessel``, lower case: not a label).
     ``findings`` forces which findings are planted and ``lookalike`` which look-alike (only
     without a nodule); by default both are drawn (:data:`PREVALENCE`, :data:`OPACITY_RATES`).
+    ``omit``: findings (or a look-alike kind) drawn but not painted -- the same film, every draw
+    the same, that region normal tissue, no label or box: where a finding's evidence lies.
     """
     import cv2
 
@@ -306,10 +309,11 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
 
     # Heart: an ellipse left of the midline of the patient (image right), larger in cardiomegaly.
     scale = rng.uniform(1.30, 1.45) if findings["Cardiomegaly"] else 1.0
+    scale = 1.0 if "Cardiomegaly" in omit else scale
     hx, hy = a.cx + a.heart_x, a.heart_y + (scale - 1) * 0.03
     hr = ((u - hx) / (a.heart_rx * scale)) ** 2 + ((v - hy) / (a.heart_ry * scale)) ** 2
     heart = _sig(1.0 - hr, 0.12)
-    if findings["Cardiomegaly"]:
+    if findings["Cardiomegaly"] and "Cardiomegaly" not in omit:
         boxes.append(("Cardiomegaly", *_box(heart)))
 
     # Lungs (air: darker), cut by the heart and the mediastinum.
@@ -335,6 +339,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if findings["Pneumothorax"]:
         s = int(rng.choice(sides))
         k = rng.uniform(0.72, 0.84)
+    if findings["Pneumothorax"] and "Pneumothorax" not in omit:
         lx, ly = a.cx + s * (a.lung_gap - 0.04), a.top + 0.55 * (a.bottom - a.top)
         collapsed = _lung(lx + (u - lx) / k, ly + (v - ly) / k, a, s, 1.2 * px)
         rim = np.clip(lung[s] - collapsed, 0, 1) * _sig(ly + 0.05 - v, 0.05)
@@ -350,6 +355,7 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
         lx = a.cx + s * a.lung_gap
         lateral = np.clip((u - lx) * s / a.lung_w, -1, 1.2)
         level = a.bottom - rng.uniform(0.08, 0.16) * (a.bottom - a.top)
+    if findings["Effusion"] and "Effusion" not in omit:
         # Meniscus: the fluid climbs the lateral chest wall.
         surface = level - 0.07 * np.clip(lateral, 0, None) ** 2
         fluid = _sig(v - surface, 0.012) * lung[s] * _sig(0.25 + lateral, 0.05)
@@ -389,18 +395,26 @@ def make_phantom(rng: np.random.Generator, size: int = 512, anatomy: Anatomy | N
     if kind is not None:
         r = rng.uniform(*OPACITY_RADIUS) * S
         x, y = _pick_in_lung(rng, lungs, 2 * r + 2)
-        box = _small_opacity(d, y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
-        boxes.append(("Nodule" if kind == "nodule" else kind, *box))
+        # An omitted opacity is painted on a scratch copy, so its random draws are still made.
+        shown = kind not in omit and not (kind == "nodule" and "Nodule" in omit)
+        box = _small_opacity(d if shown else d.copy(), y, x, r, rng.uniform(*OPACITY_CONTRAST), kind, rng)
+        if shown:
+            boxes.append(("Nodule" if kind == "nodule" else kind, *box))
     if findings["Mass"]:
         r = rng.uniform(0.03, 0.05) * S
         x, y = _pick_in_lung(rng, lungs, 1.2 * r)
-        boxes.append(("Mass", *_blob(d, y, x, r, rng.uniform(0.14, 0.22), rng, lobes=0.12)))
+        box = _blob(d if "Mass" not in omit else d.copy(), y, x, r, rng.uniform(0.14, 0.22), rng, lobes=0.12)
+        if "Mass" not in omit:
+            boxes.append(("Mass", *box))
 
     # Detector: a little blur, exposure curve, quantum noise, 12-bit levels.
     sigma = 0.6 * S / 512
     d = cv2.GaussianBlur(d.astype(np.float32), (0, 0), sigma)
     d = np.clip(d, 0, None) ** a.gamma
-    d = d / max(float(np.percentile(d, 99.5)), 1e-6) * 0.92
+    # Exposure: scaled by the brightest levels above the lung apices, where no finding is drawn;
+    # the whole film's (format 3) let an enlarged heart or a pneumothorax shift every pixel a
+    # little. The film's 99.5th percentile is 1.06-1.11 times this band's: 0.85 keeps it at ~0.92.
+    d = d / max(float(np.percentile(d[: max(1, int((a.top - 0.03) * S))], 99.5)), 1e-6) * 0.85
     d += 0.012 * rng.standard_normal(d.shape, dtype=np.float32) + 0.02 * _smooth_noise(rng, S, 4)
     top = (1 << BITS) - 1
     image = np.clip(np.rint(np.clip(d, 0, 1) * top), 0, top).astype(np.uint16)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agcnn.config import HEATMAPS, POOLS, ModelConfig, check_choice
-from agcnn.models.backbones import create_backbone, load_pretrained
+from agcnn.models.backbones import create_backbone, load_pretrained, start_weights_file
 from agcnn.models.roi import attention_heatmap, boxes_from_heatmap, class_activation_heatmap, crop_regions, uncertainty_heatmap
 from agcnn.stages import STAGES
 
@@ -133,12 +133,13 @@ class AGCNN(nn.Module):
             heatmap=cfg.heatmap,
             global_stride=cfg.global_stride,
         )
-        if cfg.pretrained:
+        path = start_weights_file(cfg)
+        if path is not None:
             for name, branch in (("global", model.global_branch), ("local", model.local_branch)):
-                info = load_pretrained(branch.features, cfg.pretrained)
+                info = load_pretrained(branch.features, path)
                 log.info(
                     "%s branch: ImageNet weights from %s (sha256 %s); dropped %s; new (random) keys: %d",
-                    name, cfg.pretrained, info["sha256"][0], info["dropped"], len(info["missing"]),
+                    name, path, info["sha256"][0], info["dropped"], len(info["missing"]),
                 )
         return model
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.models import DenseNet, ResNet
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from agcnn.config import BACKBONES, check_choice
+from agcnn.config import BACKBONES, IMAGENET_WEIGHTS, check_choice
 from agcnn.errors import ConfigError, MissingFileError
 from agcnn.fileio import sha256_file
 from agcnn.models.attention import AttentionBlock, get_attention
@@ -185,6 +185,74 @@ def _remap_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def imagenet_file(backbone: str) -> tuple[str, str, Path]:
+    """``(weights name, url, cached file)`` of the ImageNet weights ``model.pretrained: imagenet``
+    loads for ``backbone``: torchvision's weights enum, and the file torch hub keeps it in
+    (``$TORCH_HOME/hub/checkpoints/<name>``, the same path torchvision's own ``get_state_dict`` uses)."""
+    from urllib.parse import urlparse
+
+    from torchvision.models import get_weight
+
+    name = IMAGENET_WEIGHTS[check_backbone(backbone)]
+    url = get_weight(name).url
+    return name, url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def fetch_imagenet(backbone: str, progress: bool = True) -> Path:
+    """The local file of ``backbone``'s ImageNet weights, downloaded by torchvision into torch
+    hub's cache when it is not there yet. Offline and not cached: a :class:`MissingFileError`
+    (exit 2) naming the file and the folder to put it in."""
+    name, url, path = imagenet_file(backbone)
+    if path.is_file():
+        return path
+    from torchvision.models import get_weight
+
+    try:
+        # torchvision's own download into torch hub's cache; check_hash: the file's name carries
+        # the first digits of its sha256, so a cut-off download is not kept as the weights.
+        get_weight(name).get_state_dict(progress=progress, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, proxies, a hash mismatch: all mean "not here"
+        path.unlink(missing_ok=True)
+        raise MissingFileError(
+            f"model.pretrained: imagenet needs torchvision's {name} weights, the file {path.name}, which is not in "
+            f"torch hub's cache and could not be downloaded ({type(e).__name__}: {e}). Download {url} on a machine "
+            f"with network and put it in {path.parent}/ (set TORCH_HOME to use another cache folder), or set "
+            f"model.pretrained: none to train from random weights"
+        ) from e
+    if not path.is_file():
+        raise MissingFileError(f"torchvision reported {name} downloaded, but {str(path)!r} is not there; check TORCH_HOME")
+    return path
+
+
+def start_weights_file(model_cfg) -> Path | None:
+    """The file ``model.pretrained`` names (``imagenet``: fetched, see :func:`fetch_imagenet`), or
+    None for random weights (``none``, or unset: only a checkpoint's own weights follow)."""
+    p = model_cfg.pretrained
+    if p is None or p == "none":
+        return None
+    if p == "imagenet":
+        return fetch_imagenet(model_cfg.backbone)
+    return Path(p)
+
+
+def check_start_weights(model_cfg) -> Path | None:
+    """Before a stage trains from its start weights: ``model.pretrained`` is set, and the file it
+    names is here (ImageNet weights downloaded if need be). Errors exit 2, before any training."""
+    if model_cfg.pretrained is None:
+        raise ConfigError(
+            "model.pretrained is not set; say where the branches start: model.pretrained: imagenet (torchvision's "
+            "ImageNet weights, as the paper, Sec. III-C), model.pretrained: none (random weights), or the path of "
+            "a torchvision-format weights file"
+        )
+    path = start_weights_file(model_cfg)
+    if path is not None and not path.is_file():
+        raise MissingFileError(
+            f"model.pretrained={model_cfg.pretrained!r} does not exist; set it to a local torchvision state-dict file "
+            f"(e.g. resnet50-0676ba61.pth), to imagenet, or to none to start from random weights"
+        )
+    return path
+
+
 def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str]]:
     """Load torchvision-format ImageNet weights from a local file into a feature extractor.
 
@@ -196,7 +264,7 @@ def load_pretrained(features: nn.Module, path: str | Path) -> dict[str, list[str
     if not path.is_file():
         raise MissingFileError(
             f"pretrained weights {str(path)!r} not found; set model.pretrained to a local torchvision "
-            f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights"
+            f"state-dict file (e.g. resnet50-0676ba61.pth), to imagenet, or to none to start from random weights"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

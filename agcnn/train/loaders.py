@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from agcnn.config import Config
-from agcnn.runtime import Runtime
+from agcnn.runtime import Runtime, loader_workers
 from agcnn.train.seeds import epoch_generator, rank_seed, seed_worker
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, epoch: int, cfg: C
     its own, which :func:`set_loader_epoch` reseeds, so epoch N draws the same order whether the
     loader is new or reused.
     """
-    workers = cfg.data.num_workers if num_workers is None else num_workers
+    workers = loader_workers(cfg.data.num_workers if num_workers is None else num_workers)
     # Worker seeds (the augmentation in DataLoader workers) differ per rank; see rank_seed.
     g = epoch_generator(rank_seed(cfg.train.seed, rt.rank), epoch)
     sampler = None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from agcnn.config import Config
+from agcnn.config import Config, describe_start
 from agcnn.errors import ConfigError
 from agcnn.metrics import mean_auc, per_class_auc
 from agcnn.runtime import barrier, init_runtime, mean_over_ranks
@@ -64,6 +64,7 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     # Fail before loading any data when a stage would overwrite a run or its seed is missing.
     check_start_points(ctx, stages)
+    ctx.say(f"start: {describe_start(cfg.model)}")
     datasets, ctx.split, ctx.left_out = load_datasets(ctx, datasets, stages)
     if rt.is_main:
         write_config(ctx.run_dir, cfg)

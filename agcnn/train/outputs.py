@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from agcnn.checkpoint import save_checkpoint
-from agcnn.config import Config
+from agcnn.config import Config, describe_start
 from agcnn.fileio import atomic_write_bytes
 from agcnn.metrics import youden_thresholds
 from agcnn.runtime import Runtime, all_gather
@@ -94,7 +94,7 @@ def save_checkpoints(run: StageRun, epoch: int, scores: dict[str, Any], rngs: li
     what a resumed run needs: optimizer, schedule and every process's random state."""
     cfg, plan, model = run.cfg, run.plan, run.model
     # The split the weights were trained and validated on: evaluate refuses another one.
-    extra = dict(stage=run.name, plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
+    extra = dict(stage=run.name, start=describe_start(cfg.model), plan=dataclasses.asdict(plan), epoch=epoch + 1, step=run.step,
                  best_metric=run.best_metric, best_epoch=run.best_epoch, history=run.history, split=run.split)
     if run.ctx.left_out:
         extra["left_out"] = run.ctx.left_out

@@ -25,7 +25,7 @@ from torch import nn
 
 from agcnn.checkpoint import load_checkpoint
 from agcnn.config import Config
-from agcnn.errors import CheckpointError, ConfigError, MissingFileError
+from agcnn.errors import CheckpointError, ConfigError
 from agcnn.labels import check_labels
 from agcnn.runtime import Runtime
 from agcnn.stages import Stage, stage_plan
@@ -128,10 +128,12 @@ def check_start_points(ctx: TrainContext, stages: tuple[str, ...] | list[str]) -
         check_seed_exists(Path(ctx.seed_from), first, explicit=True)
     elif first.seed_from is not None:
         check_seed_exists(stage_dir(run_dir, first.seed_from) / "best.pt", first, explicit=False)
-    elif cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        # Only a stage that starts from scratch reads the ImageNet weights.
-        raise MissingFileError(f"model.pretrained={cfg.model.pretrained!r} does not exist; set it to a local torchvision "
-                               f"state-dict file (e.g. resnet50-11ad3fa6.pth) or to null to start from random weights")
+    else:
+        # Only a stage that starts from scratch reads its start weights: model.pretrained must
+        # name them, and the file be here (ImageNet weights fetched into torch hub's cache).
+        from agcnn.models.backbones import check_start_weights
+
+        check_start_weights(cfg.model)
 
 
 def _model_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:

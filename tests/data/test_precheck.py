@@ -88,6 +88,7 @@ def test_a_worker_failure_is_one_line_naming_file_and_row(tmp_path):
 # ---------------------------------------------------------------------- through `agcnn train`
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=32",
     "data.num_workers=0", "train.device=cpu", "train.channels_last=false", "train.global.batch_size=4",
     "train.global.epochs=1", "data.dataset=csv",
