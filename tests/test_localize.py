@@ -21,12 +21,11 @@ from agcnn.data.geometry import Geometry
 from agcnn.data.transforms import transforms_from_config
 from agcnn.errors import UsageError
 from agcnn.labels import LABELS
+from agcnn.data.boxes import LocalizationError, read_box_table
 from agcnn.localize import (
-    LocalizationError,
     bootstrap_share,
     clip_box,
     overlaps,
-    read_box_table,
     score_boxes,
     summarise,
 )

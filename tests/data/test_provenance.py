@@ -33,6 +33,7 @@ from agcnn.labels import LABELS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
+    "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
     "data.num_workers=0", "train.device=cpu", "train.channels_last=false", "train.global.batch_size=8",
     "train.local.batch_size=8", "train.fusion.batch_size=8", "train.global.epochs=1", "train.local.epochs=1",
@@ -375,7 +376,7 @@ NIH_META = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nih
 def test_nih_boxes_are_held_out_by_the_official_split_and_not_by_a_chexnet_one(with_key):
     """The 880 boxed images are official test images; CheXNet's random split trains on most of their patients."""
     from agcnn.data.chestxray14 import load_chestxray14, patient_from_name
-    from agcnn.localize import read_box_table
+    from agcnn.data.boxes import read_box_table
 
     boxes = read_box_table(NIH_META / "BBox_List_2017.csv.gz", LABELS)
     names = sorted(set(boxes["path"]))
