@@ -12,7 +12,7 @@ from agcnn.config import Config, ConfigError
 # Every command the README documents, and its module; deleting or renaming one must fail here.
 COMMAND_MODULES = {"demo": "agcnn.demo", "train": "agcnn.train.command", "evaluate": "agcnn.evaluate", "predict": "agcnn.predict.command",
                    "merge": "agcnn.predict.merge", "localize": "agcnn.localize", "prepare": "agcnn.data.prepare",
-                   "phantoms": "agcnn.data.synthetic"}
+                   "phantoms": "agcnn.data.synthetic", "send": "agcnn.dicomnet.send", "serve": "agcnn.dicomnet.serve"}
 
 
 def test_version():
