@@ -213,7 +213,8 @@ def _model(ckpt: dict[str, Any]) -> Section:
 def _initialisation(ckpt: dict[str, Any]) -> Section:
     _, _, t = _parts(ckpt)
     return Section("Initialisation", "TRIPOD+AI 12c; CLAIM 24", fields=[
-        ("weights at the start", initialisation(ckpt.get("config") or {})),
+        # As training recorded it (``start``), else read from model.pretrained.
+        ("weights at the start", ckpt.get("start") or initialisation(ckpt.get("config") or {})),
         ("local branch", "copy of the trained global branch" if t.get("local_from_global") else "as the global branch"),
         ("fusion layer", "starts as the global classifier" if t.get("fusion_from_global") else "random"),
     ])

@@ -15,14 +15,17 @@ from agcnn.demo import demo_config_path
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_the_paper_configuration_departs_only_in_its_initialisation():
+def test_the_paper_configuration_does_not_depart_from_the_paper():
     cfg = Config.load(CONFIGS / "agcnn_r50.yaml").to_dict()
-    # Its ImageNet file is a path to fill in; null (the shipped value) trains from random weights.
-    assert [d[0] for d in departures(cfg)] == ["model.pretrained"]
-    cfg["model"]["pretrained"] = "/weights/resnet50-11ad3fa6.pth"
+    assert cfg["model"]["pretrained"] == "imagenet" and departures(cfg) == []
+    assert initialisation(cfg).startswith("ImageNet")
+    cfg["model"]["pretrained"] = "/weights/resnet50-11ad3fa6.pth"  # a local ImageNet file is the paper's start too
     assert departures(cfg) == []
-    cfg["model"]["pretrained"] = "imagenet"
-    assert departures(cfg) == [] and initialisation(cfg).startswith("ImageNet")
+    for random_start in ("none", None):
+        cfg["model"]["pretrained"] = random_start
+        assert [d[:3] for d in departures(cfg)] == [("model.pretrained", "imagenet", "random")]
+    cfg["train"]["local"]["lr"] = 0.02
+    assert ("train.local.lr", "0.01", "0.02") in [d[:3] for d in departures(cfg)]
 
 
 def test_demo_departures_are_named_with_both_values():
@@ -94,7 +97,7 @@ def test_card_of_a_missing_file_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value, expected", [(None, "random"), ("imagenet", "ImageNet weights (torchvision)"),
+@pytest.mark.parametrize("value, expected", [(None, "random"), ("none", "random"), ("imagenet", "ImageNet weights (torchvision)"),
                                              ("/w/resnet50.pth", "resnet50.pth")])
 def test_initialisation_reads_model_pretrained(value, expected):
     assert expected in initialisation({"model": {"pretrained": value}})
