@@ -46,10 +46,12 @@ def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, w
     whole = getattr(evaluated, "rebuilt_table", whole)
     overlap, unit = set_overlap(data, getattr(evaluated, "table", evaluated), whole=whole)
     if overlap is None:
-        problem = (f"whether the {info['name']} set shares {unit} with the data the checkpoint's calibration "
-                   f"{calibration.id} was fitted on ({data.get('name')}) cannot be checked without the site key it "
-                   f"was fitted with")
-    elif overlap:
+        # Not refused (its training patients are checked apart), but every report says so.
+        info.setdefault("caveats", []).append(
+            f"whether the {info['name']} set shares {unit} with the data calibration {calibration.id} was fitted on "
+            f"cannot be checked without the site key it was fitted with")
+        return calibration
+    if overlap:
         problem = (f"{overlap} {unit} of the {info['name']} set are in the data the checkpoint's "
                    f"calibration {calibration.id} was fitted on ({data.get('name')})")
     if overlap != 0:
