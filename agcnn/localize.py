@@ -56,10 +56,8 @@ METHODS = ("attended", "global_cam", "local_cam", "fusion_cam")
 # Which trained branches each method needs.
 NEEDS = {"attended": "global", "global_cam": "global", "local_cam": "local", "fusion_cam": "fusion"}
 # ChestX-ray8 (Wang et al., CVPR 2017), ResNet-50, accuracy at T(IoBB) = 0.5.
-WANG2017_IOBB_05 = {
-    "Atelectasis": 0.28, "Cardiomegaly": 0.88, "Effusion": 0.33, "Infiltration": 0.42,
-    "Mass": 0.14, "Nodule": 0.01, "Pneumonia": 0.38, "Pneumothorax": 0.18,
-}
+WANG2017_IOBB_05 = {"Atelectasis": 0.28, "Cardiomegaly": 0.88, "Effusion": 0.33, "Infiltration": 0.42,
+                    "Mass": 0.14, "Nodule": 0.01, "Pneumonia": 0.38, "Pneumothorax": 0.18}
 # BBox_List_2017.csv spells one finding differently from Data_Entry_2017.
 LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 NIH_BOX_SPACE = 1024
@@ -109,15 +107,13 @@ def read_box_table(path: str | os.PathLike[str], labels: Sequence[str], box_spac
     else:
         raise LocalizationError(
             f"box table {str(path)!r} has neither the NIH header (Image Index, Finding Label, Bbox [x,y,w,h]) nor the "
-            f"columns path, label, x0, y0, x1, y1; its header is {header[:6]}"
-        )
+            f"columns path, label, x0, y0, x1, y1; its header is {header[:6]}")
     bad = table[["x0", "y0", "x1", "y1"]].isna().any(axis=1) | (table["x1"] <= table["x0"]) | (table["y1"] <= table["y0"])
     if bad.any():
         first = table[bad].iloc[0]
         raise LocalizationError(
             f"box table {str(path)!r}: {int(bad.sum())} rows have a missing or empty box (first: {first['path']}, "
-            f"{first['label']}); every box needs numbers with x1 > x0 and y1 > y0"
-        )
+            f"{first['label']}); every box needs numbers with x1 > x0 and y1 > y0")
     table["label"] = table["label"].replace(LABEL_ALIASES)
     unknown = sorted(set(table["label"]) - set(labels))
     if unknown:
@@ -378,10 +374,8 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"{settings['cam_threshold']} of each map's maximum; attended box: the model's threshold "
         f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
         f"({settings['bootstrap']} resamples)."
-    )
-    if settings.get("pool") == "max":  # measured on the phantoms: docs/demo.md, "The Effusion maps"
-        lines += ["", "With `max` pooling (the paper's pool5) a CAM shows where the weighted channels are active, not how "
-                  "the logit was formed: it can lie far from a finding called right (`model.pool: avg`: an exact split)."]
+        + (" With `max` pooling a CAM shows where weighted channels are active, not how the logit was formed: it can "
+           "lie far from a finding called right (docs/demo.md)." if settings.get("pool") == "max" else ""))
     lines.append("")
     missing, unreadable = counts["missing_images"], counts["unreadable_images"]
     oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
@@ -389,8 +383,7 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"Not scored: {len(missing)} images not found, {len(unreadable)} unreadable, {oov} boxes outside the "
         f"field of view after the centre crop"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts['out_of_view'].items()))})" if oov else "")
-        + f". Scored on their visible part: {clipped} boxes partly cut by the crop."
-    )
+        + f". Scored on their visible part: {clipped} boxes partly cut by the crop.")
     lines.append("")
     if summary.empty:
         lines.append("No box could be scored.")
