@@ -296,10 +296,8 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"{settings['cam_threshold']} of each map's maximum; attended box: the model's threshold "
         f"{settings['attention_threshold']}. Intervals: 95 % percentile bootstrap over boxes "
         f"({settings['bootstrap']} resamples)."
-    )
-    if settings.get("pool") == "max":  # measured on the phantoms: docs/demo.md, "The Effusion maps"
-        lines += ["", "With `max` pooling (the paper's pool5) a CAM shows where the weighted channels are active, not how "
-                  "the logit was formed: it can lie far from a finding called right (`model.pool: avg`: an exact split)."]
+        + (" With `max` pooling a CAM shows where weighted channels are active, not how the logit was formed: it can "
+           "lie far from a finding called right (docs/demo.md)." if settings.get("pool") == "max" else ""))
     lines.append("")
     missing, unreadable = counts["missing_images"], counts["unreadable_images"]
     oov, clipped = sum(counts["out_of_view"].values()), sum(counts["clipped"].values())
@@ -307,8 +305,7 @@ def markdown_report(summary: pd.DataFrame, counts: dict[str, Any], settings: dic
         f"Not scored: {len(missing)} images not found, {len(unreadable)} unreadable, {oov} boxes outside the "
         f"field of view after the centre crop"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(counts['out_of_view'].items()))})" if oov else "")
-        + f". Scored on their visible part: {clipped} boxes partly cut by the crop."
-    )
+        + f". Scored on their visible part: {clipped} boxes partly cut by the crop.")
     lines.append("")
     if summary.empty:
         lines.append("No box could be scored.")
