@@ -221,8 +221,10 @@ def _initialisation(ckpt: dict[str, Any]) -> Section:
 
 
 def _data(ckpt: dict[str, Any]) -> Section:
+    from agcnn.data.provenance import current_run, statements, upgrade
+
     _, d, _ = _parts(ckpt)
-    split = ckpt.get("split")
+    split, record = current_run(ckpt), upgrade(ckpt.get("split"))
     fields = [("data set", str(d.get("dataset", "n/a"))),
               ("tables / lists", ", ".join(f"{k} {d[k]}" for k in ("metadata", "train_list", "val_list", "test_list")
                                            if d.get(k)) or "defaults of the data set"),
@@ -235,12 +237,14 @@ def _data(ckpt: dict[str, Any]) -> Section:
         table = (["partition", "images", "patients"],
                  [[p, str(split[p].get("images", "n/a")), str(split[p].get("patients", "n/a"))] for p in ("train", "val")
                   if p in split])
-        notes.append("Training and validation patients are disjoint; the checkpoint keeps digests of both lists and "
-                     "salted hashes of the training patients, so an evaluation that overlaps them is refused.")
+        notes.append(f"Training and validation patients are disjoint; the checkpoint keeps counts and digests of both sets "
+                     f"for each of the {len(record['runs'])} training run(s) behind its branches (with the site key, keyed "
+                     f"hashes of their patients), so an evaluation that overlaps them is refused.")
+        notes += statements(ckpt)
     else:
         notes.append("The checkpoint records no split (written before agcnn recorded it): counts not recorded.")
     if ckpt.get("left_out"):
-        notes.append(f"{len(ckpt['left_out'])} listed images were left out of training as unreadable.")
+        notes.append(f"{sum(r.get('files', 1) for r in ckpt['left_out'])} listed images were left out of training as unreadable.")
     return Section("Training data and split", "TRIPOD+AI 5a, 12a, 20a; CLAIM 7, 20, 21", fields=fields, table=table,
                    notes=notes)
 
@@ -262,7 +266,9 @@ def _recipe(ckpt: dict[str, Any]) -> Section:
 
 def _performance(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> Section:
     labels = list(ckpt.get("labels") or [])
-    val, split = ckpt.get("val_auc") or {}, ckpt.get("split") or {}
+    from agcnn.data.provenance import current_run
+
+    val, split = ckpt.get("val_auc") or {}, current_run(ckpt) or {}
     rows = [[f"{b} (validation, training run)", _fmt(_mean(per)), "not recorded", str(split.get("val", {}).get("images", "n/a"))]
             for b in STAGE_NAMES if (per := _per_class(val.get(b), labels))]
     notes = ["Validation: the split the final epoch was chosen on, so these numbers are optimistic."]

@@ -482,6 +482,13 @@ def statements(ckpt: dict[str, Any]) -> list[str]:
     return ([IMAGE_WISE] if wise else []) + list(record.get("allowed", []))
 
 
+def current_run(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The run record of the stage that wrote the checkpoint (settings, train / val counts), or None."""
+    record = upgrade(ckpt.get("split"))
+    run = record["runs"].get(record["current"]) if record else None
+    return None if run is None or run.get("unrecorded") else run
+
+
 def rebuilt_table(cfg) -> pd.DataFrame | None:
     """The checkpoint's whole table (every split) rebuilt from its data settings, without generating
     or writing anything; None when its files are not here."""

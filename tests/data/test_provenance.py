@@ -174,6 +174,10 @@ def test_stages_run_one_at_a_time_on_one_table_need_no_key(tmp_path, capsys, no_
                  "--bootstrap", "0", "--no-roc"]) == 0
     report = json.loads((out / "auc.json").read_text())
     assert report["split"]["patients_also_in_train"] == 0 and report["split"]["patient_wise"] is True
+    # The model card reads the record of the run that wrote the checkpoint.
+    assert main(["card", str(run / "local" / "best.pt"), "--out", str(tmp_path / "card.md")]) == 0
+    card = (tmp_path / "card.md").read_text()
+    assert "| train | 28 | 28 |" in card and "| val | 6 | 6 |" in card and "2 training run(s)" in card
 
 
 # ---------------------------------------------------------------------- patient IDs
