@@ -45,7 +45,7 @@ TINY = [
     "model.pretrained=none",
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
     "train.device=cpu", "train.channels_last=false", "train.global.batch_size=4", "train.global.epochs=1",
-    "data.dataset=csv", "data.crop_scale=[0.3,1.0]",
+    "data.dataset=csv", "data.augment=resized_crop", "data.crop_scale=[0.3,1.0]",
 ]
 
 

@@ -49,7 +49,7 @@ TINY = [
     "model.backbone=resnet18", "model.local_size=32", "data.image_size=32", "data.resize=32", "data.highres_size=48",
     "data.num_workers=0", "train.device=cpu", "train.channels_last=false", "train.global.batch_size=8",
     "train.local.batch_size=8", "train.fusion.batch_size=8", "train.global.epochs=1", "train.local.epochs=1",
-    "train.fusion.epochs=1", "train.bootstrap=0", "data.dataset=csv",
+    "train.fusion.epochs=1", "train.bootstrap=0", "data.dataset=csv", "data.augment=resized_crop",
 ]
 
 
