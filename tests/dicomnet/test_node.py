@@ -19,6 +19,7 @@ from agcnn.cli import main
 from agcnn.dicomnet.address import server_tls
 from agcnn.dicomnet.serve import RECEIVED, Node, ServeOptions
 from agcnn.errors import UsageError
+from pacs import free_port
 
 
 @pytest.fixture
@@ -200,8 +201,6 @@ def test_results_the_destination_missed_are_forwarded_when_it_comes_back(node, s
 
     from agcnn.dicomnet.address import Destination
     from agcnn.dicomnet.send import SendSettings
-    from conftest import free_port
-
     study_files(tmp_path / "studies")
     port_sink = free_port()
     n, port = node(forward=Destination("SINK", "127.0.0.1", port_sink), forward_every=0.5,

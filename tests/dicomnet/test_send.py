@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agcnn.cli import main
+from pacs import free_port
 
 REFUSE_CAPTURES = """
 function ReceivedInstanceFilter(dicom, origin, info)
@@ -88,8 +89,6 @@ def test_refused_objects_are_reported_with_their_status_and_sent_again_next_time
 
 
 def test_unknown_calling_ae_and_nothing_listening_fail_with_the_reason(orthanc, results, capsys, caplog, tmp_path):
-    from conftest import free_port
-
     folder, _ = results
     pacs = orthanc(modalities={"sender": ("SENDER", 1)})
     assert main(["send", str(folder), "--to", pacs.address, "--ae-title", "STRANGER", "--retries", "1",

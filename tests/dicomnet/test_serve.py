@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PATIENT_IDS, PATIENT_NAMES, STUDIES, die_with_parent
+from pacs import PATIENT_IDS, PATIENT_NAMES, STUDIES, die_with_parent
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from markup import MARKUP_NAME
 
 SMALL = {"image_size": 64, "resize": 64, "highres_size": 64, "num_workers": 0}
-# A file name with markup in it: the page must show it as text.
-MARKUP_NAME = "<img src=x onerror=alert(1)>&.dcm"
 
 
 @pytest.fixture(scope="session")

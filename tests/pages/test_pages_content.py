@@ -17,7 +17,7 @@ from agcnn.errors import UsageError
 from agcnn.pages import detect_kind, write_report
 from agcnn.pages.html import CSP, esc, page
 
-from conftest import MARKUP_NAME  # noqa: E402 - tests/pages/conftest.py
+from markup import MARKUP_NAME
 
 # Anything a page could fetch: a URL in src / href / url(), an @import, a <link> or a frame.
 EXTERNAL = re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:|//|ftp:|file:)|url\(\s*['"]?(?!data:)|@import|<link\b|<iframe\b|<object\b|<embed\b""",
