@@ -23,6 +23,7 @@ LAYERS = {
     "agcnn.errors": 0,  # imports nothing from agcnn: every module may raise its errors
     "agcnn.labels": 1,
     "agcnn.fileio": 1,
+    "agcnn.argtypes": 1,  # argparse number types the commands share
     "agcnn.libmessages": 1,  # the DICOM libraries' messages counted, not shown; standard library only
     "agcnn.metrics": 1,
     "agcnn": 2,  # the package itself: __version__, and the label list re-exported (any module may import it)

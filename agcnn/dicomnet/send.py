@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agcnn.argtypes import int_at_least, seconds
 from agcnn.dicomnet.address import Destination, check_ae_title, client_tls, parse_destination
 from agcnn.errors import EXIT_FAILED, EXIT_OK, UsageError
 from agcnn.fileio import fsync_dir, utc_now
@@ -390,33 +391,13 @@ def _association_failure(assoc, destination: Destination, *, connected: bool) ->
 
 # ---------------------------------------------------------------------- the command line
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
-
-
 def add_connection_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """Timeout and retries of outgoing associations (``prefix``: ``forward-`` for agcnn serve)."""
-    parser.add_argument(f"--{prefix}timeout", type=_seconds, default=30.0, metavar="S",
+    parser.add_argument(f"--{prefix}timeout", type=seconds(allow_zero=False), default=30.0, metavar="S",
                         help="seconds to wait for the connection, each association step and each answer (default 30)")
-    parser.add_argument(f"--{prefix}retries", type=_count, default=2, metavar="N",
+    parser.add_argument(f"--{prefix}retries", type=int_at_least(0), default=2, metavar="N",
                         help="further attempts at objects whose association failed (default 2)")
-    parser.add_argument(f"--{prefix}retry-wait", type=_seconds, default=5.0, metavar="S",
+    parser.add_argument(f"--{prefix}retry-wait", type=seconds(allow_zero=False), default=5.0, metavar="S",
                         help="seconds between attempts (default 5)")
 
 

@@ -62,6 +62,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agcnn.argtypes import int_at_least, seconds
 from agcnn.dicomnet.address import (
     Destination,
     check_ae_title,
@@ -421,26 +422,6 @@ def _lock(path: Path):
 
 # ---------------------------------------------------------------------- the command line
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -460,8 +441,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward", default=None, metavar="AE@HOST:PORT",
                         help="send each SR and Secondary Capture there (usually the PACS that sent the images)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="images per model batch (default 8)")
-    parser.add_argument("--batch-wait", type=_non_negative_float, default=2.0, metavar="S",
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per model batch (default 8)")
+    parser.add_argument("--batch-wait", type=seconds(allow_zero=True), default=2.0, metavar="S",
                         help="seconds to wait after an arrival for the rest of the study (default 2)")
     parser.add_argument("--workers", type=int, default=1,
                         help="decoding processes (default 1: a decoder crash costs one row, not the node; 0: in the node)")

@@ -7,30 +7,16 @@ import os
 import sys
 
 from agcnn import libmessages
+from agcnn.argtypes import int_at_least
 from agcnn.config import EXPLAIN_METHODS
 from agcnn.errors import EXIT_FAILED, EXIT_OK
 from agcnn.predict.options import PredictOptions, parse_shard
 from agcnn.predict.run import predict
 
 
-def _int_at_least(minimum: int, meaning: str = ""):
-    """An argparse type: an integer no smaller than ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{v} must be at least {minimum}{meaning}")
-        return v
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_non_negative = _int_at_least(0, " (0 decodes in the main process)")
-_non_negative_count = _int_at_least(0, " (0: the findings called positive)")
+_positive = int_at_least(1)
+_non_negative = int_at_least(0, " (0 decodes in the main process)")
+_non_negative_count = int_at_least(0, " (0: the findings called positive)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
