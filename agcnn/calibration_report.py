@@ -9,7 +9,6 @@ data it was fitted on), the ECE and site-check numbers of ``auc.json``, their ta
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ import pandas as pd
 
 from agcnn.calibration import ECE_BINS, Calibration, CalibrationError, ece_summary, reliability_bins
 from agcnn.drift import site_check
-from agcnn.report import fmt
+from agcnn.report import BRANCH_COLOURS, finding_grid, fmt
 from agcnn.stages import BRANCHES
 
-COLOURS = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
 
 
 def calibration_to_apply(calibration: Calibration | None, *, calibrated: bool, write_points: bool, allow: bool,
@@ -155,28 +153,10 @@ def write_reliability_figure(path: Path, probs: Mapping[str, np.ndarray], labels
                              eces: Mapping[str, Sequence[float | None]], title: str, n_bins: int = ECE_BINS) -> None:
     """One panel per finding (the grid of roc.png): per branch the mean probability against the
     fraction positive of each equal-width bin, marker area by the bin's share of images."""
-    from matplotlib.figure import Figure
-
-    cols = 4
-    rows = max(1, math.ceil(len(names) / cols))
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.25, hspace=0.35)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(names):
-            ax.axis("off")
-            continue
+    fig, axes, _ = finding_grid(names, labels, xlabel="mean probability", ylabel="fraction positive", ylim=(-0.01, 1.01))
+    for k, ax in enumerate(axes):
         y = labels[:, k]
         seen = ~np.isnan(y)
-        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        ax.set_title(f"{names[k]} (n+={int((y[seen] == 1).sum())})", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(-0.01, 1.01)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=7)
-        if k % cols == 0:
-            ax.set_ylabel("fraction positive", fontsize=8)
-        if k // cols == rows - 1 or k + cols >= len(names):
-            ax.set_xlabel("mean probability", fontsize=8)
         if not seen.any():
             ax.text(0.5, 0.5, "no labels", ha="center", va="center", fontsize=8)
             continue
@@ -184,9 +164,9 @@ def write_reliability_figure(path: Path, probs: Mapping[str, np.ndarray], labels
             mean_p, frac, counts = reliability_bins(p[:, k], y, n_bins)
             full = counts > 0
             e = eces[b][k]
-            ax.plot(mean_p[full], frac[full], "-", color=COLOURS[b], lw=1.0,
+            ax.plot(mean_p[full], frac[full], "-", color=BRANCH_COLOURS[b], lw=1.0,
                     label=f"{b} {e:.3f}" if e is not None else b)
-            ax.scatter(mean_p[full], frac[full], s=4 + 60 * counts[full] / counts.sum(), color=COLOURS[b], zorder=3)
+            ax.scatter(mean_p[full], frac[full], s=4 + 60 * counts[full] / counts.sum(), color=BRANCH_COLOURS[b], zorder=3)
         ax.legend(fontsize=7, loc="upper left", title="ECE", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)

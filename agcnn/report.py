@@ -132,47 +132,58 @@ def pixels_text(pixels: dict[str, Any] | None) -> str:
     return "the decoded originals, as `agcnn predict` reads them"
 
 
-def write_roc_figure(path: Path, probs: dict[str, np.ndarray], labels: np.ndarray, names: Sequence[str],
-                     aucs: dict[str, np.ndarray], title: str, points: dict[str, Sequence[float]] | None = None) -> None:
-    """One panel per finding with the trained branches overlaid; Youden points marked when given."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
+BRANCH_COLOURS = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
 
-    colours = {"global": "tab:blue", "local": "tab:orange", "fusion": "tab:green"}
+
+def finding_grid(names: Sequence[str], labels: np.ndarray, *, xlabel: str, ylabel: str, ylim: tuple[float, float]):
+    """The grid of roc.png and reliability.png, four panels a row: ``(figure, one axis per finding,
+    the first unused axis or None)``. Each finding's axis has its title (with its positives), the
+    diagonal, equal aspect and the outer axis labels; unused axes are switched off."""
+    from matplotlib.figure import Figure
+
     cols = 4
     rows = max(1, math.ceil(len(names) / cols))
     # Figure (not pyplot): no global backend state, renders with Agg on a headless server.
     fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.05, top=0.93, wspace=0.25, hspace=0.35)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(names):
-            ax.axis("off")
-            if k == len(names):
-                summary = "\n".join(f"{b}: {mean_auc(a):.3f}" for b, a in aucs.items())
-                ax.text(0.05, 0.5, f"mean AUC\n{summary}", va="center", fontsize=10)
-            continue
-        seen = ~np.isnan(labels[:, k])
-        y = labels[seen, k]
+    flat = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in flat[len(names):]:
+        ax.axis("off")
+    for k, ax in enumerate(flat[:len(names)]):
+        y = labels[:, k]
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
-        n_pos = int((y == 1).sum())
-        ax.set_title(f"{names[k]} (n+={n_pos})", fontsize=9)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1.01)
+        ax.set_title(f"{names[k]} (n+={int((y[~np.isnan(y)] == 1).sum())})", fontsize=9)
+        ax.set_xlim(0, 1), ax.set_ylim(*ylim)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=7)
         if k % cols == 0:
-            ax.set_ylabel("sensitivity", fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
         if k // cols == rows - 1 or k + cols >= len(names):
-            ax.set_xlabel("1 - specificity", fontsize=8)
+            ax.set_xlabel(xlabel, fontsize=8)
+    return fig, flat[:len(names)], (flat[len(names)] if len(flat) > len(names) else None)
+
+
+def write_roc_figure(path: Path, probs: dict[str, np.ndarray], labels: np.ndarray, names: Sequence[str],
+                     aucs: dict[str, np.ndarray], title: str, points: dict[str, Sequence[float]] | None = None) -> None:
+    """One panel per finding with the trained branches overlaid; Youden points marked when given."""
+    from sklearn.metrics import roc_curve
+
+    fig, axes, spare = finding_grid(names, labels, xlabel="1 - specificity", ylabel="sensitivity", ylim=(0, 1.01))
+    if spare is not None:
+        summary = "\n".join(f"{b}: {mean_auc(a):.3f}" for b, a in aucs.items())
+        spare.text(0.05, 0.5, f"mean AUC\n{summary}", va="center", fontsize=10)
+    for k, ax in enumerate(axes):
+        seen = ~np.isnan(labels[:, k])
+        y = labels[seen, k]
         if y.size == 0 or y.min() == y.max():
             ax.text(0.5, 0.5, "one label value only:\nno ROC curve", ha="center", va="center", fontsize=8)
             continue
         for b, p in probs.items():
             fpr, tpr, thr = roc_curve(y, p[seen, k])
-            ax.plot(fpr, tpr, color=colours[b], lw=1.2, label=f"{b} {aucs[b][k]:.3f}")
+            ax.plot(fpr, tpr, color=BRANCH_COLOURS[b], lw=1.2, label=f"{b} {aucs[b][k]:.3f}")
             if points and b in points and not math.isnan(points[b][k]):
                 called = p[seen, k] >= points[b][k]
-                ax.plot(called[y == 0].mean(), called[y == 1].mean(), "o", color=colours[b], ms=4)
+                ax.plot(called[y == 0].mean(), called[y == 1].mean(), "o", color=BRANCH_COLOURS[b], ms=4)
         ax.legend(fontsize=7, loc="lower right", title="AUC", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
