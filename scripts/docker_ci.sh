@@ -136,6 +136,11 @@ fi
 podman --version
 echo "work dir: $WORK"
 df -h "$WORK" | tail -1
+# The image holds torch's CUDA wheels: the build needs about 15 GB on the storage's file system.
+# Say so before a long build dies of ENOSPC half way through pip.
+NEED_GB=${AGCNN_CI_NEED_GB:-15}
+FREE_GB=$(df -Pk "$WORK" | awk 'NR == 2 {print int($4 / 1048576)}')
+[ "$FREE_GB" -ge "$NEED_GB" ] || die "only ${FREE_GB} GB free under $WORK; the image build needs about ${NEED_GB} GB (free space there, or set AGCNN_CI_WORKDIR to a folder on a larger disk)"
 
 # ---------------------------------------------------------------------------------------------
 if [ "$SELFTEST" = 1 ]; then
