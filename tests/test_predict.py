@@ -498,6 +498,27 @@ def test_a_decoder_crash_fails_one_file_not_the_run(checkpoint, tmp_path, monkey
     assert all(r["status"] == "ok" for p, r in rows.items() if p != "IM3.dcm")
 
 
+def test_more_workers_than_cores_are_capped_said_once_and_recorded(checkpoint, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from agcnn import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "_CAPPED", set())
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        write_dicom(inp / f"IM{i}.dcm", _image(64, 64, i))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="agcnn.runtime"):
+        rc = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inp), "--output", str(out),
+                   "--workers", "64", "--batch-size", "2"])
+    assert rc == 0 and len(_rows(out)) == 3
+    assert [r.getMessage() for r in caplog.records] == ["--workers=64 capped at 1: the CPU cores this process may use"]
+    assert json.loads((out / "manifest.json").read_text())["arguments"]["workers"] == 1
+
+
 def test_a_file_is_listed_under_its_real_name_not_a_link_that_sorts_first(tmp_path):
     from agcnn.predict import list_files
 

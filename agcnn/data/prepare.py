@@ -13,7 +13,6 @@ no longer matches the table. Files that cannot be decoded are listed (and kept i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXIT_UNUSABLE = 1
@@ -34,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from agcnn.errors import ConfigError
     from agcnn.data.cache import build_cache, cache_folder
     from agcnn.data.datasets import load_dataframe, scope_policy
+    from agcnn.runtime import loader_workers
 
     cfg = Config.load(args.config, args.overrides)
     folder = cache_folder(cfg.data)
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("data.cache is not set; give the cache folder in the config or with --set data.cache=PATH")
     table = load_dataframe(cfg)
     workers = cfg.data.num_workers if args.workers is None else args.workers
-    workers = max(0, min(workers, os.cpu_count() or 1))
+    workers = loader_workers(max(0, workers), "--workers" if args.workers is not None else "data.num_workers")
     report = build_cache(folder, table["path"].tolist(), cfg.data.root, size=cfg.data.cache_size,
                          dtype=args.dtype, workers=workers, max_images=args.max_images, scope=scope_policy(cfg.data))
     rate = report.decoded / report.seconds if report.seconds else 0.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from agcnn import libmessages
@@ -12,6 +11,7 @@ from agcnn.config import EXPLAIN_METHODS
 from agcnn.errors import EXIT_FAILED, EXIT_OK
 from agcnn.predict.options import PredictOptions, parse_shard
 from agcnn.predict.run import predict
+from agcnn.runtime import cpu_count
 
 
 _positive = int_at_least(1)
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--batch-size", type=_positive, default=32, help="images per model batch (default 32)")
     parser.add_argument(
-        "--workers", type=_non_negative, default=min(4, os.cpu_count() or 1),
-        help="decoding processes (default min(4, CPUs)); 0 decodes in the main process",
+        "--workers", type=_non_negative, default=min(4, cpu_count()),
+        help="decoding processes (default min(4, CPUs); at most the CPUs this process may use); 0 decodes in the main process",
     )
     parser.add_argument("--overlays", action="store_true",
                         help="write a picture per predicted image: attention heatmap and box, and the fusion CAM of each "

@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from agcnn.predict.options import PredictOptions
 from agcnn.predict.outputs import COUNT_NOT_WRITTEN, COUNT_WRITTEN, Outputs, prepare_dicom_out
 from agcnn.predict.records import FileRecords, collate, take_library_messages, worker_init
 from agcnn.predict.rows import BatchProbabilities, build_rows, columns_for
-from agcnn.runtime import cpu_count
+from agcnn.runtime import cpu_count, loader_workers
 
 OVERLAYS = "overlays"
 STATUSES = ("ok", "skipped", "failed")
@@ -155,6 +155,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     import torch
     from tqdm import tqdm
 
+    options = replace(options, workers=loader_workers(options.workers, "--workers"))
     in_dir, cfg = Path(options.input), loaded.cfg
     dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
     listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
