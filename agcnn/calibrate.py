@@ -83,12 +83,14 @@ def calibrate_checkpoint(
     bootstrap: int | None = None,
     seed: int = 0,
     data_overrides: list[str] | None = None,
+    external_site: bool = False,
 ) -> dict[str, Any]:
     """Fit the calibration on ``split`` (``val`` or ``test`` of the checkpoint's data) or on the
-    table ``data``; write the calibrated checkpoint to ``out``. Returns ``calibration.json``'s content."""
+    table ``data``; write the calibrated checkpoint to ``out``. ``external_site``: ``data`` holds
+    another site's films (``agcnn evaluate --external-site``). Returns ``calibration.json``'s content."""
     checkpoint, out = Path(checkpoint), Path(out)
     rule, target = check_arguments(checkpoint, out, split=split, data=data, method=method, sensitivity=sensitivity,
-                                   specificity=specificity)
+                                   specificity=specificity, external_site=external_site)
     report_dir = Path(report_dir) if report_dir is not None else out.with_suffix(".calibration")
     ckpt = load_checkpoint(checkpoint)
     names = list(ckpt["labels"])
@@ -96,7 +98,7 @@ def calibrate_checkpoint(
     # the set's uncalibrated report (ECE, reliability diagram) is written on the way.
     base = evaluate_checkpoint(checkpoint, split=split or str(data), out_dir=report_dir, device=device, batch_size=batch_size,
                                num_workers=num_workers, bootstrap=bootstrap, seed=seed, data_overrides=data_overrides,
-                               calibrated=False, keep_scores=True)
+                               calibrated=False, keep_scores=True, external_site=external_site)
     scores = base.pop("scores")
     where = "the validation split" if split == "val" else "the test split" if split == "test" else f"the table {Path(data).name}"
     record = fit_calibration(scores["raw"], scores["labels"], names, method)
@@ -120,7 +122,8 @@ def calibrate_checkpoint(
 
 
 def check_arguments(checkpoint: Path, out: Path, *, split: str | None, data: str | Path | None, method: str,
-                    sensitivity: float | None, specificity: float | None) -> tuple[str, float | None]:
+                    sensitivity: float | None, specificity: float | None,
+                    external_site: bool = False) -> tuple[str, float | None]:
     """Refuse options that cannot work, naming the fix; return the operating-point rule and its target."""
     if (split is None) == (data is None):
         raise CalibrationError("give the labelled data to calibrate on: --split val (the training run's validation split) "
@@ -130,6 +133,9 @@ def check_arguments(checkpoint: Path, out: Path, *, split: str | None, data: str
         raise CalibrationError(f"--split {split!r} cannot be calibrated on{hint}; use --split val, or --data TABLE.csv")
     if data is not None and not (Path(data).is_file() and Path(data).suffix.lower() == ".csv"):
         raise CalibrationError(f"--data {str(data)!r} is not an existing .csv table of image paths and labels")
+    if external_site and data is None:
+        raise CalibrationError("--external-site is for --data TABLE.csv (another site's films), not for the checkpoint's own "
+                               "split; drop it")
     if method not in METHODS:
         raise CalibrationError(f"--method {method!r} is not known; use one of {list(METHODS)}")
     if sensitivity is not None and specificity is not None:
@@ -241,6 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "validation split); test makes the test split unusable for evaluation")
     where.add_argument("--data", metavar="TABLE", help="a CSV of image paths and labels (your site's labelled sample); "
                                                       "relative paths are read from the CSV's folder")
+    parser.add_argument("--external-site", action="store_true",
+                        help="the --data table holds another site's films, so no training patient: calibrated on although "
+                             "the overlap cannot be checked (no site key, no patient IDs); the reports say so")
     parser.add_argument("--out", required=True, help="the calibrated checkpoint to write (NEW.pt)")
     parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                         help="platt (default: slope and intercept on the logit, fixes over-confidence and a prevalence "
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, split=args.split, data=args.data, method=args.method, sensitivity=args.sensitivity,
         specificity=args.specificity, report_dir=args.report, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
+        external_site=args.external_site,
     )
     before, after = summary["ece_before"], summary["ece_after"]
     ece = ", ".join(f"{b} {fmt(before[b]['width']['mean'])} -> {fmt(after[b]['width']['mean'])}" for b in before)

@@ -76,6 +76,7 @@ from agcnn import __version__
 from agcnn.calibration_report import add_calibration, calibration_markdown, calibration_to_apply, write_reliability_figure
 from agcnn.checkpoint import load_checkpoint, save_checkpoint
 from agcnn.config import Config, apply_override, describe_start
+from agcnn.data.provenance import has_patient_ids
 from agcnn.drift import score_reference
 from agcnn.errors import ConfigError, UsageError
 from agcnn.fileio import atomic_write_bytes
@@ -171,7 +172,7 @@ def _named_split(cfg: Config, split: str):
     own = set(table.loc[table["split"] == split, "patient"].astype(str))
     train = set(table.loc[table["split"] == "train", "patient"].astype(str)) if split != "train" else set()
     overlap = len(own & train)
-    has_ids = not _made_up_patients(table)
+    has_ids = has_patient_ids(table)  # False: normalise_table named each image its own patient
     if cfg.data.dataset == "synthetic":
         kind = "generated phantoms (agcnn.data.synthetic); not comparable with any ChestX-ray14 result"
     elif cfg.data.dataset == "chestxray14":
@@ -190,14 +191,16 @@ def _named_split(cfg: Config, split: str):
 
 
 def _check_training_split(ckpt: dict[str, Any], cfg: Config, whole: pd.DataFrame | None, dataset, info: dict[str, Any],
-                          allow: bool) -> dict[str, Any]:
+                          allow: bool, external: bool = False) -> dict[str, Any]:
     """Compare the evaluated set with every run whose data trained the checkpoint's branches (its
     ``split`` record, agcnn.data.provenance); refuse a changed split or training patients in it
-    unless ``allow`` (``--allow-other-split``). Runs before anything is written."""
+    unless ``allow`` (``--allow-other-split``); ``external``: ``--external-site``. Runs before
+    anything is written."""
     from agcnn.data.provenance import ProvenanceError, check_evaluated_set
 
     try:
-        check = check_evaluated_set(ckpt, dataset.table, name=info["name"], whole=whole, data_cfg=cfg.data, allow=allow)
+        check = check_evaluated_set(ckpt, dataset.table, name=info["name"], whole=whole, data_cfg=cfg.data, allow=allow,
+                                    external=external)
     except ProvenanceError as e:
         raise EvaluationError(str(e)) from e
     if check["recorded"] and info["patient_ids"] and info["name"] != "train":
@@ -206,17 +209,6 @@ def _check_training_split(ckpt: dict[str, Any], cfg: Config, whole: pd.DataFrame
         info["patients_also_in_train"], info["patient_wise"] = n, None if n is None else n == 0
     info["caveats"] = check["statements"]
     return check
-
-
-def _made_up_patients(table: pd.DataFrame) -> bool:
-    """True when the table had no patient column and every image stands for its own patient.
-
-    :func:`agcnn.data.tables.normalise_table` then names them ``image-0, image-1, ...``; such a
-    split cannot be called patient-wise, and the bootstrap can only resample images.
-    """
-    from agcnn.data.provenance import has_patient_ids
-
-    return not has_patient_ids(table)
 
 
 def _file_split(cfg: Config, path: Path, set_keys: list[str]):
@@ -239,7 +231,7 @@ def _file_split(cfg: Config, path: Path, set_keys: list[str]):
             label_map=d.label_map, val_fraction=0.0, test_fraction=0.0, image_wise=True,
             views=d.views if "views" in set_keys else (), where=str(path),
         )
-    has_ids = not _made_up_patients(table)
+    has_ids = has_patient_ids(table)  # False: normalise_table named each image its own patient
     dataset = XrayDataset(table, cfg.labels, root=root, transform=transforms_from_config(d, train=False), name=path.name,
                           scope=scope_policy(d))
     info = {
@@ -320,6 +312,8 @@ class EvaluateOptions:
     items applied to the checkpoint's data section (e.g. ``data.root=/mnt/nih``).
     ``allow_other_split``: evaluate even when the split differs from the one the checkpoint was
     trained with, or holds its training patients (refused otherwise, before anything is written).
+    ``external_site``: the CSV holds another site's films, so no training patient; evaluated although
+    the overlap cannot be checked (no site key, no patient IDs), and every report says so.
     ``html``: also write ``report.html`` (:mod:`agcnn.pages`).
     ``calibrated``: apply the checkpoint's calibration (``agcnn calibrate``) to the probabilities;
     a set that holds the calibration's fitting data is refused as training patients are.
@@ -342,6 +336,7 @@ class EvaluateOptions:
     roc: bool = True
     include_identifiers: bool = False
     allow_other_split: bool = False
+    external_site: bool = False
     calibrated: bool = True
     keep_scores: bool = False
     html: bool = True
@@ -365,6 +360,9 @@ class EvaluateOptions:
             hint = " (that file does not exist)" if split_path.suffix else ""
             raise EvaluationError(f"split {self.split!r} is not one of {list(SPLITS)} nor an existing .csv file{hint}; "
                                   f"use --split test, --split val or --split path/to/table.csv")
+        if self.external_site and name in SPLITS:
+            raise EvaluationError(f"--external-site is for a table of another site's films (--split site.csv), not the "
+                                  f"checkpoint's own {name!r} split (checked against its record); drop --external-site")
         if self.write_operating_points and name != "val":
             raise EvaluationError(
                 f"--write-operating-points needs --split val (got {self.split!r}): operating points are chosen on the "
@@ -492,7 +490,8 @@ def _evaluated_set(meta: dict[str, Any], cfg: Config, o: EvaluateOptions, split_
     if len(dataset) == 0:
         raise EvaluationError(f"the {split_name} split has no images; check the split lists or the table")
     split_info["name"] = split_name
-    split_info["training_split"] = _check_training_split(meta, cfg, whole, dataset, split_info, o.allow_other_split)
+    split_info["training_split"] = _check_training_split(meta, cfg, whole, dataset, split_info, o.allow_other_split,
+                                                         o.external_site)
     dataset.rebuilt_table = whole  # the calibration's fitting set is checked against it too
     # Files that are missing or not images, listed before the model runs; like every file that
     # fails to decode they are left out of the numbers and listed in skipped.csv.
@@ -572,6 +571,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-other-split", action="store_true",
                         help="evaluate even when the split differs from the checkpoint's training split or holds its "
                              "training patients (refused otherwise); every report then says so")
+    parser.add_argument("--external-site", action="store_true",
+                        help="the --split table holds another site's films, so no training patient: evaluated although "
+                             "the overlap cannot be checked (no site key, no patient IDs); every report says so")
     parser.add_argument("--uncalibrated", dest="calibrated", action="store_false",
                         help="score the model's raw probabilities, without the checkpoint's calibration (agcnn calibrate)")
     parser.add_argument("--write-operating-points", action="store_true",
@@ -584,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed, data_overrides=args.overrides,
         bootstrap_unit=args.bootstrap_unit, write_operating_points=args.write_operating_points, roc=args.roc,
         include_identifiers=args.include_identifiers, allow_other_split=args.allow_other_split, calibrated=args.calibrated,
-        html=args.html,
+        html=args.html, external_site=args.external_site,
     ))
     means = ", ".join(
         f"{b} {fmt(r['mean_auc'])}" for b, r in report["branches"].items() if r["trained"]

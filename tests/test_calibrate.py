@@ -204,3 +204,8 @@ def test_a_site_whose_films_look_different_is_flagged(phantoms, calibrated, tmp_
     assert info["rule"] == "youden" and info["split"] == "the validation split"
     ci = info["intervals"]["fusion"]["Cardiomegaly"]
     assert ci["specificity_ci"][0] <= ci["specificity"] <= ci["specificity_ci"][1]
+    # Calibrating at that site on its own films, declared another site's: the fitting set's report says so.
+    assert main(["calibrate", "--checkpoint", str(calibrated), "--data", str(tmp_path / "site.csv"), "--external-site",
+                 "--out", str(tmp_path / "site.pt"), "--device", "cpu", "--bootstrap", "0", "--num-workers", "0"]) == 0
+    title = (tmp_path / "site.calibration" / "auc.md").read_text().splitlines()[0]
+    assert "external site: declared (--external-site) to hold no patient of the training data" in title

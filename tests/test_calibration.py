@@ -233,6 +233,7 @@ def test_calibrate_refuses_options_that_cannot_work_naming_the_fix(tmp_path):
         (dict(split=None), "give the labelled data"),
         (dict(data=table), "not both"),
         (dict(split=None, data=tmp_path / "missing.csv"), "not an existing .csv"),
+        (dict(external_site=True), "--external-site is for --data TABLE.csv"),
         (dict(method="beta"), "'beta' is not known"),
         (dict(sensitivity=0.9, specificity=0.9), "not both"),
         (dict(sensitivity=90.0), "strictly between 0 and 1"),

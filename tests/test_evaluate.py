@@ -220,6 +220,50 @@ def test_another_split_is_refused_before_anything_is_written(recorded_ckpt, tmp_
         assert load_checkpoint(ckpt)["operating_points_info"]["other_split_problems"]
 
 
+def test_another_sites_table_declared_external_is_evaluated_and_says_how_far_it_was_checked(csv_set, tmp_path, monkeypatch):
+    from agcnn.data.provenance import split_record
+    from agcnn.evaluate import EvaluationError
+
+    table, ckpt_path, _ = csv_set
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = Config.from_dict(ckpt["config"])
+    key = b"the training site's key, 32 bytes"
+    # Trained at another site on patients T0-T5; the table's patients are P0-P12.
+    train = pd.DataFrame({"path": [f"t{i}.png" for i in range(6)], "patient": [f"T{i}" for i in range(6)]})
+    record = split_record(cfg.data, {"train": train, "val": pd.DataFrame({"path": ["v.png"], "patient": ["T9"]})}, key=key)
+    path = tmp_path / "trained.pt"
+    save_checkpoint(path, model_state=ckpt["model"], config=cfg, stage="fusion", split=record)
+    monkeypatch.delenv("AGCNN_SITE_KEY", raising=False)
+    monkeypatch.delenv("AGCNN_SITE_KEY_FILE", raising=False)
+    # This site has no key: the overlap cannot be checked, and undeclared that is refused.
+    with pytest.raises(EvaluationError, match="cannot be checked"):
+        evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "refused", bootstrap=0, roc=False)
+    report = evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "ext", bootstrap=0, roc=False,
+                                 external_site=True)
+    said = "external site: declared (--external-site) to hold no patient of the training data; not checked"
+    assert said in report["split"]["caveats"] and report["split"]["training_split"]["problems"] == []
+    assert report["split"]["patients_also_in_train"] is None
+    assert said in (tmp_path / "ext" / "auc.md").read_text().splitlines()[0]
+    assert "External site: declared (--external-site)" in (tmp_path / "ext" / "report.html").read_text()
+    # Where the overlap can be counted it is, and a declaration does not overrule it.
+    monkeypatch.setenv("AGCNN_SITE_KEY", key.decode())
+    report = evaluate_checkpoint(path, split=str(table), out_dir=tmp_path / "keyed", bootstrap=0, roc=False,
+                                 external_site=True, html=False)
+    assert report["split"]["caveats"][-1].endswith("; checked: none shared")
+    shared = tmp_path / "shared.csv"
+    rows = pd.read_csv(table, dtype=str)
+    rows.loc[:1, "patient"] = "T3"
+    rows.to_csv(shared, index=False)
+    (tmp_path / "img").symlink_to(table.parent / "img")
+    with pytest.raises(EvaluationError, match=r"1 of the 13 patients .* \(although --external-site declares them"):
+        evaluate_checkpoint(path, split=str(shared), out_dir=tmp_path / "refused", bootstrap=0, roc=False,
+                            external_site=True)
+    # The checkpoint's own splits are checked against its record, never declared away.
+    with pytest.raises(EvaluationError, match="--external-site is for a table of another site's films"):
+        evaluate_checkpoint(path, split="test", out_dir=tmp_path / "refused", external_site=True)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_a_table_holding_training_patients_is_refused(csv_set, tmp_path, monkeypatch):
     from agcnn.data.provenance import split_record
     from agcnn.evaluate import EvaluationError

@@ -394,7 +394,7 @@ def allow_start(record: dict[str, Any], lines: Sequence[str]) -> None:
 
 def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str = "evaluated",
                         whole: pd.DataFrame | None = None, data_cfg=None, allow: bool = False,
-                        key: bytes | None = None) -> dict[str, Any]:
+                        key: bytes | None = None, external: bool = False) -> dict[str, Any]:
     """Refuse to evaluate ``table`` (columns ``path``, ``patient``) with ``ckpt`` when it holds
     training patients of any branch, or when that cannot be ruled out; the function ``evaluate``,
     ``localize`` and calibration share.
@@ -403,7 +403,10 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
     evaluated rows are one of its splits (``name``); with ``data_cfg`` a training or validation
     split that differs from the one the checkpoint records is a problem too. ``key``: the site key
     (default: from the environment). ``allow``: return the problems instead of raising (the
-    caller's ``--allow-other-split``; every report must then state them).
+    caller's ``--allow-other-split``; every report must then state them). ``external``: the caller
+    declares (``--external-site``) that the table comes from another site than every training run
+    behind the checkpoint, so no patient can be in both: an overlap that cannot be checked here is
+    then a statement, not a problem; one that can be counted is still checked, and refused.
 
     Returns ``recorded``, ``problems``, ``allowed_other_split``, ``patients_also_in_train`` (None
     when it could not be counted), ``image_wise``, ``statements`` (what every report must say)
@@ -414,9 +417,11 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
     record = upgrade(ckpt.get("split"))
     ids = has_patient_ids(table) if len(table) else True
     info: dict[str, Any] = {"recorded": record is not None, "problems": [], "allowed_other_split": allow,
-                            "patients_also_in_train": None, "image_wise": not ids, "rebuilt": whole is not None}
+                            "patients_also_in_train": None, "image_wise": not ids, "rebuilt": whole is not None,
+                            "external_site": external}
+    declared = "external site: declared (--external-site) to hold no patient of the training data"
     if record is None:
-        info["statements"] = [IMAGE_WISE] if not ids else []
+        info["statements"] = ([IMAGE_WISE] if not ids else []) + ([declared + "; not checked"] if external else [])
         return info
     current = record["runs"].get(record["current"], {})
     if current.get("image_wise"):
@@ -430,21 +435,13 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
             info["problems"].append(f"the {' and '.join(moved)} split built here differs from the one the checkpoint "
                                     f"was trained with ({why})")
     if name != "train":
-        units = _units(table, False) if ids else None
-        outside = whole is not None and not set(_units(table, not ids)) & _units(whole[whole["split"] == "train"], not ids)
-        total, unknown = 0, []
-        for rid, n, why in _overlaps(record, units, not ids, key, whole, outside):
-            if n:
-                info["problems"].append(f"{n} of the {len(units)} patients of the {name} set have images "
-                                        f"{_who(record, rid)} was trained on")
-                total += n
-            elif n is None:
-                unknown.append(f"{_who(record, rid)}: {why}")
-        if unknown:
-            info["problems"].append(f"whether the {name} set holds training patients cannot be checked for "
-                                    + "; ".join(unknown))
-        info["patients_also_in_train"] = total if not unknown and ids else None
+        info["patients_also_in_train"] = _training_overlap(record, table, info["problems"], name=name, ids=ids, key=key,
+                                                           whole=whole, external=external)
     info["statements"] = ([IMAGE_WISE] if info["image_wise"] else []) + list(record.get("allowed", []))
+    if external:
+        n = info["patients_also_in_train"]
+        checked = "not checked" if n is None else "checked: none shared" if n == 0 else f"but {n} are"
+        info["statements"].append(f"{declared}; {checked}")
     if name != "val" and ids and key is not None:
         # Validation patients chose checkpoints and operating points: not refused, but said.
         seen = keyed_hashes(_units(table, False), key)
@@ -464,6 +461,26 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
             f"with the training run's split settings, or pass --allow-other-split to evaluate anyway (every report "
             f"then says so)")
     return info
+
+
+def _training_overlap(record: dict[str, Any], table: pd.DataFrame, problems: list[str], *, name: str, ids: bool,
+                      key: bytes | None, whole: pd.DataFrame | None, external: bool) -> int | None:
+    """Patients of ``table`` that a run behind the checkpoint trained on (None: not counted), each
+    overlap appended to ``problems``; an overlap that cannot be checked is a problem too, unless
+    the set is declared ``external``."""
+    units = _units(table, False) if ids else None
+    outside = whole is not None and not set(_units(table, not ids)) & _units(whole[whole["split"] == "train"], not ids)
+    total, unknown = 0, []
+    for rid, n, why in _overlaps(record, units, not ids, key, whole, outside):
+        if n:
+            problems.append(f"{n} of the {len(units)} patients of the {name} set have images {_who(record, rid)} was "
+                            f"trained on" + (" (although --external-site declares them another site's)" if external else ""))
+            total += n
+        elif n is None:
+            unknown.append(f"{_who(record, rid)}: {why}")
+    if unknown and not external:
+        problems.append(f"whether the {name} set holds training patients cannot be checked for " + "; ".join(unknown))
+    return total if not unknown and ids else None
 
 
 def _moved(run: dict[str, Any], part: pd.DataFrame, split: str) -> bool:

@@ -89,6 +89,7 @@ def _split_text(auc: dict[str, Any]) -> str:
     if check.get("problems"):
         parts.append(f"Evaluated with --allow-other-split although {'; and '.join(check['problems'])}: "
                      f"not a held-out evaluation of this checkpoint.")
+    parts += [f"{c[:1].upper()}{c[1:]}." for c in s.get("caveats", [])]
     if s.get("patient_wise") is False:
         parts.append(f"{s['patients_also_in_train']} of the patients also have images in the training split: "
                      f"the scores are optimistic.")

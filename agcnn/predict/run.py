@@ -94,6 +94,7 @@ def predict(options: PredictOptions, *, loaded: LoadedModel | None = None) -> Su
     """
     started, t0 = utc_now(), time.perf_counter()
     options.check()
+    options = replace(options, workers=loader_workers(options.workers, "--workers"))
     if loaded is None:
         loaded = load_model(options.checkpoint, options.device)
     device = loaded.device
@@ -155,7 +156,6 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
     import torch
     from tqdm import tqdm
 
-    options = replace(options, workers=loader_workers(options.workers, "--workers"))
     in_dir, cfg = Path(options.input), loaded.cfg
     dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
     listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
