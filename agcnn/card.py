@@ -5,14 +5,16 @@ only what the checkpoint (and, when given, an evaluation of it) records -- nothi
 a value the checkpoint does not hold is written as "not recorded".
 
 Its sections follow the items of two reporting checklists that software can fill; each section
-names them. TRIPOD+AI (Collins et al., BMJ 2024; 27 items): 3c intended use, 5a data sources,
+names them. TRIPOD+AI (Collins et al., BMJ 2024; 27 items): 3b intended purpose and users, 5a data sources,
 12a how the data were used (development / evaluation), 12c model type, building and tuning,
 12e performance measures, 15 model output (thresholds), 18f code, 20a flow of data,
 22 model specification, 23a performance with confidence intervals, 26 limitations.
 CLAIM (Mongan et al., Radiology: AI 2020; 42 items): 7 data sources, 20 partitions,
 21 level at which partitions are disjoint, 22 model description, 23 software, 24 initialisation,
 25 training approach, 26 selection of the final model, 28 metrics, 29 uncertainty,
-31 explainability, 35 performance on the partitions, 38 limitations, 39 intended use.
+31 explainability, 35 performance on the partitions, 38 limitations, 39 intended use. (The 2024
+update of CLAIM, Tejani et al., 44 items, keeps 7 and 22-31 and renumbers the rest: 20 and 21
+become 19 and 20, 35 becomes 37, 38 becomes 40, 39 becomes 41.)
 The rest of both checklists (eligibility, ground truth, ethics, ...) belongs to the study, not
 to the software, and is left to its authors.
 
@@ -180,7 +182,7 @@ def model_card(ckpt: dict[str, Any], *, path: str | None = None, sha256: str | N
     name = Path(path).name if path else "checkpoint"
     sections = [_model(ckpt), _initialisation(ckpt), _data(ckpt), _recipe(ckpt), _performance(ckpt, evaluation),
                 _calibration(ckpt), _operating_points(ckpt),
-                Section("Intended use", "TRIPOD+AI 3c; CLAIM 39", fields=[("use", INTENDED_USE)]),
+                Section("Intended use", "TRIPOD+AI 3b; CLAIM 39", fields=[("use", INTENDED_USE)]),
                 _limitations(ckpt), _versions(ckpt, name, sha256)]
     return Card(title=f"Model card: {name}", sections=sections)
 

@@ -57,7 +57,7 @@ def test_card_reads_split_and_operating_points_from_the_checkpoint(untrained_che
     assert "not recorded in this checkpoint" in text  # no calibration stored
     assert "| fusion (validation, training run) | 0.800 |" in text
     assert "Research use only, not for diagnosis" in text
-    for item in ("TRIPOD+AI 3c", "CLAIM 24", "TRIPOD+AI 26", "CLAIM 23"):
+    for item in ("TRIPOD+AI 3b", "CLAIM 24", "TRIPOD+AI 26", "CLAIM 23"):
         assert item in text
     assert "random weights" in text
 
