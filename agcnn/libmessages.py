@@ -1,10 +1,10 @@
 """The DICOM libraries' own messages, kept from the console and logs and counted by kind.
 
-pydicom and highdicom report through :mod:`logging` and :mod:`warnings`, and their messages
-quote what they are about: highdicom warns that a patient's name "is unlikely to represent the
+pydicom, highdicom and pynetdicom report through :mod:`logging` and :mod:`warnings`, and their
+messages quote what they are about: highdicom warns that a patient's name "is unlikely to represent the
 intended person name" with the name in it, logs "copy Patient-related attributes from dataset
 <SOP Instance UID>", pydicom logs a decoder's traceback or "End of file reached ... in file
-<name>". Container and scheduler logs are kept in hospitals, so none of this may reach them.
+<name>", pynetdicom logs the traceback of a data set it failed to encode. Container and scheduler logs are kept in hospitals, so none of this may reach them.
 
 :func:`installed` routes these libraries' log records and warnings into a :class:`Tally`:
 counts by *kind* -- the library, the level or warning category, and the place in the library's
@@ -31,7 +31,7 @@ __all__ = ["LOGGERS", "Tally", "installed", "for_file", "current", "debug_enable
 
 # Loggers whose records are counted instead of shown; warnings whose code lives in these
 # packages likewise. A module that uses another DICOM library adds it here.
-LOGGERS = ("pydicom", "highdicom")
+LOGGERS = ("pydicom", "highdicom", "pynetdicom")
 WARNING_PACKAGES = ("pydicom", "highdicom", "gdcm", "pylibjpeg", "openjpeg", "rle", "jpeg_ls", "pynetdicom")
 FILES_PER_KIND = 3  # relative paths kept per kind: enough to find the files, not a second table
 

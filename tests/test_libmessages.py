@@ -72,3 +72,27 @@ def test_native_stderr_of_a_block_is_kept_and_counted(capfd):
     assert "SECRETNAME" not in err and "after the block" in err
     assert dict(tally.counts) == {"stderr output of a Rust panic": 1}
     assert tally.files["stderr output of a Rust panic"] == ["a.dcm"]
+
+
+def test_a_node_shows_pynetdicom_errors_by_kind_never_their_text(capsys, caplog, monkeypatch):
+    from agcnn.dicomnet import serve
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # serve replaces it for its lifetime
+    for name in ("pydicom", "highdicom", "pynetdicom"):
+        lg = logging.getLogger(name)
+        monkeypatch.setattr(lg, "level", lg.level)
+        monkeypatch.setattr(lg, "handlers", list(lg.handlers))
+    with libmessages.installed() as tally:
+        serve.withhold_library_texts()
+        serve.withhold_library_texts()  # a second node in the same process adds no second line
+        try:
+            raise ValueError("(0010,0010) 'DOE^SECRET' is not a valid PN")
+        except ValueError as e:
+            logging.getLogger("pynetdicom.dsutils").error("pydicom.write_dataset() failed:")
+            logging.getLogger("pynetdicom.dsutils").exception(e)
+        logging.getLogger("pynetdicom.assoc").info("Association accepted from SECRETHOST")
+    shown = capsys.readouterr().err + caplog.text
+    assert "SECRET" not in shown and "DOE" not in shown
+    lines = [r.getMessage() for r in caplog.records if r.name == "agcnn.serve"]
+    assert len(lines) == 2 and all("pynetdicom ERROR" in m and "its text is not shown" in m for m in lines)
+    assert sum(n for k, n in tally.counts.items() if k.startswith("pynetdicom")) == 3

@@ -62,6 +62,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agcnn import libmessages
 from agcnn.argtypes import int_at_least, seconds
 from agcnn.dicomnet.address import (
     Destination,
@@ -508,6 +509,19 @@ def withhold_library_texts() -> None:
     # pydicom also logs what it warns about, value included; highdicom narrates each SR it builds.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.ERROR)
+    # pynetdicom's errors (a handler that failed, a data set it could not encode) come with their
+    # tracebacks, which can quote header values: libmessages counts them, and this says where, now.
+    lg = logging.getLogger("pynetdicom")
+    if not any(isinstance(h, _KindOnly) for h in lg.handlers):
+        lg.addHandler(_KindOnly(level=logging.ERROR))
+
+
+class _KindOnly(logging.Handler):
+    """A library's log record on the console by kind (library, level, place), never its text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.error("agcnn serve: %s (its text is not shown: it can quote header values; --debug shows it)",
+                  libmessages.log_kind(record))
 
 
 def run(args: argparse.Namespace) -> int:
