@@ -275,7 +275,8 @@ def _performance(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> Sec
             for b in STAGE_NAMES if (per := _per_class(val.get(b), labels))]
     notes = ["Validation: the split the final epoch was chosen on, so these numbers are optimistic."]
     if evaluation:
-        name = evaluation.get("split", {}).get("name", "?")
+        evaluated = evaluation.get("split") or {}
+        name = evaluated.get("name", "?")
         for b, r in evaluation.get("branches", {}).items():
             if r.get("trained"):
                 lo, hi = r.get("mean_ci") or [None, None]
@@ -286,6 +287,12 @@ def _performance(ckpt: dict[str, Any], evaluation: dict[str, Any] | None) -> Sec
         if bs.get("n"):
             notes.append(f"Intervals: {100 * (1 - bs.get('alpha', 0.05)):.0f} % percentile bootstrap over "
                          f"{'patients' if bs.get('unit') == 'patient' else 'images'}, {bs['n']} resamples.")
+        # What the evaluation's own report says of its set, said here too.
+        notes += [f"The {name} set: {c}." for c in evaluated.get("caveats", [])]
+        problems = (evaluated.get("training_split") or {}).get("problems")
+        if problems:
+            notes.append(f"Evaluated with --allow-other-split although {'; and '.join(problems)}: not a held-out "
+                         f"evaluation of this checkpoint.")
     else:
         notes.append("Intervals are computed by `agcnn evaluate` (its report shows them beside this card).")
     return Section("Performance (mean AUC over the findings)", "TRIPOD+AI 12e, 23a; CLAIM 28, 29, 35",

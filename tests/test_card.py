@@ -86,6 +86,14 @@ def test_card_takes_intervals_from_an_evaluation_of_the_same_checkpoint(untraine
     assert "| fusion (test split, agcnn evaluate) | 0.812 | 0.781-0.840 | 120 |" in text and "500 resamples" in text
     card = model_card(load_checkpoint(path), path=str(path), sha256=sha256_file(path), evaluation=auc)
     assert card_markdown(card) in text
+    # The evaluated set's caveats travel with its numbers.
+    auc["split"].update(name="site.csv", caveats=["external site: declared (--external-site) to hold no patient of the "
+                                                  "training data; not checked"])
+    card = card_markdown(model_card(load_checkpoint(path), path=str(path), sha256=sha256_file(path), evaluation=auc))
+    assert "The site.csv set: external site: declared (--external-site)" in card
+    auc["split"]["training_split"] = {"problems": ["3 of the 13 patients of the site.csv set have images the checkpoint was trained on"]}
+    card = card_markdown(model_card(load_checkpoint(path), path=str(path), sha256=sha256_file(path), evaluation=auc))
+    assert "Evaluated with --allow-other-split although 3 of the 13 patients" in card
     auc["checkpoint_sha256"] = "0" * 64
     (ev / "auc.json").write_text(json.dumps(auc))
     assert main(["card", str(path), "--evaluation", str(ev)]) == 2
