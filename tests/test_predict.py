@@ -519,6 +519,27 @@ def test_more_workers_than_cores_are_capped_said_once_and_recorded(checkpoint, t
     assert json.loads((out / "manifest.json").read_text())["arguments"]["workers"] == 1
 
 
+def test_a_limited_run_predicts_that_many_files_and_the_next_run_goes_on(checkpoint, tmp_path):
+    from agcnn.errors import UsageError
+    from agcnn.predict import PredictOptions, predict
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(5):
+        write_dicom(inp / f"IM{i}.dcm", _image(64, 64, i))
+    out = tmp_path / "out"
+    lefts, rows = [], []
+    for _ in range(3):
+        summary = predict(PredictOptions(checkpoint, inp, out, workers=0, batch_size=2, progress=False, limit=2))
+        lefts.append(summary.left)
+        rows.append(len(_rows(out)))
+        complete = json.loads((out / "manifest.json").read_text())["complete"]
+    assert lefts == [3, 1, 0] and rows == [2, 4, 5] and complete
+    assert sorted(_by_path(_rows(out))) == [f"IM{i}.dcm" for i in range(5)]
+    with pytest.raises(UsageError, match="limit 0 must be at least 1"):
+        predict(PredictOptions(checkpoint, inp, out, limit=0))
+
+
 def test_a_file_is_listed_under_its_real_name_not_a_link_that_sorts_first(tmp_path):
     from agcnn.predict import list_files
 

@@ -83,6 +83,9 @@ RESULTS = "results"
 RECEIVED = "received.csv"
 SENT = "sent.csv"
 LOCK = ".serve.lock"
+# Instances predicted per pass: a backlog (a restart, a burst of studies) is forwarded a chunk at
+# a time instead of after the last instance is predicted.
+CHUNK = 256
 RECEIVED_COLUMNS = ["time", "calling_ae", "sop_instance_uid", "sop_class_uid", "outcome", "status", "reason"]
 
 # C-STORE statuses (PS3.4 B.2.3).
@@ -190,7 +193,7 @@ class Node:
         self.predict_options = PredictOptions(
             checkpoint=options.checkpoint, input=self.inbox, output=self.out, device=options.device,
             batch_size=options.batch_size, workers=options.workers, progress=False,
-            any_body_part=options.any_body_part, any_view=options.any_view, dicom_out=self.results,
+            any_body_part=options.any_body_part, any_view=options.any_view, dicom_out=self.results, limit=CHUNK,
         )
         self._state = threading.Lock()  # guards done, writing, usage
         self.done: set[str] = self._read_done()
@@ -335,22 +338,32 @@ class Node:
         with self._state:
             return sorted(p.name for p in self.inbox.iterdir() if p.name not in self.done)
 
-    def cycle(self) -> None:
-        """Predict what waits in the inbox, forward the results, empty the inbox of what is done."""
+    def cycle(self, stop: threading.Event | None = None) -> None:
+        """Predict what waits in the inbox, :data:`CHUNK` instances at a time, forwarding each
+        chunk's results and emptying the inbox of what is done before the next, until nothing
+        waits (or ``stop`` is set)."""
         from agcnn.predict import predict
 
         self.retry_due = None
-        todo = self.pending()
-        if todo:
+        chunks = 0
+        while self.pending():
+            chunks += 1
             summary = predict(self.predict_options, loaded=self.loaded)
             c = summary.counts
-            log.info("agcnn serve: %d instances predicted (all so far: %d ok, %d skipped, %d failed) -> %s",
-                     summary.new_rows, c.get("ok", 0), c.get("skipped", 0), c.get("failed", 0), summary.out_dir / "predictions.csv")
+            log.info("agcnn serve: %d instances predicted (all so far: %d ok, %d skipped, %d failed; %d waiting) -> %s",
+                     summary.new_rows, c.get("ok", 0), c.get("skipped", 0), c.get("failed", 0), summary.left,
+                     summary.out_dir / "predictions.csv")
             done = self._read_done()
             with self._state:
                 self.done = done
-        self.forward()
-        self._clean_inbox()
+            if self.retry_due is None:  # the destination refused this cycle: the retry will send the rest
+                self.forward()
+            self._clean_inbox()
+            if not summary.new_rows or (stop is not None and stop.is_set()):
+                return  # what predict does not list (a file that is not one) is left in the inbox, as before
+        if not chunks:  # woken to retry the forwarding
+            self.forward()
+            self._clean_inbox()
 
     def forward(self) -> None:
         o = self.options
@@ -377,15 +390,15 @@ class Node:
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Predict the backlog, then each batch as it arrives, until ``stop`` is set."""
-        self._guarded(self.cycle)
+        self._guarded(lambda: self.cycle(stop))
         while not stop.is_set():
             if self.wake.wait(timeout=0.5):
                 # Let the rest of a study arrive, so its images share a model batch.
                 stop.wait(self.options.batch_wait)
                 self.wake.clear()
-                self._guarded(self.cycle)
+                self._guarded(lambda: self.cycle(stop))
             elif self.retry_due is not None and time.monotonic() >= self.retry_due:
-                self._guarded(self.cycle)
+                self._guarded(lambda: self.cycle(stop))
 
     def _guarded(self, step) -> None:
         try:

@@ -38,6 +38,9 @@ class PredictOptions:
     retry_failed: bool = False
     # Folder for the DICOM results (SR + Secondary Capture per predicted DICOM instance).
     dicom_out: str | os.PathLike[str] | None = None
+    # At most this many files in this run, the rest left for the next (agcnn serve predicts a
+    # backlog in chunks, forwarding each chunk's results before the next); None: all.
+    limit: int | None = None
 
     # The options that change what a row holds: a resumed run must use the same ones.
     ROW_OPTIONS = ("include_identifiers", "all_branches", "overlays", "any_body_part", "any_view", "dicom_out")
@@ -52,6 +55,8 @@ class PredictOptions:
             raise UsageError(f"--device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         if self.overlay_top is not None and self.overlay_top < 0:
             raise UsageError(f"--overlay-top {self.overlay_top} must be 0 (the findings called positive) or more")
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"limit {self.limit} must be at least 1 file, or None for all")
         if self.workers < 0:
             raise UsageError(f"--workers {self.workers} must be 0 or more")
         in_dir = Path(self.input)

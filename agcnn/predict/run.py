@@ -56,6 +56,7 @@ class Summary:
     seconds: float  # of the decode + predict loop, without start-up
     # Values of the sources corrected or dropped in this run's DICOM results, by kind.
     dicom_fixes: Counter = field(default_factory=Counter)
+    left: int = 0  # files not predicted yet: beyond the run's limit (PredictOptions.limit)
 
     @property
     def dicom_not_written(self) -> int:
@@ -158,13 +159,7 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
 
     in_dir, cfg = Path(options.input), loaded.cfg
     dicom_out = Path(options.dicom_out) if options.dicom_out is not None else None
-    listing = list_files(in_dir, exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
-    shard = options.shard
-    mine = [p for p in listing.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
-    retried = journal.drop_failed(dicom=dicom_out is not None) if options.retry_failed else []
-    pending = [p for p in mine if p not in journal.done]
-    if dicom_out is not None:
-        prepare_dicom_out(dicom_out, shard)
+    listing, mine, retried, pending, left = _work(options, journal, dicom_out)
 
     manifest = _manifest(options, loaded, device, columns, listing, mine, resumed=len(journal.done),
                          retried=len(retried), started=started)
@@ -204,13 +199,27 @@ def _run(options: PredictOptions, loaded: LoadedModel, device, out_dir: Path, jo
         files_per_second=round(new_rows / loop_seconds, 3) if loop_seconds > 0 and new_rows else None,
         counts={k: v for k, v in sorted(total_counts.items()) if k in STATUSES},
         reasons={k: v for k, v in sorted(total_counts.items()) if ":" in k},
-        complete=True,
+        complete=not left,
         **outputs.manifest_entries(total_counts, tally),
     )
     write_manifest(out_dir, manifest)
     if not mine:
         log.warning("no files found under %s", in_dir)
-    return Summary(out_dir, total_counts, new_rows, loop_seconds, dicom_fixes=outputs.fixes)
+    return Summary(out_dir, total_counts, new_rows, loop_seconds, dicom_fixes=outputs.fixes, left=left)
+
+
+def _work(options: PredictOptions, journal: Journal, dicom_out: Path | None):
+    """(listing, this shard's files, the failed ones dropped for a retry, the files this run
+    predicts, the files left for a later run by ``options.limit``)."""
+    listing = list_files(Path(options.input), exclude=[Path(options.output), *([dicom_out] if dicom_out else [])])
+    shard = options.shard
+    mine = [p for p in listing.paths if shard is None or shard_of(p, shard[1]) == shard[0]]
+    retried = journal.drop_failed(dicom=dicom_out is not None) if options.retry_failed else []
+    pending = [p for p in mine if p not in journal.done]
+    if dicom_out is not None:
+        prepare_dicom_out(dicom_out, shard)
+    limit = len(pending) if options.limit is None else options.limit
+    return listing, mine, retried, pending[:limit], max(0, len(pending) - limit)
 
 
 def _manifest(options: PredictOptions, loaded: LoadedModel, device, columns: list[str], listing: Listing, mine: list[str], *,

@@ -4,6 +4,7 @@ refused with which status (each with its row), duplicates, the inbox's bound."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import threading
@@ -19,7 +20,7 @@ from agcnn.cli import main
 from agcnn.dicomnet.address import server_tls
 from agcnn.dicomnet.serve import RECEIVED, Node, ServeOptions
 from agcnn.errors import UsageError
-from pacs import free_port
+from pacs import STUDIES, free_port
 
 
 @pytest.fixture
@@ -224,3 +225,30 @@ def test_results_the_destination_missed_are_forwarded_when_it_comes_back(node, s
     with open(sent, newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["path"] for r in rows if r["outcome"] == "accepted") == sorted(p.name for p in n.results.iterdir())
+
+
+def test_a_backlog_is_predicted_and_forwarded_a_chunk_at_a_time(node_checkpoint, study_files, tmp_path, monkeypatch):
+    from agcnn.dicomnet import serve
+
+    # What a restart finds: instances received (durably, answered Success) but not yet predicted.
+    out = tmp_path / "node"
+    (out / serve.INBOX).mkdir(parents=True)
+    for name in study_files(tmp_path / "studies"):
+        shutil.copy(tmp_path / "studies" / name, out / serve.INBOX / name)
+    monkeypatch.setattr(serve, "CHUNK", 2)
+    n = Node(ServeOptions(checkpoint=node_checkpoint, output=out, ae_title="AGCNN", port=0, bind="127.0.0.1",
+                          device="cpu", batch_wait=0.0, workers=0))
+    forwarded_after: list[int] = []
+    real_forward = n.forward
+    monkeypatch.setattr(n, "forward", lambda: forwarded_after.append(len(n.done)) or real_forward())
+    try:
+        n.cycle()
+    finally:
+        n.close()
+    # 5 instances, 2 a pass: the results of each pass were sent on before the next pass began.
+    assert forwarded_after == [2, 4, 5]
+    assert list((out / serve.INBOX).iterdir()) == []
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(STUDIES)
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
