@@ -356,7 +356,7 @@ class Node:
             done = self._read_done()
             with self._state:
                 self.done = done
-            if self.retry_due is None:  # the destination refused this cycle: the retry will send the rest
+            if self.retry_due is None:  # else the destination failed earlier in this cycle: its retry sends the rest
                 self.forward()
             self._clean_inbox()
             if not summary.new_rows or (stop is not None and stop.is_set()):
