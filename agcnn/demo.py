@@ -365,13 +365,14 @@ def _result(cfg: Config, out: Path, results: dict[str, Any], report: dict[str, A
 
 def not_shown(difference: dict[str, Any], attended: dict[str, tuple[int, int]]) -> list[str]:
     """Why a run's own numbers do not show the mechanism (empty when they do): the paired
-    interval of fusion - global reaches 0, or the box holds under half of the nodules."""
+    interval of fusion - global reaches 0 (or lies below it), or the box holds under half of the nodules."""
     why = []
     lo, hi = difference.get("lo"), difference.get("hi")
     if lo is None:
         why.append("no paired interval (train.bootstrap=0)")
     elif lo <= 0:
-        why.append(f"the paired interval of fusion - global, {lo:+.3f} to {hi:+.3f}, reaches 0")
+        where = "lies below 0: fusion is worse" if hi < 0 else "reaches 0"
+        why.append(f"the paired interval of fusion - global, {lo:+.3f} to {hi:+.3f}, {where}")
     inside, n = attended.get("nodule", (0, 0))
     if n == 0 or inside < HELD_SHARE * n:
         why.append(f"the attended box holds {inside} of {n} nodules")

@@ -74,6 +74,8 @@ def test_a_run_that_does_not_show_the_mechanism_says_why():
     why = not_shown({"lo": -0.020, "hi": 0.023}, {"nodule": (7, 35)})
     assert why == ["the paired interval of fusion - global, -0.020 to +0.023, reaches 0",
                    "the attended box holds 7 of 35 nodules"]
+    assert not_shown({"lo": -0.052, "hi": -0.006}, {"nodule": (21, 42)}) == [
+        "the paired interval of fusion - global, -0.052 to -0.006, lies below 0: fusion is worse"]
     assert not_shown(shown, {"nodule": (17, 35)}) == ["the attended box holds 17 of 35 nodules"]
     assert not_shown(shown, {"nodule": (18, 35)}) == []
     assert not_shown({"lo": None, "hi": None}, {}) == ["no paired interval (train.bootstrap=0)",
