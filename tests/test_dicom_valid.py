@@ -24,19 +24,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import BaseTag
 
-from agcnn.checkpoint import save_checkpoint
-from agcnn.config import Config
 from agcnn.data.dicom_write import write_dicom
 from agcnn.dicom_out import DicomResult, object_paths, render_overlay, write_dicom_results
 from agcnn.dicom_out.source import clean_source
 from agcnn.labels import LABELS
-from agcnn.models import AGCNN
 
 DCIODVFY = shutil.which("dciodvfy")
 needs_dciodvfy = pytest.mark.skipif(
@@ -129,14 +125,9 @@ def identifiers(ds: pydicom.Dataset) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 64},
-                            "data": {"image_size": 64, "highres_size": 64, "resize": 72}})
-    torch.manual_seed(0)
-    model = AGCNN.from_config(cfg.model, num_classes=len(LABELS), image_size=64)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg, operating_points={"fusion": [0.5] * len(LABELS)})
-    return path
+def checkpoint(tmp_path_factory, untrained_checkpoint) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", data={"resize": 72},
+                                operating_points={"fusion": [0.5] * len(LABELS)})
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,13 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.dataset import Dataset
 
-from agcnn.checkpoint import save_checkpoint
 from agcnn.cli import main
 from agcnn.config import Config
 from agcnn.data.dicom_write import write_dicom
 from agcnn.dicom_out import object_paths
 from agcnn.labels import LABELS
-from agcnn.models import AGCNN
 from agcnn.predict.journal import lock_output
 from agcnn.errors import UsageError
 
@@ -64,16 +61,11 @@ DICOM_OK = ["capture.dcm", "chest_ap_supine.dcm", "chest_pa.dcm", "no_attributes
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    cfg = Config.from_dict({"model": {"backbone": "resnet18", "local_size": 64},
-                            "data": {"image_size": 64, "highres_size": 64, "resize": 72}})
-    torch.manual_seed(0)
-    model = AGCNN.from_config(cfg.model, num_classes=len(LABELS), image_size=64)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+def checkpoint(tmp_path_factory, untrained_checkpoint) -> Path:
     thresholds = [0.5] * len(LABELS)
     thresholds[1] = None  # a finding without an operating point: no call
-    save_checkpoint(path, model_state=model.state_dict(), config=cfg, operating_points={"fusion": thresholds})
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", data={"resize": 72},
+                                operating_points={"fusion": thresholds})
 
 
 @pytest.fixture(scope="module")
