@@ -423,15 +423,9 @@ class Node:
 
 def _lock(path: Path):
     """This process's lock on the node's folder (a record lock: not inherited by the decoding workers)."""
-    import fcntl
+    from agcnn.predict.journal import hold_lock
 
-    f = open(path, "a")
-    try:
-        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise UsageError(f"another `agcnn serve` is using {str(path.parent)!r}; stop it or pass another --output") from None
-    return f
+    return hold_lock(path, f"another `agcnn serve` is using {str(path.parent)!r}; stop it or pass another --output")
 
 
 # ---------------------------------------------------------------------- the command line

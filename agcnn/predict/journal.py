@@ -190,14 +190,20 @@ def lock_output(out_dir: Path):
     Nothing else in this process may open and close the lock file: closing any descriptor of
     it would drop the lock (POSIX semantics).
     """
+    return hold_lock(out_dir / LOCK, f"another `agcnn predict` is writing to {str(out_dir)!r}; wait for it or use another --output")
+
+
+def hold_lock(path: Path, busy: str):
+    """This process's record lock on ``path`` (see :func:`lock_output`); :class:`UsageError`
+    ``busy`` when another process holds it."""
     import fcntl
 
-    f = open(out_dir / LOCK, "a")
+    f = open(path, "a")
     try:
         fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.close()
-        raise UsageError(f"another `agcnn predict` is writing to {str(out_dir)!r}; wait for it or use another --output") from None
+        raise UsageError(busy) from None
     return f
 
 
