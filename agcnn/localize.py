@@ -398,6 +398,7 @@ class LocalizeOptions:
     device: str = "auto"
     cases: int = 4
     allow_other_split: bool = False  # score boxes on (possibly) training patients' images; refused otherwise
+    external_site: bool = False  # the box table is another site's: patients no key here can check are declared, not refused
 
     def check(self) -> LocalizeOptions:
         """Raise :class:`UsageError` for an option that cannot work; nothing is read or written yet."""
@@ -437,7 +438,8 @@ def localize(options: LocalizeOptions) -> dict[str, Any]:
     cfg = loaded.config
     methods = [m for m in METHODS if NEEDS[m] in loaded.branches]
     table = read_box_table(o.boxes, cfg.labels, o.box_space)
-    provenance = check_boxed_images(loaded.meta, cfg, table["path"], allow=o.allow_other_split)  # before any work
+    provenance = check_boxed_images(loaded.meta, cfg, table["path"], allow=o.allow_other_split,  # before any work
+                                    external=o.external_site)
     scores, counts = score_boxes(loaded.model, cfg, table, o.images, methods=methods, cam_threshold=o.cam_threshold,
                                  explain_method=o.explain, batch_size=o.batch_size, device=loaded.device,
                                  keep_inputs=o.cases > 0)
@@ -499,6 +501,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="best and worst N cases in localization_cases.png (default 4; 0 = no picture)")
     parser.add_argument("--allow-other-split", action="store_true", help="score boxes on training patients' images too")
+    parser.add_argument("--external-site", action="store_true",
+                        help="the boxes are another site's films, so no training patient: images whose patients no key "
+                             "here can check are scored, and every report says this was declared, not checked "
+                             "(a patient shared with the training data is still refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -506,6 +512,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.boxes, args.images, args.out, box_space=args.box_space, cam_threshold=args.cam_threshold,
         explain=args.explain, bootstrap=args.bootstrap, seed=args.seed, batch_size=args.batch_size,
         device=args.device, cases=args.cases, allow_other_split=args.allow_other_split,
+        external_site=args.external_site,
     ))
     s = pd.DataFrame(report["summary"])
     n_scored = int(s[(s["finding"] == "all")]["n"].max()) if not s.empty else 0

@@ -528,20 +528,21 @@ def rebuilt_table(cfg) -> pd.DataFrame | None:
 
 
 def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow: bool = False,
-                       key: bytes | None = None) -> dict[str, Any]:
+                       key: bytes | None = None, external: bool = False) -> dict[str, Any]:
     """:func:`check_evaluated_set` for the images of a box table (``agcnn localize``).
 
     Each image's patient comes from the checkpoint's own table, rebuilt from its data settings
     when its files are here (matched by file name), else from a ChestX-ray14 file name
     (``<patient>_<follow-up>.png``). An image whose patient is known neither way cannot be
-    checked, which is refused like an overlap.
+    checked, which is refused like an overlap unless ``external`` (``--external-site``) declares
+    the table another site's; a known patient the training data holds is refused either way.
     """
     from agcnn.data.chestxray14 import patient_from_name
 
     names = sorted(set(image_names(paths)))
     if upgrade(ckpt.get("split")) is None:
         info = check_evaluated_set(ckpt, pd.DataFrame({"path": names, "patient": names}), name="boxed images",
-                                   allow=allow, key=key)
+                                   allow=allow, key=key, external=external)
         info["caveats"] = info["statements"]
         return info
     whole = rebuilt_table(cfg)
@@ -553,8 +554,14 @@ def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow
     unknown = [n for n, p in zip(names, patients) if p is None]
     table = pd.DataFrame({"path": [n for n, p in zip(names, patients) if p is not None],
                           "patient": [p for p in patients if p is not None]})
-    info = check_evaluated_set(ckpt, table, name="boxed images", whole=whole, allow=True, key=key)
-    if unknown:
+    info = check_evaluated_set(ckpt, table, name="boxed images", whole=whole, allow=True, key=key, external=external)
+    if unknown and external:
+        # The declaration covers what no key here can check: say how much that is.
+        info["statements"] = [s for s in info["statements"] if not s.startswith("external site:")] + [
+            f"external site: declared (--external-site) to hold no patient of the training data; {len(unknown)} of "
+            f"the {len(names)} boxed images not checked" + (f", the other {len(table)} checked: none shared"
+                                                           if len(table) else "")]
+    elif unknown:
         info["problems"].append(f"the patients of {len(unknown)} of the {len(names)} boxed images are not known (not in "
                                 f"the checkpoint's table, rebuilt from its data settings, nor named like ChestX-ray14 "
                                 f"files), so they cannot be checked against the training patients")

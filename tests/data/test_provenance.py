@@ -357,6 +357,33 @@ def test_localize_with_the_key_counts_a_training_patient_of_another_table(tmp_pa
     assert "--allow-other-split" in (tmp_path / "loc" / "localization.md").read_text().splitlines()[0]
 
 
+def test_localize_on_another_sites_boxes_declared_external(tmp_path, capsys, with_key):
+    data = tmp_path / "data"
+    assert train_cli(config(tmp_path, yesterday(data)), tmp_path / "a", "--stage", "global") == 0
+    ckpt = tmp_path / "a" / "global" / "best.pt"
+    # Another site's film names: no table here and no ChestX-ray14 name gives their patients.
+    for name in ("siteB_a1.png", "siteB_a2.png", "00000005_000.png"):
+        cv2.imwrite(str(data / "img" / name), np.zeros((40, 40), np.uint8))
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,label,x0,y0,x1,y1\nsiteB_a1.png,Mass,4,4,30,30\nsiteB_a2.png,Nodule,2,2,20,20\n")
+    out = tmp_path / "loc"
+    argv = ["localize", "--checkpoint", str(ckpt), "--boxes", str(boxes), "--images", str(data / "img"),
+            "--out", str(out), "--bootstrap", "0", "--cases", "0", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "the patients of 2 of the 2 boxed images are not known" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--external-site"]) == 0
+    said = ("external site: declared (--external-site) to hold no patient of the training data; 2 of the 2 boxed "
+            "images not checked")
+    assert said in (out / "localization.md").read_text().splitlines()[0]
+    report = json.loads((out / "localization.json").read_text())
+    assert report["settings"]["training_patients"]["problems"] == []
+    # A film whose patient can be counted, and who trained the checkpoint, is refused even so.
+    boxes.write_text("path,label,x0,y0,x1,y1\nsiteB_a1.png,Mass,4,4,30,30\n00000005_000.png,Mass,4,4,30,30\n")
+    assert main([*argv, "--external-site", "--out", str(tmp_path / "loc2")]) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 1 patients of the boxed images set" in err and "although --external-site" in err
+
+
 def test_old_records_are_still_checked():
     """Version 1 records: salted, unkeyed hashes of the raw IDs."""
     import hashlib
