@@ -18,7 +18,9 @@ installation in well under a minute; its numbers mean nothing. ``--long`` trains
 the phantoms and twice the global epochs (:data:`LONG`). ``--seed N`` draws another phantom set
 (``data.synthetic_seed``); ``--control-same-resolution`` crops the local input from the global
 input itself, as the paper does (``data.highres_size`` = ``data.image_size``), so that a run
-with and one without it separate what the attention adds from what the resolution adds.
+with and one without it separate what the attention adds from what the resolution adds;
+``--global-from DIR`` takes the phantoms and the trained global stage of the finished run in DIR,
+so that the control differs from that run in the local branch's input only.
 """
 
 from __future__ import annotations
@@ -270,13 +272,16 @@ def evidence(cfg: Config, checkpoint: Path, evaluation: Path, out: Path, report:
 
 def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrides: list[str] | None = None,
              progress: bool = True, say: Callable[[str], None] = print, long: bool = False, seed: int | None = None,
-             same_resolution: bool = False) -> dict[str, Any]:
+             same_resolution: bool = False, global_from: str | Path | None = None) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the mean AUCs, timings and paths."""
     from agcnn.train.loop import train
 
     out = Path(out_dir).resolve()
     cfg = demo_config(out, quick, overrides, long=long, seed=seed, same_resolution=same_resolution)
     run_dir = out / "run"
+    if global_from is not None:
+        cfg = take_global_stage(Path(global_from).resolve(), run_dir, cfg)
+        say(f"global stage and phantoms: those of {Path(global_from).resolve()} (--global-from)")
     resume = _resumable(run_dir, cfg)
 
     timings: dict[str, float] = {}
@@ -321,6 +326,38 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     result["paths"]["report"] = write_report(out, kind="demo", notes=printed)
     _print_summary(result, quick, say)
     return result
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    return {k: v for key, value in d.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+
+def take_global_stage(source: Path, run_dir: Path, cfg: Config) -> Config:
+    """``--global-from``: start ``run_dir`` with the phantoms and the global stage of the demo run
+    in ``source``, which must differ from ``cfg`` in the local branch's input only (the control
+    of the same run); returns ``cfg`` reading those phantoms."""
+    from agcnn.train.outputs import write_config
+    from agcnn.train.seeds import LOCAL_INPUT
+
+    theirs_path, stage = source / "run" / "config.yaml", source / "run" / "global"
+    if not theirs_path.is_file() or not (stage / "last.pt").is_file():
+        raise ConfigError(f"--global-from {str(source)!r} holds no demo run with a trained global stage "
+                          f"(run/config.yaml, run/global/last.pt); run the demo into it first, or drop --global-from")
+    theirs = _flat(Config.load(theirs_path).to_dict())
+    mine = _flat(cfg.to_dict())
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
+              if theirs.get(k) != v and k not in (*LOCAL_INPUT, "data.root")]
+    if differ:
+        raise ConfigError(f"--global-from {str(source)!r} was run with other settings ({'; '.join(differ)}); pass the "
+                          f"same --long / --seed / --set values as that run, so that only the local input differs")
+    d = cfg.to_dict()
+    d["data"]["root"] = theirs["data.root"]
+    cfg = Config.from_dict(d)
+    if not (run_dir / "global" / "last.pt").is_file():
+        shutil.copytree(stage, run_dir / "global", dirs_exist_ok=True)
+        write_config(run_dir, cfg)
+    return cfg
 
 
 def _resumable(run_dir: Path, cfg: Config) -> bool:
@@ -443,6 +480,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-same-resolution", action="store_true",
                         help="the control run: crop the local input from the global input itself, as the paper does "
                              "(data.highres_size = data.image_size), instead of from the 512 px copy")
+    parser.add_argument("--global-from", metavar="DIR", default=None,
+                        help="take the phantoms and the trained global stage of the demo run in DIR (its --out), which "
+                             "must have the same settings but the local input: the control of that very run, in a "
+                             "third of its time")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the demo config, e.g. --set train.device=cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -450,5 +491,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_demo(args.out, quick=args.quick, overrides=args.overrides, progress=not args.no_progress, long=args.long,
-             seed=args.seed, same_resolution=args.control_same_resolution)
+             seed=args.seed, same_resolution=args.control_same_resolution, global_from=args.global_from)
     return 0

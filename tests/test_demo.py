@@ -138,6 +138,34 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     finally:
         torch.set_num_threads(n)
     assert "skipped" in capsys.readouterr().out
+    _check_control_from_the_same_global_stage(tmp_path, capsys)
+
+
+def _check_control_from_the_same_global_stage(tmp_path: Path, capsys) -> None:
+    """--global-from: the control trains the local and fusion stages only, on the same phantoms
+    from the same global branch; a run with other settings is refused before any work."""
+    import hashlib
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--quick", "--control-same-resolution", "--global-from", "d", "--out", "c",
+                     "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    out = capsys.readouterr().out
+    assert "local input cropped from the global input (control)" in out and "--global-from" in out
+    digest = [hashlib.sha256((tmp_path / f / "run" / "global" / "best.pt").read_bytes()).hexdigest() for f in ("d", "c")]
+    assert digest[0] == digest[1]
+    cfg = Config.load(tmp_path / "c" / "run" / "config.yaml")
+    assert cfg.data.highres_size == cfg.data.image_size and Path(cfg.data.root) == tmp_path / "d" / "phantoms"
+    assert not (tmp_path / "c" / "phantoms").exists()
+    local = torch.load(tmp_path / "c" / "run" / "local" / "best.pt", weights_only=False)
+    assert local["config"]["data"]["highres_size"] == cfg.data.image_size
+    assert main(["demo", "--quick", "--seed", "3", "--control-same-resolution", "--global-from", "d", "--out", "c3",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.synthetic_seed: 0 there, 3 here" in err and not (tmp_path / "c3").exists()
 
 
 def _check_picture_only_where_the_box_holds_the_opacity(demo: Path, out: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -207,6 +208,26 @@ def test_checkpoint_from_before_a_model_setting_existed_seeds_with_its_default(t
     with pytest.raises(ConfigError, match="model.heatmap"):
         train(tiny_config("train.local.epochs=1", "model.heatmap=cam"), tmp_path / "other", ["local"], seed_from=best,
               datasets=data, progress=False, say=quiet)
+
+
+def test_a_global_stage_serves_a_run_with_another_local_input_and_a_local_stage_does_not(tmp_path, data, tiny_config):
+    from agcnn.config import ConfigError
+
+    run = tmp_path / "run"
+    train(tiny_config(), run, ["global"], datasets=data, progress=False, say=quiet)
+    global_sha = hashlib.sha256((run / "global" / "best.pt").read_bytes()).hexdigest()
+    # The control: the local input cropped from the global input (highres = image size), from the
+    # same global stage. Its resumed global stage is skipped, not retrained or refused.
+    control = ("data.highres_size=32", "model.local_size=40")
+    small = {"train": Tiny(12, 0, size=32), "val": Tiny(8, 1, size=32)}
+    said: list[str] = []
+    res = train(tiny_config(*control), run, ["global", "local"], resume=True, datasets=small, progress=False,
+                say=said.append)
+    assert hashlib.sha256((run / "global" / "best.pt").read_bytes()).hexdigest() == global_sha
+    assert res["local"].best_path.is_file() and load_checkpoint(res["local"].best_path)["config"]["data"]["highres_size"] == 32
+    # A local stage's weights did depend on its input: resuming it with another is refused, naming the key.
+    with pytest.raises(ConfigError, match=r"data.highres_size: 32 there, 48 here"):
+        train(tiny_config(), run, ["local"], resume=True, datasets=data, progress=False, say=quiet)
 
 
 def test_fusion_head_starts_as_global_unless_seeded_by_a_fusion_checkpoint(tmp_path, data, tiny_config):

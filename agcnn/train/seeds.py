@@ -136,12 +136,20 @@ def check_start_points(ctx: TrainContext, stages: tuple[str, ...] | list[str]) -
         check_start_weights(cfg.model)
 
 
-def _model_signature(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """The config values a seed or resumed checkpoint must share: the model (but where its
-    ImageNet start came from) and the input geometry the weights were trained at."""
+# What only the local branch's input depends on: a checkpoint of the global stage, whose local
+# branch never trained, may seed or resume a run that changes them (the local stage of
+# `agcnn demo --control-same-resolution` from the global stage of a `--long` run).
+LOCAL_INPUT = ("model.local_size", "data.highres_size")
+
+
+def _model_signature(cfg_dict: dict[str, Any], stage: str | None = None) -> dict[str, Any]:
+    """The config values a seed or resumed checkpoint of ``stage`` must share: the model (but
+    where its ImageNet start came from) and the input geometry the weights were trained at."""
     sig = {f"model.{k}": v for k, v in cfg_dict["model"].items() if k != "pretrained"}
     data = cfg_dict["data"]
     sig.update({f"data.{k}": data.get(k) for k in ("image_size", "resize", "highres_size")})
+    if stage == "global":
+        sig = {k: v for k, v in sig.items() if k not in LOCAL_INPUT}
     return sig
 
 
@@ -161,7 +169,8 @@ def check_same_model(ckpt: dict[str, Any], cfg: Config, where: str) -> None:
     """The checkpoint was trained with this config's model, label list and input sizes."""
     check_labels(ckpt["labels"], cfg.labels, where=where)
     # Through Config: a checkpoint written before a setting existed has that setting's default.
-    mine, theirs = _model_signature(cfg.to_dict()), _model_signature(Config.from_dict(ckpt["config"]).to_dict())
+    stage = ckpt.get("stage")
+    mine, theirs = _model_signature(cfg.to_dict(), stage), _model_signature(Config.from_dict(ckpt["config"]).to_dict(), stage)
     if mine != theirs:
         diff = [f"{k}: {theirs[k]!r} there, {v!r} here" for k, v in mine.items() if theirs.get(k) != v]
         raise ConfigError(f"checkpoint {where} was trained with different settings ({'; '.join(diff)}); "
