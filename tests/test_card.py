@@ -33,6 +33,7 @@ def test_demo_departures_are_named_with_both_values():
     found = {k: (paper, here) for k, paper, here, _ in departures(cfg)}
     assert found["model.heatmap"] == ("channels", "uncertain")
     assert found["model.global_stride"] == ("32", "16")
+    assert found["model.pool"] == ("max", "avg")
     assert found["model.pretrained"] == ("imagenet", "random")
     assert found["train.global.optimizer"] == ("sgd", "adamw")
     assert "train.fusion.optimizer" not in found  # the demo's fusion stage keeps SGD
