@@ -51,16 +51,16 @@ QUICK = [
     "train.bootstrap=0",
 ]
 
-# The long variant (20.5-21 min on an idle 2-core CPU): three times the phantoms and twice the
+# The long variant (about 22 min on an idle 2-core CPU): three times the phantoms and twice the
 # global epochs, so that the global branch can learn where the small opacities are and its
-# heatmap point at them -- on the phantom set the design was developed on it did, on three fresh
+# heatmap point at them -- on the phantom set the design was developed on it did, on five fresh
 # sets it did not (docs/demo.md, "Seeds and the control run"); every other value as in the demo
 # config.
 LONG = ["data.synthetic_count=1800", "train.global.epochs=40"]
 # What the demo says when a run's own numbers do not show the mechanism: the longer run, and
 # where its record is (it showed the mechanism on some phantom sets, not on every one).
 LONG_COMMAND = "agcnn demo --long"
-LONG_TIME = "about 21 min on 2 cores"
+LONG_TIME = "about 22 min on 2 cores"
 LONG_RECORD = "docs/demo.md lists the phantom sets on which --long showed the mechanism and those on which it did not"
 # The run shows the mechanism when the box holds at least this share of the test nodules (and
 # the paired interval of fusion - global lies above 0).

@@ -119,7 +119,7 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert "fusion - global mean AUC" in out and "attended box" in out
     # --quick computes no interval: it never shows the mechanism, and says so in one line.
     said = [line for line in out.splitlines() if "does not show the attention mechanism" in line]
-    assert len(said) == 1 and "`agcnn demo --long` (about 21 min on 2 cores) trains longer" in said[0]
+    assert len(said) == 1 and "`agcnn demo --long` (about 22 min on 2 cores) trains longer" in said[0]
     assert "docs/demo.md lists the phantom sets on which --long showed the mechanism and those on which it did not" in said[0]
     _check_picture_only_where_the_box_holds_the_opacity(tmp_path / "d", out)
     _check_attention_on_val(tmp_path / "d")
