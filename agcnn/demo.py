@@ -280,8 +280,9 @@ def run_demo(out_dir: str | Path = "agcnn_demo", *, quick: bool = False, overrid
     cfg = demo_config(out, quick, overrides, long=long, seed=seed, same_resolution=same_resolution)
     run_dir = out / "run"
     if global_from is not None:
-        cfg = take_global_stage(Path(global_from).resolve(), run_dir, cfg)
-        say(f"global stage and phantoms: those of {Path(global_from).resolve()} (--global-from)")
+        source = Path(global_from).resolve()
+        cfg = take_global_stage(source, run_dir, cfg)
+        say(f"global stage and phantoms: those of {source} (--global-from)")
     resume = _resumable(run_dir, cfg)
 
     timings: dict[str, float] = {}
@@ -344,16 +345,17 @@ def take_global_stage(source: Path, run_dir: Path, cfg: Config) -> Config:
     if not theirs_path.is_file() or not (stage / "last.pt").is_file():
         raise ConfigError(f"--global-from {str(source)!r} holds no demo run with a trained global stage "
                           f"(run/config.yaml, run/global/last.pt); run the demo into it first, or drop --global-from")
-    theirs = _flat(Config.load(theirs_path).to_dict())
-    mine = _flat(cfg.to_dict())
-    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in mine.items()
-              if theirs.get(k) != v and k not in (*LOCAL_INPUT, "data.root")]
+    theirs = Config.load(theirs_path).to_dict()
+    d = cfg.to_dict()
+    d["data"]["root"] = theirs["data"]["root"]
+    cfg = Config.from_dict(d)
+    # Over the keys of both, so that a mapping (data.label_map) set on one side only counts too.
+    a, b = _flat(theirs), _flat(d)
+    differ = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys())
+              if a.get(k) != b.get(k) and k not in LOCAL_INPUT]
     if differ:
         raise ConfigError(f"--global-from {str(source)!r} was run with other settings ({'; '.join(differ)}); pass the "
                           f"same --long / --seed / --set values as that run, so that only the local input differs")
-    d = cfg.to_dict()
-    d["data"]["root"] = theirs["data.root"]
-    cfg = Config.from_dict(d)
     if not (run_dir / "global" / "last.pt").is_file():
         shutil.copytree(stage, run_dir / "global", dirs_exist_ok=True)
         write_config(run_dir, cfg)

@@ -58,6 +58,9 @@ KEY_ENV = "AGCNN_SITE_KEY"
 KEY_FILE_ENV = "AGCNN_SITE_KEY_FILE"
 MIN_KEY_BYTES = 16
 IMAGE_WISE = "image-wise split: patients may be on both sides"
+# How every report states a set declared another site's (``--external-site``); "; " and how far
+# it was checked follow.
+EXTERNAL_SITE = "external site: declared (--external-site) to hold no patient of the training data"
 # What normalise_table names the images of a table without patient IDs.
 _MADE_UP = re.compile(r"image-\d+")
 _BRANCH_OF = {"global_branch": "global", "local_branch": "local", "fusion": "fusion"}
@@ -419,9 +422,8 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
     info: dict[str, Any] = {"recorded": record is not None, "problems": [], "allowed_other_split": allow,
                             "patients_also_in_train": None, "image_wise": not ids, "rebuilt": whole is not None,
                             "external_site": external}
-    declared = "external site: declared (--external-site) to hold no patient of the training data"
     if record is None:
-        info["statements"] = ([IMAGE_WISE] if not ids else []) + ([declared + "; not checked"] if external else [])
+        info["statements"] = ([IMAGE_WISE] if not ids else []) + ([EXTERNAL_SITE + "; not checked"] if external else [])
         return info
     current = record["runs"].get(record["current"], {})
     if current.get("image_wise"):
@@ -441,7 +443,7 @@ def check_evaluated_set(ckpt: dict[str, Any], table: pd.DataFrame, *, name: str 
     if external:
         n = info["patients_also_in_train"]
         checked = "not checked" if n is None else "checked: none shared" if n == 0 else f"but {n} are"
-        info["statements"].append(f"{declared}; {checked}")
+        info["statements"].append(f"{EXTERNAL_SITE}; {checked}")
     if name != "val" and ids and key is not None:
         # Validation patients chose checkpoints and operating points: not refused, but said.
         seen = keyed_hashes(_units(table, False), key)
@@ -557,10 +559,9 @@ def check_boxed_images(ckpt: dict[str, Any], cfg, paths: Iterable[str], *, allow
     info = check_evaluated_set(ckpt, table, name="boxed images", whole=whole, allow=True, key=key, external=external)
     if unknown and external:
         # The declaration covers what no key here can check: say how much that is.
-        info["statements"] = [s for s in info["statements"] if not s.startswith("external site:")] + [
-            f"external site: declared (--external-site) to hold no patient of the training data; {len(unknown)} of "
-            f"the {len(names)} boxed images not checked" + (f", the other {len(table)} checked: none shared"
-                                                           if len(table) else "")]
+        info["statements"] = [s for s in info["statements"] if not s.startswith(EXTERNAL_SITE)] + [
+            f"{EXTERNAL_SITE}; {len(unknown)} of the {len(names)} boxed images not checked"
+            + (f", the other {len(table)} checked: none shared" if len(table) else "")]
     elif unknown:
         info["problems"].append(f"the patients of {len(unknown)} of the {len(names)} boxed images are not known (not in "
                                 f"the checkpoint's table, rebuilt from its data settings, nor named like ChestX-ray14 "
